@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs dependencies, configures, builds and runs every test with CTest.
+#   scripts/test.sh              plain build in build/
+#   scripts/test.sh --sanitize   address+undefined sanitizers in build-asan/
+# Extra arguments after -- go to ctest (e.g. -- -R store).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sanitize=""
+ctest_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --sanitize) sanitize="address,undefined"; shift ;;
+    --) shift; ctest_args=("$@"); break ;;
+    *) echo "usage: scripts/test.sh [--sanitize] [-- ctest args]" >&2; exit 2 ;;
+  esac
+done
+
+bash scripts/setup.sh
+
+build_dir=build
+cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo)
+if [ -n "$sanitize" ]; then
+  build_dir=build-asan
+  cmake_args+=(-DRETRACE_SANITIZE="$sanitize" -DRETRACE_BUILD_BENCH=OFF)
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+  export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+fi
+
+jobs=$(nproc)
+cmake -S . -B "$build_dir" "${cmake_args[@]}" >/dev/null
+cmake --build "$build_dir" -j "$jobs"
+ctest --test-dir "$build_dir" --output-on-failure -j "$jobs" "${ctest_args[@]}"

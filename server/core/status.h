@@ -1,0 +1,52 @@
+// Status helpers used everywhere inside retrace.
+//
+// Errors are values: functions return absl::Status or absl::StatusOr<T>. The
+// conversion to the wire's error type happens in exactly one place (the gRPC
+// service layer). Kernel errors become absl::Status here.
+#ifndef RETRACE_SERVER_CORE_STATUS_H_
+#define RETRACE_SERVER_CORE_STATUS_H_
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/kernel_status.h"
+
+namespace retrace {
+
+// kInvalidArgument -> INVALID_ARGUMENT, kOutOfMemory -> RESOURCE_EXHAUSTED,
+// kUnavailable -> UNAVAILABLE, kDeviceError/kInternal -> INTERNAL.
+absl::Status FromKernelStatus(const kernels::KernelStatus& status);
+
+// Prefixes the message of a non-ok status with `context` ("context: message"),
+// keeping the code. Returns ok statuses unchanged.
+absl::Status Annotate(const absl::Status& status, absl::string_view context);
+
+}  // namespace retrace
+
+#define RETRACE_STATUS_CONCAT_INNER_(a, b) a##b
+#define RETRACE_STATUS_CONCAT_(a, b) RETRACE_STATUS_CONCAT_INNER_(a, b)
+
+// Evaluates `expr` (an absl::Status) and returns it from the enclosing function
+// when it is not ok.
+#define RETURN_IF_ERROR(expr)                                     \
+  do {                                                            \
+    ::absl::Status _retrace_status = (expr);                      \
+    if (!_retrace_status.ok()) return _retrace_status;            \
+  } while (0)
+
+// Evaluates `rexpr` (an absl::StatusOr<T>); on error returns its status, else
+// moves the value into `lhs` (which may be a declaration: `auto x`).
+#define ASSIGN_OR_RETURN(lhs, rexpr)                                       \
+  ASSIGN_OR_RETURN_IMPL_(RETRACE_STATUS_CONCAT_(_retrace_sor_, __LINE__), \
+                         lhs, rexpr)
+#define ASSIGN_OR_RETURN_IMPL_(sor, lhs, rexpr) \
+  auto sor = (rexpr);                           \
+  if (!sor.ok()) return sor.status();           \
+  lhs = std::move(sor).value()
+
+// Converts a KernelStatus and returns it when it is not ok.
+#define RETURN_IF_KERNEL_ERROR(expr) \
+  RETURN_IF_ERROR(::retrace::FromKernelStatus(expr))
+
+#endif  // RETRACE_SERVER_CORE_STATUS_H_

@@ -1,0 +1,54 @@
+#include "server/core/status.h"
+
+#include <gtest/gtest.h>
+
+namespace retrace {
+namespace {
+
+absl::StatusOr<int> Half(int x) {
+  if (x % 2 != 0) return absl::InvalidArgumentError("odd");
+  return x / 2;
+}
+
+absl::Status Quarter(int x, int* out) {
+  ASSIGN_OR_RETURN(int h, Half(x));
+  ASSIGN_OR_RETURN(*out, Half(h));
+  return absl::OkStatus();
+}
+
+absl::Status Fails() {
+  RETURN_IF_ERROR(absl::NotFoundError("gone"));
+  return absl::OkStatus();
+}
+
+TEST(StatusTest, Macros) {
+  int q = 0;
+  EXPECT_TRUE(Quarter(8, &q).ok());
+  EXPECT_EQ(q, 2);
+  EXPECT_EQ(Quarter(6, &q).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Fails().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(StatusTest, KernelConversion) {
+  using kernels::KernelStatus;
+  EXPECT_TRUE(FromKernelStatus(KernelStatus::Ok()).ok());
+  EXPECT_EQ(FromKernelStatus(KernelStatus::InvalidArgument("x")).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(FromKernelStatus(KernelStatus::OutOfMemory("x")).code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(FromKernelStatus(KernelStatus::Unavailable("x")).code(),
+            absl::StatusCode::kUnavailable);
+  absl::Status dev = FromKernelStatus(KernelStatus::DeviceError("launch"));
+  EXPECT_EQ(dev.code(), absl::StatusCode::kInternal);
+  EXPECT_NE(dev.message().find("launch"), absl::string_view::npos);
+}
+
+TEST(StatusTest, Annotate) {
+  absl::Status s = Annotate(absl::DataLossError("bad"), "shard-00000.safetensors");
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(s.message(), "shard-00000.safetensors: bad");
+  EXPECT_TRUE(Annotate(absl::OkStatus(), "x").ok());
+}
+
+}  // namespace
+}  // namespace retrace
