@@ -1,0 +1,144 @@
+#include "server/data/image_folder.h"
+
+#include <stb/stb_image.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+
+namespace retrace::data {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct StbiFree {
+  void operator()(stbi_uc* data) const { stbi_image_free(data); }
+};
+
+bool IsImageFile(const fs::path& path) {
+  const std::string ext = absl::AsciiStrToLower(path.extension().string());
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg";
+}
+
+bool IsHidden(const fs::path& path) {
+  const std::string name = path.filename().string();
+  return !name.empty() && name[0] == '.';
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::string bytes((std::istreambuf_iterator<char>(in)),
+                    std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
+  return bytes;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<float>> DecodeImage(absl::string_view bytes,
+                                               const ImageSpec& spec,
+                                               absl::string_view what) {
+  if (spec.channels < 1 || spec.channels > 4 || spec.height < 1 ||
+      spec.width < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "image spec ", spec.channels, "x", spec.height, "x", spec.width,
+        " is invalid (1 to 4 channels, positive size)"));
+  }
+  if (bytes.empty() || bytes.size() > static_cast<size_t>(INT32_MAX)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": empty or oversized image data"));
+  }
+  int width = 0, height = 0, channels = 0;
+  // Loading with desired_channels = 0 keeps the file's own channel count, so
+  // it can be checked rather than converted.
+  std::unique_ptr<stbi_uc, StbiFree> decoded(stbi_load_from_memory(
+      reinterpret_cast<const stbi_uc*>(bytes.data()),
+      static_cast<int>(bytes.size()), &width, &height, &channels, 0));
+  if (decoded == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": cannot decode image (", stbi_failure_reason(),
+                     "; PNG or JPEG expected)"));
+  }
+  if (width != spec.width || height != spec.height ||
+      channels != spec.channels) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": image is ", width, "x", height, " with ", channels,
+        " channel(s), expected ", spec.width, "x", spec.height, " with ",
+        spec.channels, " channel(s)"));
+  }
+  const int64_t plane = int64_t{width} * height;
+  std::vector<float> out(static_cast<size_t>(plane * channels));
+  for (int64_t p = 0; p < plane; ++p) {
+    for (int64_t c = 0; c < channels; ++c) {
+      out[c * plane + p] = ByteToPixel(decoded.get()[p * channels + c]);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<ImageSet> LoadImageFolder(const std::string& root,
+                                         const ImageSpec& spec) {
+  std::error_code error;
+  if (!fs::is_directory(root, error)) {
+    return absl::NotFoundError(
+        absl::StrCat("image folder ", root, " does not exist or is not a directory"));
+  }
+  std::vector<fs::path> class_dirs;
+  for (const fs::directory_entry& entry : fs::directory_iterator(root, error)) {
+    if (entry.is_directory() && !IsHidden(entry.path())) {
+      class_dirs.push_back(entry.path());
+    }
+  }
+  if (error) {
+    return absl::NotFoundError(
+        absl::StrCat("cannot list image folder ", root, ": ", error.message()));
+  }
+  std::sort(class_dirs.begin(), class_dirs.end());
+  if (class_dirs.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "image folder ", root,
+        " has no class sub-folders (expected root/<class>/<image>.png)"));
+  }
+  ImageSet set;
+  set.name = absl::StrCat("folder:", root);
+  set.channels = spec.channels;
+  set.height = spec.height;
+  set.width = spec.width;
+  for (size_t label = 0; label < class_dirs.size(); ++label) {
+    set.class_names.push_back(class_dirs[label].filename().string());
+    std::vector<fs::path> files;
+    for (const fs::directory_entry& entry :
+         fs::directory_iterator(class_dirs[label], error)) {
+      if (entry.is_regular_file() && !IsHidden(entry.path()) &&
+          IsImageFile(entry.path())) {
+        files.push_back(entry.path());
+      }
+    }
+    std::sort(files.begin(), files.end());
+    for (const fs::path& file : files) {
+      absl::StatusOr<std::string> bytes = ReadFile(file.string());
+      if (!bytes.ok()) return bytes.status();
+      absl::StatusOr<std::vector<float>> pixels =
+          DecodeImage(*bytes, spec, file.string());
+      if (!pixels.ok()) return pixels.status();
+      set.pixels.insert(set.pixels.end(), pixels->begin(), pixels->end());
+      set.labels.push_back(static_cast<int32_t>(label));
+      set.paths.push_back(file.string());
+    }
+  }
+  if (set.labels.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "image folder ", root, " has no .png/.jpg/.jpeg images in its class "
+        "sub-folders"));
+  }
+  return set;
+}
+
+}  // namespace retrace::data

@@ -1,0 +1,76 @@
+// Noise schedules of the DDPM forward process, without LibTorch.
+//
+// A schedule defines β_t and ᾱ_t = Π_{i≤t} (1 − β_i) for t = 0..T-1 and the
+// forward noising x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε (DESIGN.md §1). Timestep t here is
+// the 0-based index of the last noising step applied, so t = 0 is the least
+// noisy and t = T-1 the noisiest level.
+//
+// Schedules:
+//   cosine (default): ᾱ(s) = f(s)/f(0) with f(s) = cos²(((s/T + 0.008)/1.008)·π/2),
+//     β_t = min(1 − f((t+1)/T)/f(t/T), 0.999), then ᾱ_t = Π (1 − β_i). Where no β
+//     is clipped, ᾱ_t equals f((t+1)/T)/f(0) exactly up to rounding.
+//   linear: β_t evenly spaced from 1e-4 (t = 0) to 0.02 (t = T-1).
+//
+// Values are computed once in double precision. NoiseSchedule is an immutable
+// value type: copyable and safe to share between threads.
+#ifndef RETRACE_SERVER_MODEL_SCHEDULE_H_
+#define RETRACE_SERVER_MODEL_SCHEDULE_H_
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace retrace::model {
+
+enum class ScheduleType { kCosine, kLinear };
+
+// "cosine" or "linear" (the names the store manifest records).
+absl::string_view ScheduleTypeName(ScheduleType type);
+// Inverse of ScheduleTypeName; INVALID_ARGUMENT names the accepted values.
+absl::StatusOr<ScheduleType> ParseScheduleType(absl::string_view name);
+
+class NoiseSchedule {
+ public:
+  static constexpr int kDefaultNumTimesteps = 1000;
+  static constexpr double kCosineOffset = 0.008;
+  static constexpr double kCosineMaxBeta = 0.999;
+  static constexpr double kLinearBetaStart = 1e-4;
+  static constexpr double kLinearBetaEnd = 0.02;
+
+  // INVALID_ARGUMENT when num_timesteps < 2.
+  static absl::StatusOr<NoiseSchedule> Create(
+      ScheduleType type = ScheduleType::kCosine,
+      int num_timesteps = kDefaultNumTimesteps);
+
+  ScheduleType type() const { return type_; }
+  int num_timesteps() const { return static_cast<int>(betas_.size()); }
+
+  // Accessors take t in [0, T); out-of-range t is a caller bug (checked with
+  // an assert-style abort, as for std::vector::at).
+  double Beta(int t) const;
+  double AlphaBar(int t) const;
+  // √ᾱ_t and √(1−ᾱ_t): the coefficients of x and ε in x_t.
+  double SignalScale(int t) const;
+  double NoiseScale(int t) const;
+
+  const std::vector<double>& betas() const { return betas_; }
+  const std::vector<double>& alpha_bars() const { return alpha_bars_; }
+
+  // x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε on host buffers of equal size (computed in
+  // double, stored as float). INVALID_ARGUMENT on size mismatch or bad t.
+  absl::Status AddNoise(absl::Span<const float> x, absl::Span<const float> eps,
+                        int t, absl::Span<float> x_t) const;
+
+ private:
+  NoiseSchedule(ScheduleType type, std::vector<double> betas);
+
+  ScheduleType type_;
+  std::vector<double> betas_;
+  std::vector<double> alpha_bars_;
+};
+
+}  // namespace retrace::model
+
+#endif  // RETRACE_SERVER_MODEL_SCHEDULE_H_

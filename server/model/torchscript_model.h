@@ -1,0 +1,57 @@
+// A user's noise-prediction network exported as TorchScript
+// (torch.jit.script / torch.jit.trace, then .save()). The module's forward must
+// be `forward(x_t: Tensor[B,C,H,W] float32, t: Tensor[B] int64) -> Tensor`
+// returning eps of the same shape as x_t. NamedParameters are the module's
+// named_parameters() in the order Python's Module.named_parameters() lists
+// them, names dotted the same way.
+#ifndef RETRACE_SERVER_MODEL_TORCHSCRIPT_MODEL_H_
+#define RETRACE_SERVER_MODEL_TORCHSCRIPT_MODEL_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "server/model/diffusion_model.h"
+
+namespace retrace::model {
+
+inline constexpr char kTorchScriptArchitecture[] = "torchscript";
+
+class TorchScriptModel final : public DiffusionModel {
+ public:
+  // Loads the module from `path` onto the CPU. NOT_FOUND when the file does
+  // not exist; INVALID_ARGUMENT when it is not a loadable TorchScript archive or
+  // has no forward method; both name the file. `input_shape` is what callers
+  // feed the model (TorchScript does not record it).
+  static absl::StatusOr<std::unique_ptr<TorchScriptModel>> Create(
+      const std::string& path, const ImageShape& input_shape = ImageShape{});
+  ~TorchScriptModel() override;
+
+  absl::StatusOr<at::Tensor> Forward(const at::Tensor& x_t,
+                                     const at::Tensor& t) override;
+  std::vector<NamedParameter> NamedParameters() const override;
+  std::string Architecture() const override { return kTorchScriptArchitecture; }
+  ImageShape InputShape() const override { return input_shape_; }
+  void SetTraining(bool training) override;
+  // Saves the whole scripted module (code and parameters) with Module::save.
+  absl::Status Save(const std::string& path) const override;
+  // Loads another TorchScript file and copies its parameters in; the parameter
+  // names and shapes must match this module's.
+  absl::Status Load(const std::string& path) override;
+
+  const std::string& path() const { return path_; }
+
+ private:
+  struct Impl;
+  TorchScriptModel(std::string path, const ImageShape& input_shape,
+                   std::unique_ptr<Impl> impl);
+
+  std::string path_;
+  ImageShape input_shape_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace retrace::model
+
+#endif  // RETRACE_SERVER_MODEL_TORCHSCRIPT_MODEL_H_

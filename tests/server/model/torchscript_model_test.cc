@@ -1,0 +1,137 @@
+// TorchScript models against PyTorch: make_torchscript_fixture.py (run by CTest
+// as a fixture) saves a scripted model together with x, ε, t, the eps it
+// predicts, the per-example loss and the parameter gradients, all computed in
+// Python. Here the C++ side recomputes them from the same inputs.
+#include "server/model/torchscript_model.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "server/model/diffusion.h"
+
+namespace retrace::model {
+namespace {
+
+// float32 forward/backward of the same graph in two runtimes: results agree to
+// a few ulps; this leaves room for different summation orders.
+constexpr double kAbsTol = 1e-5;
+constexpr double kRelTol = 1e-4;
+
+class TorchScriptModelTest : public testing::Test {
+ protected:
+  void SetUp() override {
+    const char* dir = std::getenv("RETRACE_TORCHSCRIPT_FIXTURE_DIR");
+    if (dir == nullptr || *dir == '\0') {
+      GTEST_SKIP() << "RETRACE_TORCHSCRIPT_FIXTURE_DIR not set (CTest sets it "
+                      "when a python3 with torch is available)";
+    }
+    dir_ = dir;
+    std::ifstream in(dir_ + "/manifest.json");
+    if (!in) GTEST_SKIP() << "no fixture in " << dir_;
+    manifest_ = nlohmann::json::parse(in);
+  }
+
+  torch::Tensor Read(const nlohmann::json& entry,
+                     torch::ScalarType dtype = torch::kFloat) {
+    const std::string path = dir_ + "/" + entry["file"].get<std::string>();
+    std::ifstream in(path, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)),
+                      std::istreambuf_iterator<char>());
+    std::vector<int64_t> shape = entry["shape"].get<std::vector<int64_t>>();
+    torch::Tensor out = torch::empty(shape, dtype);
+    EXPECT_EQ(bytes.size(), out.numel() * out.element_size()) << path;
+    std::memcpy(out.data_ptr(), bytes.data(),
+                std::min<size_t>(bytes.size(), out.numel() * out.element_size()));
+    return out;
+  }
+
+  std::string dir_;
+  nlohmann::json manifest_;
+};
+
+void ExpectClose(const torch::Tensor& actual, const torch::Tensor& expected,
+                 const std::string& what) {
+  ASSERT_EQ(actual.sizes().vec(), expected.sizes().vec()) << what;
+  EXPECT_TRUE(torch::allclose(actual, expected, kRelTol, kAbsTol))
+      << what << ": max abs difference "
+      << (actual - expected).abs().max().item<double>();
+}
+
+TEST_F(TorchScriptModelTest, MatchesPyTorchForwardLossAndGradients) {
+  auto model = TorchScriptModel::Create(dir_ + "/model.pt",
+                                        ImageShape{1, 8, 8});
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->Architecture(), "torchscript");
+  torch::Tensor x = Read(manifest_["x"]);
+  torch::Tensor eps = Read(manifest_["eps"]);
+  torch::Tensor t = Read(manifest_["t"], torch::kLong);
+
+  auto schedule = NoiseSchedule::Create(ScheduleType::kCosine).value();
+  auto x_t = AddNoise(schedule, x, t, eps);
+  ASSERT_TRUE(x_t.ok()) << x_t.status();
+  ExpectClose(*x_t, Read(manifest_["x_t"]), "x_t");
+
+  auto eps_hat = (*model)->Forward(*x_t, t);
+  ASSERT_TRUE(eps_hat.ok()) << eps_hat.status();
+  ExpectClose(*eps_hat, Read(manifest_["eps_hat"]), "eps_hat");
+
+  auto loss = DiffusionLoss(**model, schedule, LossType::kMse, x, t, eps);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  ExpectClose(*loss, Read(manifest_["loss"]), "loss");
+
+  std::vector<NamedParameter> params = (*model)->NamedParameters();
+  const nlohmann::json& expected = manifest_["parameters"];
+  ASSERT_EQ(params.size(), expected.size());
+  std::vector<torch::Tensor> tensors;
+  for (const NamedParameter& p : params) tensors.push_back(p.tensor);
+  std::vector<torch::Tensor> grads =
+      torch::autograd::grad({loss->sum()}, tensors);
+  for (size_t i = 0; i < params.size(); ++i) {
+    SCOPED_TRACE(params[i].name);
+    EXPECT_EQ(params[i].name, expected[i]["name"].get<std::string>());
+    ExpectClose(grads[i], Read(expected[i]), "gradient of " + params[i].name);
+  }
+}
+
+TEST_F(TorchScriptModelTest, SaveAndLoadParameters) {
+  auto model = TorchScriptModel::Create(dir_ + "/model.pt");
+  ASSERT_TRUE(model.ok()) << model.status();
+  const std::string copy = testing::TempDir() + "/torchscript_copy.pt";
+  {
+    torch::NoGradGuard no_grad;
+    for (NamedParameter& p : (*model)->NamedParameters()) p.tensor.add_(1.0);
+  }
+  ASSERT_TRUE((*model)->Save(copy).ok());
+  auto original = TorchScriptModel::Create(dir_ + "/model.pt");
+  ASSERT_TRUE(original.ok());
+  ASSERT_TRUE((*original)->Load(copy).ok());
+  auto a = (*model)->NamedParameters(), b = (*original)->NamedParameters();
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(torch::equal(a[i].tensor, b[i].tensor)) << a[i].name;
+  }
+}
+
+TEST(TorchScriptModelErrorsTest, MissingFileIsNotFound) {
+  const std::string path = testing::TempDir() + "/no_such_model.pt";
+  auto model = TorchScriptModel::Create(path);
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(model.status().message().find(path), std::string::npos);
+}
+
+TEST(TorchScriptModelErrorsTest, CorruptFileIsInvalidArgument) {
+  const std::string path = testing::TempDir() + "/corrupt_model.pt";
+  std::ofstream(path) << "this is not a TorchScript archive";
+  auto model = TorchScriptModel::Create(path);
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument)
+      << model.status();
+  EXPECT_NE(model.status().message().find(path), std::string::npos);
+}
+
+}  // namespace
+}  // namespace retrace::model
