@@ -8,7 +8,9 @@
 #include <string>
 
 #include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/types.h>
 
 #include "server/model/diffusion.h"
 
@@ -246,7 +248,7 @@ TEST(UNetTest, ReportsStepTime) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
           .count() / kSteps;
   std::printf("unet forward+backward, batch 64, %d threads: %.3f s/step\n",
-              torch::get_num_threads(), seconds);
+              at::get_num_threads(), seconds);
 }
 
 }  // namespace
