@@ -1,4 +1,185 @@
-// Placeholder: filled in by the scoring kernel work.
+// Fused attribution scan: TracIn and ReTrac scores of every store row against
+// a batch of queries, with exact top-k (proponents) and bottom-k (opponents).
+//
+// For store row n (C checkpoints x S slots, each a D-vector u[n,cs] with its
+// full-dimensional norm[n,cs]) and query q:
+//   TracIn(n,q) = sum_cs a_tracin[q,cs] * norm[n,cs] * <u[n,cs], raw[q,cs]>
+//   ReTrac(n,q) = sum_cs a_retrac[q,cs] *             <u[n,cs], unit[q,cs]>
+// Both come out of one read of each row: the row is converted to fp32 once and
+// dotted with all 2Q query vectors.
+//
+// Determinism: the score of (n, q) is computed by the same fixed sequence of
+// floating-point operations whatever the thread count, the chunking of the
+// store or the other queries in the batch, so a request gets the same answer
+// alone or batched. Ranking uses a total order: higher score first (top list)
+// or lower score first (bottom list), ties broken by the LOWER sample index in
+// both lists; NaN scores (only possible with a corrupt store) rank last in both
+// lists, and -0 ranks equal to +0. The CPU and CUDA backends each follow this
+// contract; between them scores agree within a float tolerance, not bit for
+// bit (different summation trees).
+//
+// Errors: kInvalidArgument with a message naming the bad argument (k out of
+// 1..min(kMaxTopK, N), Q out of 1..kMaxQueries, null pointers, non-positive
+// sizes, non-finite query values or weights with their query and slot,
+// overlapping chunks); kOutOfMemory; kDeviceError; kUnavailable for the CUDA
+// entry points in a build without CUDA or on a machine without a device.
+//
+// Thread safety: every function is reentrant; concurrent calls must not share
+// an output object. The CPU scan uses its own worker threads.
 #ifndef RETRACE_KERNELS_SCORING_H_
 #define RETRACE_KERNELS_SCORING_H_
-#endif
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kernels/dtype.h"
+#include "kernels/kernel_status.h"
+
+// The CUDA runtime's stream handle (cudaStream_t is CUstream_st*), declared
+// here so that this header is the same in builds with and without CUDA.
+struct CUstream_st;
+
+namespace retrace::kernels {
+
+inline constexpr int kMaxQueries = 64;
+inline constexpr int kMaxTopK = 4096;
+// Sample indices are packed into 32 bits next to the score during selection;
+// a store may hold up to this many samples (indices 0..kMaxSamples-1).
+inline constexpr int64_t kMaxSamples = (int64_t{1} << 32) - 1;
+
+enum class Method : int { kTracIn = 0, kReTrac = 1 };
+inline constexpr int kNumMethods = 2;
+
+// Shape and element type shared by every chunk of one store.
+struct StoreLayout {
+  DType dtype = DType::kF16;
+  int32_t checkpoints = 0;  // C
+  int32_t slots = 0;        // S: slots per checkpoint (buckets + replay)
+  int32_t dim = 0;          // D: projected dimension
+
+  // C * S: the (checkpoint, slot) pairs, indexed cs = c * S + s.
+  int64_t SlotPairs() const { return int64_t{checkpoints} * slots; }
+  // Values in one store row: C * S * D.
+  int64_t RowValues() const { return SlotPairs() * dim; }
+};
+
+// A contiguous range of store rows, e.g. one memory-mapped shard. Host
+// memory for ScanCpu, device memory for ScanCuda. Not owned.
+struct StoreChunk {
+  const void* vectors = nullptr;  // [rows, C, S, D] of layout.dtype
+  const float* norms = nullptr;   // [rows, C, S]
+  int64_t rows = 0;               // >= 1
+  int64_t first_index = 0;        // global sample index of row 0
+};
+
+// A batch of Q queries, all in the store's (C, S, D) layout, fp32. Host
+// memory for ScanCpu, device memory for ScanCuda. Not owned. A weight of 0
+// leaves the slot out of that query's score.
+struct QueryBatch {
+  int32_t num_queries = 0;                // Q, 1..kMaxQueries
+  const float* raw = nullptr;             // [Q, C, S, D] q_raw (TracIn)
+  const float* unit = nullptr;            // [Q, C, S, D] q_unit (ReTrac)
+  const float* tracin_weights = nullptr;  // [Q, C, S] a_tracin
+  const float* retrac_weights = nullptr;  // [Q, C, S] a_retrac
+};
+
+// Instruction set of the CPU scan. kAuto picks AVX2+FMA+F16C when the CPU
+// has them; tests and benchmarks force the portable path with kScalar.
+enum class CpuIsa { kAuto, kScalar, kAvx2 };
+
+struct ScanOptions {
+  int32_t k = 10;            // 1..min(kMaxTopK, total rows)
+  bool want_bottom = true;   // also return the k smallest scores
+  bool want_breakdown = false;  // fill ScoredSample::breakdown
+  int32_t num_threads = 0;   // CPU: worker threads, 0 = CpuThreads()
+  CpuIsa isa = CpuIsa::kAuto;  // CPU only
+};
+
+struct ScoredSample {
+  int64_t index = 0;  // global sample index
+  float score = 0.0f;
+  // With ScanOptions::want_breakdown: the C*S contributions (index cs) whose
+  // sum is the score up to float rounding; empty otherwise.
+  std::vector<float> breakdown;
+};
+
+// The ranking of one (query, method).
+struct RankedList {
+  std::vector<ScoredSample> top;     // k highest scores, best first
+  std::vector<ScoredSample> bottom;  // k lowest, lowest first (if wanted)
+};
+
+struct ScanResult {
+  // per_query[q][static_cast<int>(method)].
+  std::vector<std::array<RankedList, kNumMethods>> per_query;
+
+  const RankedList& Get(int query, Method method) const {
+    return per_query[query][static_cast<int>(method)];
+  }
+};
+
+// Checks the layout, chunks (sizes, non-null, disjoint index ranges below
+// kMaxSamples), queries (sizes, non-null) and options against each other.
+// Does not read the pointed-to data (which may live on the device).
+KernelStatus ValidateScan(const StoreLayout& layout,
+                          const std::vector<StoreChunk>& chunks,
+                          const QueryBatch& queries, const ScanOptions& options);
+
+// CPU backend and reference. Scans every chunk (host memory, read-only, may
+// be memory-mapped) with options.num_threads threads and writes the ranking of
+// every (query, method) to *result (replacing its contents). Query values and
+// weights must be finite. Splitting the rows into chunks differently gives the
+// same result.
+KernelStatus ScanCpu(const StoreLayout& layout,
+                     const std::vector<StoreChunk>& chunks,
+                     const QueryBatch& queries, const ScanOptions& options,
+                     ScanResult* result);
+
+// Merges the results of scans over disjoint sets of samples (e.g. one per
+// shard, each computed with the same queries and a k of at least `k`) into
+// the exact top-k / bottom-k of their union, with the same ordering and
+// tie-breaking as a single scan. Breakdowns travel with their samples.
+// kInvalidArgument when the parts disagree on the number of queries, when
+// k is out of 1..kMaxTopK, or when the union holds fewer than k samples.
+KernelStatus MergeScanResults(const std::vector<ScanResult>& parts, int32_t k,
+                              ScanResult* merged);
+
+// ---------------------------------------------------------------------------
+// CUDA backend. All chunk and query pointers are device memory on the current
+// device; work is enqueued on `stream` (a cudaStream_t; nullptr = legacy
+// default stream). The calls synchronize `stream` before returning, because
+// the result is a host object: the inputs may be reused and freed afterwards.
+// Each store row is read from device memory once per call for all queries.
+//
+// Scratch follows CUB's two-call convention: CudaScanScratchBytes reports the
+// device bytes that ScanCuda needs for these arguments (total rows, Q, k, D,
+// C*S); the caller allocates them (cudaMalloc alignment) and passes them in.
+// One scratch buffer must not be used by two calls at the same time.
+
+// Bytes of device scratch for ScanCuda(layout, chunks, queries.num_queries,
+// options). Fails as ValidateScan does (pointers are not inspected).
+KernelStatus CudaScanScratchBytes(const StoreLayout& layout,
+                                  const std::vector<StoreChunk>& chunks,
+                                  int32_t num_queries,
+                                  const ScanOptions& options,
+                                  size_t* scratch_bytes);
+
+// Like ScanCpu, on the device. options.num_threads and options.isa are
+// ignored. kInvalidArgument when scratch_bytes is below what
+// CudaScanScratchBytes reports or the queries hold a non-finite value.
+KernelStatus ScanCuda(const StoreLayout& layout,
+                      const std::vector<StoreChunk>& chunks,
+                      const QueryBatch& queries, const ScanOptions& options,
+                      void* scratch, size_t scratch_bytes, CUstream_st* stream,
+                      ScanResult* result);
+
+// Start-up check: scans a small random store on the device and compares the
+// ranking and scores with ScanCpu. kUnavailable without a device,
+// kInternal on a mismatch, kDeviceError when CUDA fails.
+KernelStatus CudaSelfTest();
+
+}  // namespace retrace::kernels
+
+#endif  // RETRACE_KERNELS_SCORING_H_

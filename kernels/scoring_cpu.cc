@@ -1,1 +1,774 @@
+// CPU backend (and reference) of the fused scoring scan; see scoring.h.
+//
+// Work is split into tiles of R consecutive rows handed to worker threads
+// through an atomic counter. For each tile and each (checkpoint, slot) pair
+// with a non-zero weight, the R row pieces are converted to fp32 once into a
+// small per-thread buffer and dotted with all 2Q query vectors of that slot by
+// a register-blocked micro-kernel (RB rows x QB queries x 2 methods). The
+// tile buffer and one slot's query vectors stay in L1/L2 while the micro-kernel
+// sweeps them, so memory traffic is one read of each row.
+//
+// Every dot product is one 8-lane accumulator chain over d (the row and query
+// slices are zero-padded to a multiple of 8) followed by a fixed horizontal
+// sum; slot contributions are summed in double in cs order. Neither depends on
+// the blocking, the tile boundaries, the thread count or the other queries, so
+// a (row, query) score is reproducible bit for bit.
+//
+// Each thread keeps, per ranked list, a threshold buffer of packed candidates
+// (kernels/topk.h); at the end the buffers of all threads are merged exactly.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/device.h"
 #include "kernels/scoring.h"
+#include "kernels/topk.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RETRACE_SCAN_X86 1
+#endif
+
+namespace retrace::kernels {
+namespace {
+
+constexpr int64_t kLanes = 8;
+// Budget for the per-thread fp32 tile buffer: small enough for L2 next to one
+// slot's query vectors.
+constexpr int64_t kTileBufferBytes = 64 * 1024;
+constexpr int64_t kMaxTileRows = 32;
+// Largest micro-kernel blocks: they fit the 16 AVX2 registers (accumulators,
+// row vectors and one query vector).
+constexpr int kMaxQueryBlock = 3;
+constexpr int kMaxRowBlock = 4;
+
+int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+std::string SlotName(const StoreLayout& layout, int64_t cs) {
+  return "checkpoint " + std::to_string(cs / layout.slots) + " slot " +
+         std::to_string(cs % layout.slots);
+}
+
+// ---------------------------------------------------------------------------
+// Dot products and conversion. Both ISAs implement the same contract; within
+// one ISA the arithmetic of a dot does not depend on RB or QB.
+
+// Micro-kernel: for rb rows (u + r * dp) and qb queries (query i, method m at
+// q + (2 * i + m) * dp), out[r * out_row_stride + 2 * i + m] = <u_r, q_im>.
+using MicroFn = void (*)(const float* u, const float* q, int64_t dp, float* out,
+                         int64_t out_row_stride);
+// Converts d stored values to fp32 and zero-pads them to dp.
+using ConvertFn = void (*)(const void* src, DType dtype, int64_t d, int64_t dp,
+                           float* dst);
+
+float ToFloat(const void* src, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kF16:
+      return HalfToFloat(static_cast<const uint16_t*>(src)[i]);
+    case DType::kBF16:
+      return Bf16ToFloat(static_cast<const uint16_t*>(src)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(src)[i];
+  }
+  return 0.0f;
+}
+
+void ConvertScalar(const void* src, DType dtype, int64_t d, int64_t dp,
+                   float* dst) {
+  if (dtype == DType::kF32) {
+    std::memcpy(dst, src, size_t(d) * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < d; ++i) dst[i] = ToFloat(src, dtype, i);
+  }
+  for (int64_t i = d; i < dp; ++i) dst[i] = 0.0f;
+}
+
+// The horizontal sum of 8 lanes, in the same tree as HsumAvx2.
+float HsumLanes(const float* l) {
+  float s0 = l[0] + l[4], s1 = l[1] + l[5], s2 = l[2] + l[6], s3 = l[3] + l[7];
+  float t0 = s0 + s2, t1 = s1 + s3;
+  return t0 + t1;
+}
+
+template <int RB, int QB>
+void MicroScalar(const float* u, const float* q, int64_t dp, float* out,
+                 int64_t out_row_stride) {
+  for (int r = 0; r < RB; ++r) {
+    for (int i = 0; i < 2 * QB; ++i) {
+      float lanes[kLanes] = {};
+      const float* ur = u + r * dp;
+      const float* qi = q + i * dp;
+      for (int64_t d = 0; d < dp; d += kLanes) {
+        for (int l = 0; l < kLanes; ++l) lanes[l] += ur[d + l] * qi[d + l];
+      }
+      out[r * out_row_stride + i] = HsumLanes(lanes);
+    }
+  }
+}
+
+#ifdef RETRACE_SCAN_X86
+__attribute__((target("avx2,fma"))) inline float HsumAvx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int RB, int QB>
+__attribute__((target("avx2,fma"))) void MicroAvx2(const float* u,
+                                                   const float* q, int64_t dp,
+                                                   float* out,
+                                                   int64_t out_row_stride) {
+  __m256 acc[RB][2 * QB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) acc[r][i] = _mm256_setzero_ps();
+  }
+  for (int64_t d = 0; d < dp; d += kLanes) {
+    __m256 uv[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) uv[r] = _mm256_loadu_ps(u + r * dp + d);
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) {
+      __m256 qv = _mm256_loadu_ps(q + i * dp + d);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) {
+        acc[r][i] = _mm256_fmadd_ps(uv[r], qv, acc[r][i]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) {
+      out[r * out_row_stride + i] = HsumAvx2(acc[r][i]);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void ConvertAvx2(const void* src,
+                                                          DType dtype,
+                                                          int64_t d, int64_t dp,
+                                                          float* dst) {
+  int64_t i = 0;
+  if (dtype == DType::kF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (; i + kLanes <= d; i += kLanes) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+    }
+  } else if (dtype == DType::kBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (; i + kLanes <= d; i += kLanes) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+      __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+      _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(w));
+    }
+  } else {
+    const float* s = static_cast<const float*>(src);
+    for (; i + kLanes <= d; i += kLanes) {
+      _mm256_storeu_ps(dst + i, _mm256_loadu_ps(s + i));
+    }
+  }
+  for (; i < d; ++i) dst[i] = ToFloat(src, dtype, i);
+  for (; i < dp; ++i) dst[i] = 0.0f;
+}
+
+bool CpuHasAvx2() {
+  static const bool has = __builtin_cpu_supports("avx2") &&
+                          __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#else
+bool CpuHasAvx2() { return false; }
+#endif  // RETRACE_SCAN_X86
+
+struct Isa {
+  MicroFn micro[kMaxRowBlock][kMaxQueryBlock];  // [rb - 1][qb - 1]
+  ConvertFn convert;
+};
+
+template <int RB, int QB>
+struct ScalarKernel {
+  static constexpr MicroFn kFn = &MicroScalar<RB, QB>;
+};
+#ifdef RETRACE_SCAN_X86
+template <int RB, int QB>
+struct Avx2Kernel {
+  static constexpr MicroFn kFn = &MicroAvx2<RB, QB>;
+};
+#endif
+
+template <template <int, int> class K>
+Isa MakeIsa(ConvertFn convert) {
+  return Isa{{{K<1, 1>::kFn, K<1, 2>::kFn, K<1, 3>::kFn},
+              {K<2, 1>::kFn, K<2, 2>::kFn, K<2, 3>::kFn},
+              {K<3, 1>::kFn, K<3, 2>::kFn, K<3, 3>::kFn},
+              {K<4, 1>::kFn, K<4, 2>::kFn, K<4, 3>::kFn}},
+             convert};
+}
+
+KernelStatus SelectIsa(CpuIsa requested, Isa* isa) {
+  bool avx2 = requested == CpuIsa::kAvx2 ||
+              (requested == CpuIsa::kAuto && CpuHasAvx2());
+  if (avx2) {
+#ifdef RETRACE_SCAN_X86
+    if (!CpuHasAvx2()) {
+      return KernelStatus::Unavailable("this CPU lacks AVX2, FMA or F16C");
+    }
+    *isa = MakeIsa<Avx2Kernel>(&ConvertAvx2);
+    return KernelStatus::Ok();
+#else
+    return KernelStatus::Unavailable("AVX2 scan is only built for x86");
+#endif
+  }
+  *isa = MakeIsa<ScalarKernel>(&ConvertScalar);
+  return KernelStatus::Ok();
+}
+
+// Rows per micro-kernel call for a query block of qb (register budget).
+int RowBlockFor(int qb) { return qb == 1 ? 4 : 2; }
+
+// ---------------------------------------------------------------------------
+// Queries, re-laid out once per call: for slot cs, query q, method m the
+// zero-padded vector at vectors[((cs * Q + q) * 2 + m) * dp]; weights at
+// weights[(cs * Q + q) * 2 + m].
+struct PreparedQueries {
+  int64_t slot_pairs = 0;
+  int32_t num_queries = 0;
+  int64_t dim = 0;
+  int64_t dp = 0;
+  std::vector<float> vectors;
+  std::vector<float> weights;
+  std::vector<int64_t> active_slots;  // cs with a non-zero weight somewhere
+
+  const float* Slot(int64_t cs) const {
+    return vectors.data() + cs * num_queries * 2 * dp;
+  }
+  float Weight(int64_t cs, int q, int m) const {
+    return weights[size_t((cs * num_queries + q) * 2 + m)];
+  }
+};
+
+const char* NonFiniteName(float v) { return std::isnan(v) ? "NaN" : "infinite"; }
+
+KernelStatus PrepareQueries(const StoreLayout& layout, const QueryBatch& qb,
+                            PreparedQueries* p) {
+  const int64_t cs_count = layout.SlotPairs();
+  const int64_t d = layout.dim;
+  const int32_t nq = qb.num_queries;
+  p->slot_pairs = cs_count;
+  p->num_queries = nq;
+  p->dim = d;
+  p->dp = RoundUp(d, kLanes);
+  p->vectors.assign(size_t(cs_count * nq * 2 * p->dp), 0.0f);
+  p->weights.assign(size_t(cs_count * nq * 2), 0.0f);
+  p->active_slots.clear();
+  const float* sources[kNumMethods] = {qb.raw, qb.unit};
+  const float* weights[kNumMethods] = {qb.tracin_weights, qb.retrac_weights};
+  const char* vector_names[kNumMethods] = {"raw", "unit"};
+  const char* weight_names[kNumMethods] = {"tracin", "retrac"};
+  for (int32_t q = 0; q < nq; ++q) {
+    for (int64_t cs = 0; cs < cs_count; ++cs) {
+      for (int m = 0; m < kNumMethods; ++m) {
+        float w = weights[m][q * cs_count + cs];
+        if (!std::isfinite(w)) {
+          return KernelStatus::InvalidArgument(
+              "query " + std::to_string(q) + ", " + SlotName(layout, cs) +
+              ": " + weight_names[m] + " weight is " + NonFiniteName(w));
+        }
+        p->weights[size_t((cs * nq + q) * 2 + m)] = w;
+        const float* src = sources[m] + (q * cs_count + cs) * d;
+        float* dst = p->vectors.data() + ((cs * nq + q) * 2 + m) * p->dp;
+        for (int64_t i = 0; i < d; ++i) {
+          if (!std::isfinite(src[i])) {
+            return KernelStatus::InvalidArgument(
+                "query " + std::to_string(q) + ", " + SlotName(layout, cs) +
+                ": " + vector_names[m] + " vector value " + std::to_string(i) +
+                " is " + NonFiniteName(src[i]));
+          }
+          dst[i] = src[i];
+        }
+      }
+    }
+  }
+  for (int64_t cs = 0; cs < cs_count; ++cs) {
+    bool active = false;
+    for (int32_t q = 0; q < nq; ++q) {
+      active = active || p->Weight(cs, q, 0) != 0.0f || p->Weight(cs, q, 1) != 0.0f;
+    }
+    if (active) p->active_slots.push_back(cs);
+  }
+  return KernelStatus::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// Selection.
+
+// Keeps a superset of the k best candidates pushed so far: anything not
+// better than the current k-th best is rejected with one comparison.
+class ThresholdBuffer {
+ public:
+  void Reset(int32_t k) {
+    k_ = size_t(k);
+    capacity_ = 2 * k_ + 64;
+    threshold_ = 0;
+    buffer_.clear();
+  }
+  void Push(uint64_t candidate) {
+    if (candidate <= threshold_) return;
+    buffer_.push_back(candidate);
+    if (buffer_.size() >= capacity_) Compact();
+  }
+  const std::vector<uint64_t>& candidates() const { return buffer_; }
+
+ private:
+  void Compact() {
+    std::nth_element(buffer_.begin(), buffer_.begin() + (k_ - 1), buffer_.end(),
+                     std::greater<uint64_t>());
+    buffer_.resize(k_);
+    threshold_ = buffer_[k_ - 1];  // the smallest kept: nth_element put it there
+  }
+
+  size_t k_ = 1;
+  size_t capacity_ = 0;
+  uint64_t threshold_ = 0;
+  std::vector<uint64_t> buffer_;
+};
+
+// The k best of `all`, best first.
+void TakeBest(std::vector<uint64_t>* all, size_t k) {
+  if (all->size() > k) {
+    std::nth_element(all->begin(), all->begin() + (k - 1), all->end(),
+                     std::greater<uint64_t>());
+    all->resize(k);
+  }
+  std::sort(all->begin(), all->end(), std::greater<uint64_t>());
+}
+
+// List numbering: list = (q * 2 + method) * 2 + (bottom ? 1 : 0).
+int ListCount(int32_t nq) { return nq * kNumMethods * 2; }
+
+// Runs fn(thread_id) on `threads` threads (the caller's included) and reports
+// whether any of them ran out of memory.
+bool RunThreads(int threads, const std::function<void(int)>& fn) {
+  std::atomic<bool> failed{false};
+  auto guarded = [&](int t) {
+    try {
+      fn(t);
+    } catch (const std::bad_alloc&) {
+      failed = true;
+    }
+  };
+  std::vector<std::thread> workers;
+  try {
+    workers.reserve(size_t(threads - 1));
+    for (int t = 1; t < threads; ++t) workers.emplace_back(guarded, t);
+  } catch (const std::exception&) {
+    failed = true;  // fewer threads: the counters below still cover all work
+  }
+  guarded(0);
+  for (std::thread& w : workers) w.join();
+  return !failed;
+}
+
+struct Tile {
+  int32_t chunk;
+  int64_t row0;
+  int64_t rows;
+};
+
+// Per-thread scan state.
+struct Worker {
+  std::vector<float> rows;     // [R, dp] converted row pieces of one slot
+  std::vector<float> dots;     // [R, Q, 2] dots of one slot
+  std::vector<double> scores;  // [R, Q, 2]
+  std::vector<ThresholdBuffer> lists;
+};
+
+const uint8_t* RowSlot(const StoreLayout& layout, const StoreChunk& chunk,
+                       int64_t row, int64_t cs) {
+  return static_cast<const uint8_t*>(chunk.vectors) +
+         ((row * layout.SlotPairs() + cs) * layout.dim) * DTypeSize(layout.dtype);
+}
+
+void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
+              const Tile& tile, const PreparedQueries& pq, const Isa& isa,
+              bool want_bottom, Worker* w) {
+  const int32_t nq = pq.num_queries;
+  const int64_t dp = pq.dp;
+  const int64_t cs_count = pq.slot_pairs;
+  const int64_t row_stride = int64_t{nq} * 2;
+  std::fill(w->scores.begin(), w->scores.begin() + tile.rows * row_stride, 0.0);
+  for (int64_t cs : pq.active_slots) {
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      isa.convert(RowSlot(layout, chunk, tile.row0 + r, cs), layout.dtype,
+                  layout.dim, dp, w->rows.data() + r * dp);
+    }
+    const float* qslot = pq.Slot(cs);
+    for (int32_t q0 = 0; q0 < nq; q0 += kMaxQueryBlock) {
+      const int qb = std::min<int>(kMaxQueryBlock, nq - q0);
+      const int rb_max = RowBlockFor(qb);
+      for (int64_t r0 = 0; r0 < tile.rows; r0 += rb_max) {
+        const int rb = int(std::min<int64_t>(rb_max, tile.rows - r0));
+        isa.micro[rb - 1][qb - 1](w->rows.data() + r0 * dp,
+                                  qslot + int64_t{q0} * 2 * dp, dp,
+                                  w->dots.data() + r0 * row_stride + q0 * 2,
+                                  row_stride);
+      }
+    }
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      const double norm = chunk.norms[(tile.row0 + r) * cs_count + cs];
+      const float* dot = w->dots.data() + r * row_stride;
+      double* score = w->scores.data() + r * row_stride;
+      for (int32_t q = 0; q < nq; ++q) {
+        score[2 * q] += double(pq.Weight(cs, q, 0)) * norm * double(dot[2 * q]);
+        score[2 * q + 1] += double(pq.Weight(cs, q, 1)) * double(dot[2 * q + 1]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < tile.rows; ++r) {
+    const int64_t index = chunk.first_index + tile.row0 + r;
+    const double* score = w->scores.data() + r * row_stride;
+    for (int64_t col = 0; col < row_stride; ++col) {
+      const float s = float(score[col]);
+      w->lists[size_t(col * 2)].Push(PackCandidate(RankKey(s, true), index));
+      if (want_bottom) {
+        w->lists[size_t(col * 2 + 1)].Push(
+            PackCandidate(RankKey(s, false), index));
+      }
+    }
+  }
+}
+
+// Chunk holding global `index`, or -1 (chunks_by_index sorted by first_index).
+int FindChunk(const std::vector<StoreChunk>& chunks,
+              const std::vector<int32_t>& chunks_by_index, int64_t index) {
+  auto it = std::upper_bound(
+      chunks_by_index.begin(), chunks_by_index.end(), index,
+      [&](int64_t i, int32_t c) { return i < chunks[size_t(c)].first_index; });
+  if (it == chunks_by_index.begin()) return -1;
+  const StoreChunk& c = chunks[size_t(*(it - 1))];
+  return index < c.first_index + c.rows ? *(it - 1) : -1;
+}
+
+std::vector<int32_t> ChunksByIndex(const std::vector<StoreChunk>& chunks) {
+  std::vector<int32_t> order(chunks.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = int32_t(i);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    return chunks[size_t(a)].first_index < chunks[size_t(b)].first_index;
+  });
+  return order;
+}
+
+// Fills the breakdown of every returned sample with the same dot routine as
+// the scan, so the contributions are the very terms the score summed.
+void FillBreakdown(const StoreLayout& layout,
+                   const std::vector<StoreChunk>& chunks,
+                   const PreparedQueries& pq, const Isa& isa, int threads,
+                   ScanResult* result) {
+  struct Entry {
+    ScoredSample* sample;
+    int32_t query;
+    int method;
+  };
+  std::vector<Entry> entries;
+  for (int32_t q = 0; q < pq.num_queries; ++q) {
+    for (int m = 0; m < kNumMethods; ++m) {
+      RankedList& list = result->per_query[size_t(q)][size_t(m)];
+      for (ScoredSample& s : list.top) entries.push_back({&s, q, m});
+      for (ScoredSample& s : list.bottom) entries.push_back({&s, q, m});
+    }
+  }
+  const std::vector<int32_t> by_index = ChunksByIndex(chunks);
+  const int64_t cs_count = pq.slot_pairs;
+  std::atomic<size_t> next{0};
+  bool ok = RunThreads(std::max(1, std::min<int>(threads, int(entries.size()))),
+                       [&](int) {
+    std::vector<float> row(size_t(pq.dp));
+    float dots[2];
+    for (size_t e = next++; e < entries.size(); e = next++) {
+      const Entry& entry = entries[e];
+      const int c = FindChunk(chunks, by_index, entry.sample->index);
+      const StoreChunk& chunk = chunks[size_t(c)];
+      const int64_t r = entry.sample->index - chunk.first_index;
+      std::vector<float>& out = entry.sample->breakdown;
+      out.assign(size_t(cs_count), 0.0f);
+      for (int64_t cs : pq.active_slots) {
+        isa.convert(RowSlot(layout, chunk, r, cs), layout.dtype, layout.dim,
+                    pq.dp, row.data());
+        isa.micro[0][0](row.data(), pq.Slot(cs) + int64_t{entry.query} * 2 * pq.dp,
+                        pq.dp, dots, 2);
+        const double f =
+            entry.method == 0 ? double(chunk.norms[r * cs_count + cs]) : 1.0;
+        out[size_t(cs)] = float(double(pq.Weight(cs, entry.query, entry.method)) *
+                                f * double(dots[entry.method]));
+      }
+    }
+  });
+  if (!ok) throw std::bad_alloc();
+}
+
+KernelStatus ScanCpuImpl(const StoreLayout& layout,
+                         const std::vector<StoreChunk>& chunks,
+                         const QueryBatch& queries, const ScanOptions& options,
+                         ScanResult* result) {
+  Isa isa;
+  RETRACE_KERNEL_RETURN_IF_ERROR(SelectIsa(options.isa, &isa));
+  PreparedQueries pq;
+  RETRACE_KERNEL_RETURN_IF_ERROR(PrepareQueries(layout, queries, &pq));
+  const int32_t nq = queries.num_queries;
+  const int32_t k = options.k;
+  const int64_t tile_rows =
+      std::clamp<int64_t>(kTileBufferBytes / (pq.dp * 4), 1, kMaxTileRows);
+
+  std::vector<Tile> tiles;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    for (int64_t r = 0; r < chunks[c].rows; r += tile_rows) {
+      tiles.push_back({int32_t(c), r, std::min(tile_rows, chunks[c].rows - r)});
+    }
+  }
+  const int threads = std::max(
+      1, std::min<int>(options.num_threads > 0 ? options.num_threads : CpuThreads(),
+                       int(tiles.size())));
+  const int lists = ListCount(nq);
+  std::vector<Worker> workers(static_cast<size_t>(threads));
+  for (Worker& w : workers) {
+    w.rows.resize(size_t(tile_rows * pq.dp));
+    w.dots.resize(size_t(tile_rows * nq * 2));
+    w.scores.resize(size_t(tile_rows * nq * 2));
+    w.lists.resize(size_t(lists));
+    for (ThresholdBuffer& b : w.lists) b.Reset(k);
+  }
+  std::atomic<size_t> next_tile{0};
+  if (!RunThreads(threads, [&](int t) {
+        Worker& w = workers[size_t(t)];
+        for (size_t i = next_tile++; i < tiles.size(); i = next_tile++) {
+          ScanTile(layout, chunks[size_t(tiles[i].chunk)], tiles[i], pq, isa,
+                   options.want_bottom, &w);
+        }
+      })) {
+    return KernelStatus::OutOfMemory("scan: worker buffers");
+  }
+
+  // Exact merge of the per-thread buffers, one list at a time.
+  result->per_query.assign(size_t(nq), {});
+  std::atomic<int> next_list{0};
+  if (!RunThreads(std::min(threads, lists), [&](int) {
+        std::vector<uint64_t> all;
+        for (int l = next_list++; l < lists; l = next_list++) {
+          const bool bottom = (l & 1) != 0;
+          if (bottom && !options.want_bottom) continue;
+          all.clear();
+          for (const Worker& w : workers) {
+            const std::vector<uint64_t>& c = w.lists[size_t(l)].candidates();
+            all.insert(all.end(), c.begin(), c.end());
+          }
+          TakeBest(&all, size_t(k));
+          const int col = l / 2;
+          RankedList& list = result->per_query[size_t(col / 2)][size_t(col % 2)];
+          std::vector<ScoredSample>& out = bottom ? list.bottom : list.top;
+          out.resize(all.size());
+          for (size_t i = 0; i < all.size(); ++i) {
+            out[i].index = CandidateIndex(all[i]);
+            out[i].score = ScoreFromRankKey(CandidateKey(all[i]), !bottom);
+          }
+        }
+      })) {
+    return KernelStatus::OutOfMemory("scan: merging candidates");
+  }
+  if (options.want_breakdown) {
+    FillBreakdown(layout, chunks, pq, isa, threads, result);
+  }
+  return KernelStatus::Ok();
+}
+
+}  // namespace
+
+KernelStatus ValidateScan(const StoreLayout& layout,
+                          const std::vector<StoreChunk>& chunks,
+                          const QueryBatch& queries,
+                          const ScanOptions& options) {
+  if (layout.checkpoints <= 0 || layout.slots <= 0 || layout.dim <= 0) {
+    return KernelStatus::InvalidArgument(
+        "store layout must have checkpoints, slots and dim >= 1 (got C=" +
+        std::to_string(layout.checkpoints) + ", S=" +
+        std::to_string(layout.slots) + ", D=" + std::to_string(layout.dim) + ")");
+  }
+  const int dt = static_cast<int>(layout.dtype);
+  if (dt < 0 || dt > static_cast<int>(DType::kF32)) {
+    return KernelStatus::InvalidArgument("unknown store dtype " +
+                                         std::to_string(dt));
+  }
+  if (chunks.empty()) {
+    return KernelStatus::InvalidArgument("no store chunks to scan");
+  }
+  int64_t total_rows = 0;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const StoreChunk& c = chunks[i];
+    const std::string name = "chunk " + std::to_string(i);
+    if (c.rows <= 0) {
+      return KernelStatus::InvalidArgument(name + ": rows must be >= 1 (got " +
+                                           std::to_string(c.rows) + ")");
+    }
+    if (c.vectors == nullptr) {
+      return KernelStatus::InvalidArgument(name + ": vectors pointer is null");
+    }
+    if (c.norms == nullptr) {
+      return KernelStatus::InvalidArgument(name + ": norms pointer is null");
+    }
+    if (c.first_index < 0 || c.first_index > kMaxSamples - c.rows) {
+      return KernelStatus::InvalidArgument(
+          name + ": sample indices " + std::to_string(c.first_index) + "+" +
+          std::to_string(c.rows) + " are outside 0.." +
+          std::to_string(kMaxSamples - 1));
+    }
+    total_rows += c.rows;
+  }
+  const std::vector<int32_t> order = ChunksByIndex(chunks);
+  for (size_t i = 1; i < order.size(); ++i) {
+    const StoreChunk& a = chunks[size_t(order[i - 1])];
+    const StoreChunk& b = chunks[size_t(order[i])];
+    if (a.first_index + a.rows > b.first_index) {
+      return KernelStatus::InvalidArgument(
+          "chunks " + std::to_string(order[i - 1]) + " and " +
+          std::to_string(order[i]) + " overlap in sample indices");
+    }
+  }
+  if (queries.num_queries < 1 || queries.num_queries > kMaxQueries) {
+    return KernelStatus::InvalidArgument(
+        "number of queries " + std::to_string(queries.num_queries) +
+        " is out of range 1.." + std::to_string(kMaxQueries));
+  }
+  if (queries.raw == nullptr || queries.unit == nullptr) {
+    return KernelStatus::InvalidArgument("query raw/unit vector pointer is null");
+  }
+  if (queries.tracin_weights == nullptr || queries.retrac_weights == nullptr) {
+    return KernelStatus::InvalidArgument("query weight pointer is null");
+  }
+  if (options.k < 1 || options.k > kMaxTopK) {
+    return KernelStatus::InvalidArgument("k = " + std::to_string(options.k) +
+                                         " is out of range 1.." +
+                                         std::to_string(kMaxTopK));
+  }
+  if (options.k > total_rows) {
+    return KernelStatus::InvalidArgument(
+        "k = " + std::to_string(options.k) + " exceeds the number of samples (" +
+        std::to_string(total_rows) + ")");
+  }
+  if (options.num_threads < 0) {
+    return KernelStatus::InvalidArgument("num_threads must be >= 0");
+  }
+  return KernelStatus::Ok();
+}
+
+KernelStatus ScanCpu(const StoreLayout& layout,
+                     const std::vector<StoreChunk>& chunks,
+                     const QueryBatch& queries, const ScanOptions& options,
+                     ScanResult* result) {
+  if (result == nullptr) {
+    return KernelStatus::InvalidArgument("result pointer is null");
+  }
+  RETRACE_KERNEL_RETURN_IF_ERROR(ValidateScan(layout, chunks, queries, options));
+  try {
+    return ScanCpuImpl(layout, chunks, queries, options, result);
+  } catch (const std::bad_alloc&) {
+    return KernelStatus::OutOfMemory("scan: host allocation failed");
+  } catch (const std::length_error&) {
+    return KernelStatus::OutOfMemory("scan: host allocation too large");
+  }
+}
+
+KernelStatus MergeScanResults(const std::vector<ScanResult>& parts, int32_t k,
+                              ScanResult* merged) {
+  if (merged == nullptr) {
+    return KernelStatus::InvalidArgument("merged pointer is null");
+  }
+  if (parts.empty()) return KernelStatus::InvalidArgument("no results to merge");
+  if (k < 1 || k > kMaxTopK) {
+    return KernelStatus::InvalidArgument("k = " + std::to_string(k) +
+                                         " is out of range 1.." +
+                                         std::to_string(kMaxTopK));
+  }
+  const size_t nq = parts[0].per_query.size();
+  for (size_t p = 0; p < parts.size(); ++p) {
+    if (parts[p].per_query.size() != nq || nq == 0) {
+      return KernelStatus::InvalidArgument(
+          "result " + std::to_string(p) + " has " +
+          std::to_string(parts[p].per_query.size()) + " queries, expected " +
+          std::to_string(nq) + " (and at least 1)");
+    }
+  }
+  ScanResult out;
+  out.per_query.assign(nq, {});
+  std::vector<std::pair<uint64_t, const ScoredSample*>> all;
+  for (size_t q = 0; q < nq; ++q) {
+    for (int m = 0; m < kNumMethods; ++m) {
+      for (int bottom = 0; bottom < 2; ++bottom) {
+        all.clear();
+        for (const ScanResult& part : parts) {
+          const RankedList& list = part.per_query[q][size_t(m)];
+          for (const ScoredSample& s : bottom ? list.bottom : list.top) {
+            if (s.index < 0 || s.index >= kMaxSamples) {
+              return KernelStatus::InvalidArgument(
+                  "sample index " + std::to_string(s.index) + " out of range");
+            }
+            all.emplace_back(PackCandidate(RankKey(s.score, !bottom), s.index), &s);
+          }
+        }
+        if (all.empty()) continue;  // lists not asked for (bottom)
+        if (all.size() < size_t(k)) {
+          return KernelStatus::InvalidArgument(
+              "k = " + std::to_string(k) + " exceeds the " +
+              std::to_string(all.size()) + " samples in the merged results");
+        }
+        std::sort(all.begin(), all.end(),
+                  [](const auto& a, const auto& b) { return a.first > b.first; });
+        for (size_t i = 1; i < all.size(); ++i) {
+          if (CandidateIndex(all[i].first) == CandidateIndex(all[i - 1].first)) {
+            return KernelStatus::InvalidArgument(
+                "sample " + std::to_string(CandidateIndex(all[i].first)) +
+                " appears in more than one merged result");
+          }
+        }
+        std::vector<ScoredSample>& dst = bottom ? out.per_query[q][size_t(m)].bottom
+                                                : out.per_query[q][size_t(m)].top;
+        dst.reserve(size_t(k));
+        for (size_t i = 0; i < size_t(k); ++i) dst.push_back(*all[i].second);
+      }
+    }
+  }
+  *merged = std::move(out);
+  return KernelStatus::Ok();
+}
+
+#ifndef RETRACE_HAVE_CUDA
+// Builds without CUDA keep the same header; the device entry points say why
+// they cannot run.
+KernelStatus CudaScanScratchBytes(const StoreLayout&,
+                                  const std::vector<StoreChunk>&, int32_t,
+                                  const ScanOptions&, size_t*) {
+  return KernelStatus::Unavailable("built without CUDA (RETRACE_WITH_CUDA=OFF)");
+}
+
+KernelStatus ScanCuda(const StoreLayout&, const std::vector<StoreChunk>&,
+                      const QueryBatch&, const ScanOptions&, void*, size_t,
+                      CUstream_st*, ScanResult*) {
+  return KernelStatus::Unavailable("built without CUDA (RETRACE_WITH_CUDA=OFF)");
+}
+
+KernelStatus CudaSelfTest() {
+  return KernelStatus::Unavailable("built without CUDA (RETRACE_WITH_CUDA=OFF)");
+}
+#endif  // RETRACE_HAVE_CUDA
+
+}  // namespace retrace::kernels
