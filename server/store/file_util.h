@@ -1,0 +1,86 @@
+// Small POSIX file helpers for the store: atomic writes and read-only maps.
+//
+// Internal to retrace_store. Errors are absl::Status values whose message
+// starts with the path involved.
+#ifndef RETRACE_SERVER_STORE_FILE_UTIL_H_
+#define RETRACE_SERVER_STORE_FILE_UTIL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace retrace::store {
+
+// Suffix of the temporary file that WriteFileAtomically renames into place.
+inline constexpr char kTempSuffix[] = ".tmp";
+
+// Writes the concatenation of `pieces` to dir/name so that a crash at any
+// moment leaves either no file or the complete one: the bytes go to
+// dir/name.tmp, which is fsynced, renamed over dir/name, and then the
+// directory is fsynced so that the rename itself is durable.
+absl::Status WriteFileAtomically(const std::string& dir,
+                                 const std::string& name,
+                                 absl::Span<const absl::string_view> pieces);
+
+// Reads a whole (small) file. NotFound when it does not exist.
+absl::StatusOr<std::string> ReadSmallFile(const std::string& path);
+
+// Names of the entries of `dir` (without "." and ".."), sorted.
+absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir);
+
+// Removes dir/name; ok when it does not exist.
+absl::Status RemoveFile(const std::string& dir, const std::string& name);
+
+// fsync of a directory, making renames and removals in it durable.
+absl::Status SyncDirectory(const std::string& dir);
+
+// A read-only, shared memory map of a whole file, unmapped on destruction.
+// Immutable after Open, so concurrent reads are safe.
+class MappedFile {
+ public:
+  // NotFound when the file does not exist; empty files map to data() == null.
+  static absl::StatusOr<std::unique_ptr<MappedFile>> Open(
+      const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+
+  const uint8_t* data() const { return data_; }
+  int64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  MappedFile(std::string path, const uint8_t* data, int64_t size)
+      : path_(std::move(path)), data_(data), size_(size) {}
+
+  std::string path_;
+  const uint8_t* data_;
+  int64_t size_;
+};
+
+// An exclusive advisory lock (flock) on a directory, released on destruction,
+// so that two writers cannot build into the same directory at once.
+class DirectoryLock {
+ public:
+  // FailedPrecondition when another process or object holds the lock.
+  static absl::StatusOr<std::unique_ptr<DirectoryLock>> Acquire(
+      const std::string& dir);
+  ~DirectoryLock();
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+
+ private:
+  explicit DirectoryLock(int fd) : fd_(fd) {}
+  int fd_;
+};
+
+}  // namespace retrace::store
+
+#endif  // RETRACE_SERVER_STORE_FILE_UTIL_H_

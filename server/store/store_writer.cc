@@ -1,0 +1,458 @@
+#include "server/store/store_writer.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/dtype.h"
+#include "server/core/logging.h"
+#include "server/core/sha256.h"
+#include "server/core/status.h"
+#include "server/store/layout.h"
+#include "server/store/norm_stats.h"
+#include "server/store/safetensors.h"
+
+// Shards hold the in-memory little-endian representation directly.
+static_assert(
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+    "the store format is little-endian; big-endian hosts are not supported");
+
+namespace retrace::store {
+namespace {
+
+// Keys of the "__metadata__" object of every shard this writer produces. A
+// rerun uses them to recognize and verify its own shards without a manifest.
+constexpr char kMetaFormat[] = "format";
+constexpr char kMetaFormatVersion[] = "format_version";
+constexpr char kMetaShardIndex[] = "shard_index";
+constexpr char kMetaFirst[] = "first";
+constexpr char kMetaSpecSha256[] = "spec_sha256";
+constexpr char kMetaDataSha256[] = "data_sha256";
+constexpr char kNormStatsKey[] = "norm_stats";
+
+// True when `name` is exactly ShardFileName(index) for some index.
+bool ParseShardFileName(const std::string& name, int64_t* index) {
+  constexpr absl::string_view kPrefix = "shard-", kSuffix = ".safetensors";
+  if (!absl::StartsWith(name, kPrefix) || !absl::EndsWith(name, kSuffix))
+    return false;
+  std::string digits = name.substr(
+      kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
+  if (digits.empty() || digits.size() > 12) return false;
+  for (char ch : digits) {
+    if (ch < '0' || ch > '9') return false;
+  }
+  if (!absl::SimpleAtoi(digits, index)) return false;
+  return ShardFileName(*index) == name;
+}
+
+std::string MetadataOr(const SafetensorsHeader& header, const char* key) {
+  auto it = header.metadata.find(key);
+  return it == header.metadata.end() ? std::string() : it->second;
+}
+
+bool SameTensors(const std::vector<TensorEntry>& a,
+                 const std::vector<TensorEntry>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].name != b[i].name || a[i].dtype != b[i].dtype ||
+        a[i].shape != b[i].shape || a[i].begin != b[i].begin ||
+        a[i].end != b[i].end) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// What Create found in one shard file of an unfinished build.
+struct InspectedShard {
+  int64_t index = 0;
+  std::string file;
+  bool complete = false;       // a full shard of this spec that verified
+  std::string discard_reason;  // when !complete
+  std::string file_sha256;
+  std::unique_ptr<MappedFile> map;
+  SafetensorsHeader parsed;
+};
+
+}  // namespace
+
+StoreWriter::StoreWriter(std::string dir, StoreSpec spec,
+                         std::string spec_sha256,
+                         std::unique_ptr<DirectoryLock> lock)
+    : dir_(std::move(dir)),
+      spec_(std::move(spec)),
+      spec_sha256_(std::move(spec_sha256)),
+      lock_(std::move(lock)),
+      row_elements_(RowElements(spec_.num_checkpoints(), spec_.num_slots(),
+                                spec_.projection.dim)),
+      slots_per_sample_(spec_.num_checkpoints() * spec_.num_slots()) {}
+
+StoreWriter::~StoreWriter() = default;
+
+absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::Create(
+    const std::string& dir, const StoreSpec& spec) {
+  RETURN_IF_ERROR(Annotate(spec.Validate(), "store spec"));
+  ASSIGN_OR_RETURN(std::string spec_sha256, spec.Sha256());
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) {
+    return absl::InternalError(
+        absl::StrCat(dir, ": cannot create directory: ", ec.message()));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<DirectoryLock> lock,
+                   DirectoryLock::Acquire(dir));
+  std::unique_ptr<StoreWriter> writer(
+      new StoreWriter(dir, spec, std::move(spec_sha256), std::move(lock)));
+  RETURN_IF_ERROR(writer->Recover());
+  return writer;
+}
+
+absl::Status StoreWriter::Recover() {
+  ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(dir_));
+  std::map<int64_t, std::string> shard_files;
+  std::vector<std::string> leftovers;
+  for (const std::string& name : names) {
+    if (name == kManifestFileName) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir_, "/", kManifestFileName,
+                       ": the directory already holds a finished store; open "
+                       "it with StoreReader, "
+                       "or remove it to rebuild"));
+    }
+    int64_t index;
+    if (absl::EndsWith(name, kTempSuffix) &&
+        (absl::StartsWith(name, "shard-") ||
+         name == absl::StrCat(kManifestFileName, kTempSuffix))) {
+      leftovers.push_back(name);
+    } else if (ParseShardFileName(name, &index)) {
+      shard_files[index] = name;
+    }
+  }
+
+  // First inspect everything, so that a foreign shard stops us before any
+  // file is removed.
+  const int64_t shard_size = spec_.samples_per_shard;
+  std::vector<InspectedShard> inspected;
+  for (const auto& [index, name] : shard_files) {
+    InspectedShard s;
+    s.index = index;
+    s.file = name;
+    const std::string path = absl::StrCat(dir_, "/", name);
+    absl::StatusOr<std::unique_ptr<MappedFile>> map = MappedFile::Open(path);
+    if (!map.ok()) return map.status();
+    s.map = std::move(*map);
+    absl::StatusOr<SafetensorsHeader> header =
+        ParseSafetensorsHeader(s.map->data(), s.map->size(), path);
+    if (!header.ok()) {
+      s.discard_reason = std::string(header.status().message());
+      inspected.push_back(std::move(s));
+      continue;
+    }
+    s.parsed = std::move(*header);
+    const std::string theirs = MetadataOr(s.parsed, kMetaSpecSha256);
+    if (MetadataOr(s.parsed, kMetaFormat) != kFormatName ||
+        theirs != spec_sha256_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ": written by a build with a different spec (", kMetaSpecSha256,
+          " '", theirs, "', this build '", spec_sha256_,
+          "'); remove the unfinished build or build into another directory"));
+    }
+    ShardGeometry g{shard_size,        spec_.num_checkpoints(),
+                    spec_.num_slots(), spec_.projection.dim,
+                    spec_.dtype,       spec_.buckets.replay};
+    if (MetadataOr(s.parsed, kMetaShardIndex) != absl::StrCat(index) ||
+        MetadataOr(s.parsed, kMetaFirst) != absl::StrCat(index * shard_size)) {
+      s.discard_reason =
+          "shard index or first sample disagree with the file name";
+    } else if (!SameTensors(s.parsed.tensors, ShardTensors(g))) {
+      s.discard_reason =
+          "not a full shard (the last shard of an unfinished Finish)";
+    } else {
+      retrace::Sha256 file_hash, data_hash;
+      file_hash.Update(s.map->data(), size_t(s.parsed.data_start));
+      const uint8_t* data = s.map->data() + s.parsed.data_start;
+      file_hash.Update(data, size_t(s.parsed.data_size));
+      data_hash.Update(data, size_t(s.parsed.data_size));
+      s.file_sha256 = file_hash.HexDigest();
+      std::string actual = data_hash.HexDigest();
+      if (actual != MetadataOr(s.parsed, kMetaDataSha256)) {
+        s.discard_reason = absl::StrCat(
+            "data checksum mismatch: metadata says ",
+            MetadataOr(s.parsed, kMetaDataSha256), ", data has ", actual);
+      } else {
+        s.complete = true;
+      }
+    }
+    inspected.push_back(std::move(s));
+  }
+
+  // Keep the contiguous prefix of complete shards; everything after it is
+  // rebuilt, so that shard i always holds the same samples.
+  for (InspectedShard& s : inspected) {
+    const bool keep = s.complete && s.index == resumed_shards_;
+    if (!keep) {
+      RETRACE_LOG(WARNING) << dir_ << "/" << s.file
+                           << ": removed, will be rebuilt: "
+                           << (s.complete ? "follows a missing or damaged shard"
+                                          : s.discard_reason);
+      leftovers.push_back(s.file);
+      continue;
+    }
+    const SafetensorsHeader& h = s.parsed;
+    const uint8_t* data = s.map->data() + h.data_start;
+    const TensorEntry* norms = h.Find(kNormsTensor);
+    const TensorEntry* ids = h.Find(kSampleIdsTensor);
+    const size_t first_norm = all_norms_.size();
+    all_norms_.resize(first_norm + size_t(shard_size * slots_per_sample_));
+    std::memcpy(all_norms_.data() + first_norm, data + norms->begin,
+                size_t(norms->end - norms->begin));
+    for (int64_t i = 0; i < shard_size; ++i) {
+      int64_t id;
+      std::memcpy(&id, data + ids->begin + 8 * i, 8);
+      const int64_t global = s.index * shard_size + i;
+      auto [it, inserted] = index_of_id_.emplace(id, global);
+      if (!inserted) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(dir_, "/", s.file, ": duplicate sample_id ", id,
+                         " at sample indices ", it->second, " and ", global));
+      }
+    }
+    shards_.push_back(
+        {s.file, s.index * shard_size, shard_size, s.file_sha256});
+    ++resumed_shards_;
+  }
+  inspected.clear();  // unmaps before removal
+
+  for (const std::string& name : leftovers)
+    RETURN_IF_ERROR(RemoveFile(dir_, name));
+  if (!leftovers.empty()) RETURN_IF_ERROR(SyncDirectory(dir_));
+  next_sample_ = resumed_shards_ * shard_size;
+  if (resumed_shards_ > 0) {
+    RETRACE_LOG(INFO) << dir_ << ": resuming after " << resumed_shards_
+                      << " complete shards at sample " << next_sample_;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StoreWriter::CheckWritable() const {
+  if (finished_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(dir_, ": the store is finished"));
+  }
+  if (!failure_.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(dir_, ": an earlier write failed (", failure_.message(),
+                     "); create a new StoreWriter to resume"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StoreWriter::Append(const SampleRecord& sample) {
+  RETURN_IF_ERROR(CheckWritable());
+  const int64_t n = next_sample_;
+  const int64_t C = spec_.num_checkpoints();
+  auto invalid = [&](auto&&... parts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sample ", n, ": ", parts...));
+  };
+  if (int64_t(sample.vectors.size()) != row_elements_) {
+    return invalid("vectors has ", sample.vectors.size(), " values, expected ",
+                   row_elements_, " (C x S x D = ", C, " x ", spec_.num_slots(),
+                   " x ", spec_.projection.dim, ")");
+  }
+  if (int64_t(sample.norms.size()) != slots_per_sample_) {
+    return invalid("norms has ", sample.norms.size(), " values, expected ",
+                   slots_per_sample_, " (C x S)");
+  }
+  const int64_t expected_timesteps = spec_.buckets.replay ? C : 0;
+  if (int64_t(sample.train_timesteps.size()) != expected_timesteps) {
+    return invalid(
+        "train_timesteps has ", sample.train_timesteps.size(),
+        " values, expected ", expected_timesteps,
+        spec_.buckets.replay ? " (one per checkpoint)" : " (no replay slot)");
+  }
+  for (size_t i = 0; i < sample.vectors.size(); ++i) {
+    if (!std::isfinite(sample.vectors[i])) {
+      return invalid("vectors[", i, "] is not finite (", sample.vectors[i],
+                     ")");
+    }
+  }
+  for (size_t i = 0; i < sample.norms.size(); ++i) {
+    if (!std::isfinite(sample.norms[i]) || sample.norms[i] < 0) {
+      return invalid("norms[", i, "] must be finite and >= 0, got ",
+                     sample.norms[i]);
+    }
+  }
+  if (!std::isfinite(sample.self_influence_tracin) ||
+      !std::isfinite(sample.self_influence_retrac)) {
+    return invalid("self_influence is not finite");
+  }
+  for (size_t c = 0; c < sample.train_timesteps.size(); ++c) {
+    const int32_t t = sample.train_timesteps[c];
+    if (t < 0 || t >= spec_.noise_schedule.timesteps) {
+      return invalid("train_timesteps[", c, "] = ", t, " is outside [0, ",
+                     spec_.noise_schedule.timesteps, ")");
+    }
+  }
+  if (auto it = index_of_id_.find(sample.sample_id); it != index_of_id_.end()) {
+    return invalid("sample_id ", sample.sample_id,
+                   " is already used by sample ", it->second);
+  }
+
+  const int64_t element_size = kernels::DTypeSize(spec_.dtype);
+  if (buffered_ == 0) {
+    vectors_.reserve(
+        size_t(spec_.samples_per_shard * row_elements_ * element_size));
+  }
+  const size_t offset = vectors_.size();
+  vectors_.resize(offset + size_t(row_elements_ * element_size));
+  uint8_t* dst = vectors_.data() + offset;
+  // Finite floats beyond the 16-bit formats' range would become infinities.
+  int64_t overflow = -1;
+  switch (spec_.dtype) {
+    case kernels::DType::kF32:
+      std::memcpy(dst, sample.vectors.data(),
+                  sample.vectors.size() * sizeof(float));
+      break;
+    case kernels::DType::kF16:
+      for (size_t i = 0; i < sample.vectors.size(); ++i) {
+        const uint16_t h = kernels::FloatToHalf(sample.vectors[i]);
+        if ((h & 0x7fffu) == 0x7c00u && overflow < 0) overflow = int64_t(i);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+      break;
+    case kernels::DType::kBF16:
+      for (size_t i = 0; i < sample.vectors.size(); ++i) {
+        const uint16_t h = kernels::FloatToBf16(sample.vectors[i]);
+        if ((h & 0x7fffu) == 0x7f80u && overflow < 0) overflow = int64_t(i);
+        std::memcpy(dst + 2 * i, &h, 2);
+      }
+      break;
+  }
+  if (overflow >= 0) {
+    vectors_.resize(offset);
+    return invalid("vectors[", overflow,
+                   "] = ", sample.vectors[size_t(overflow)], " overflows ",
+                   kernels::DTypeName(spec_.dtype));
+  }
+  index_of_id_.emplace(sample.sample_id, n);
+  norms_.insert(norms_.end(), sample.norms.begin(), sample.norms.end());
+  all_norms_.insert(all_norms_.end(), sample.norms.begin(), sample.norms.end());
+  sample_ids_.push_back(sample.sample_id);
+  labels_.push_back(sample.label);
+  self_influence_.push_back(sample.self_influence_tracin);
+  self_influence_.push_back(sample.self_influence_retrac);
+  train_timesteps_.insert(train_timesteps_.end(),
+                          sample.train_timesteps.begin(),
+                          sample.train_timesteps.end());
+  ++buffered_;
+  ++next_sample_;
+  if (buffered_ == spec_.samples_per_shard) return WriteBufferedShard();
+  return absl::OkStatus();
+}
+
+absl::Status StoreWriter::WriteBufferedShard() {
+  const int64_t index = int64_t(shards_.size());
+  const int64_t first = index * spec_.samples_per_shard;
+  ShardGeometry g{buffered_,         spec_.num_checkpoints(),
+                  spec_.num_slots(), spec_.projection.dim,
+                  spec_.dtype,       spec_.buckets.replay};
+  auto bytes_of = [](const auto& v) {
+    return absl::string_view(reinterpret_cast<const char*>(v.data()),
+                             v.size() * sizeof(v[0]));
+  };
+  const std::map<std::string, absl::string_view> buffers = {
+      {kVectorsTensor, bytes_of(vectors_)},
+      {kNormsTensor, bytes_of(norms_)},
+      {kSampleIdsTensor, bytes_of(sample_ids_)},
+      {kLabelsTensor, bytes_of(labels_)},
+      {kSelfInfluenceTensor, bytes_of(self_influence_)},
+      {kTrainTimestepsTensor, bytes_of(train_timesteps_)}};
+  std::vector<absl::string_view> pieces(1);  // [0] is the header, filled below
+  retrace::Sha256 data_hash;
+  for (const TensorEntry& t : ShardTensors(g)) {
+    absl::string_view piece = buffers.at(t.name);
+    if (int64_t(piece.size()) != t.end - t.begin) {
+      return absl::InternalError(
+          absl::StrCat("store writer: tensor '", t.name, "' holds ",
+                       piece.size(), " bytes, layout says ", t.end - t.begin));
+    }
+    data_hash.Update(piece.data(), piece.size());
+    pieces.push_back(piece);
+  }
+  const std::map<std::string, std::string> metadata = {
+      {kMetaFormat, kFormatName},
+      {kMetaFormatVersion, absl::StrCat(kFormatVersion)},
+      {kMetaShardIndex, absl::StrCat(index)},
+      {kMetaFirst, absl::StrCat(first)},
+      {kMetaSpecSha256, spec_sha256_},
+      {kMetaDataSha256, data_hash.HexDigest()}};
+  absl::StatusOr<std::string> header =
+      EncodeSafetensorsHeader(ShardTensors(g), metadata);
+  if (!header.ok()) {
+    failure_ = header.status();
+    return failure_;
+  }
+  pieces[0] = *header;
+  retrace::Sha256 file_hash;
+  for (absl::string_view piece : pieces)
+    file_hash.Update(piece.data(), piece.size());
+
+  const std::string name = ShardFileName(index);
+  absl::Status written = WriteFileAtomically(dir_, name, pieces);
+  if (!written.ok()) {
+    failure_ = written;
+    return written;
+  }
+  shards_.push_back({name, first, buffered_, file_hash.HexDigest()});
+  buffered_ = 0;
+  vectors_.clear();
+  norms_.clear();
+  sample_ids_.clear();
+  labels_.clear();
+  self_influence_.clear();
+  train_timesteps_.clear();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Manifest> StoreWriter::Finish(
+    const nlohmann::json& diagnostics) {
+  RETURN_IF_ERROR(CheckWritable());
+  if (!diagnostics.is_object()) {
+    return absl::InvalidArgumentError("diagnostics must be a JSON object");
+  }
+  if (diagnostics.contains(kNormStatsKey)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "diagnostics: key '", kNormStatsKey, "' is reserved for the writer"));
+  }
+  if (buffered_ > 0) RETURN_IF_ERROR(WriteBufferedShard());
+
+  Manifest manifest;
+  manifest.spec = spec_;
+  manifest.num_samples = next_sample_;
+  manifest.shards = shards_;
+  manifest.diagnostics = diagnostics;
+  manifest.diagnostics[kNormStatsKey] = ComputeNormStats(
+      all_norms_, next_sample_, spec_.num_checkpoints(), spec_.num_slots());
+  ASSIGN_OR_RETURN(manifest.store_id,
+                   ComputeStoreId(spec_, next_sample_, shards_));
+  RETURN_IF_ERROR(manifest.Validate());
+  ASSIGN_OR_RETURN(std::string text, manifest.Serialize());
+  const absl::string_view piece = text;
+  absl::Status written =
+      WriteFileAtomically(dir_, kManifestFileName, {&piece, 1});
+  if (!written.ok()) {
+    failure_ = written;
+    return written;
+  }
+  finished_ = true;
+  return manifest;
+}
+
+}  // namespace retrace::store
