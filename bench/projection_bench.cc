@@ -1,0 +1,237 @@
+// Projection throughput (DESIGN §7: SJLT >= 10x faster than dense at
+// p >= 1e7 on the same device). One iteration projects a whole p-vector:
+// Reset, the pieces of at most kPieceCoordinates coordinates each (streamed
+// from one reused buffer at increasing global offsets, as a model's parameter
+// tensors would be), Finalize.
+//
+// Prints `RATIO sjlt_vs_dense_p1e7 <dense time / sjlt time>` (CPU) and
+// `RATIO sjlt_vs_dense_p1e7_cuda <...>` when a device is present, both from
+// runs measured side by side in this process. CUDA benchmarks are registered
+// only when a device can be used; the reason is printed otherwise.
+//
+// Dense projection costs D adds per input value: on the CPU it is only
+// measured up to p = 1e7 (B = 1) and 1e6 (B = 8), to keep the run to about a
+// minute on 2 cores.
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/device.h"
+#include "kernels/projection.h"
+
+#ifdef RETRACE_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace retrace::kernels {
+namespace {
+
+constexpr int64_t kPieceCoordinates = int64_t{1} << 22;
+constexpr int64_t kOutputDim = 1024;
+constexpr int kSparsity = 4;
+
+struct Config {
+  Backend backend;
+  ProjectionType type;
+  int64_t p;
+  int64_t batch;
+};
+
+std::string PName(int64_t p) {
+  const int e = int(std::lround(std::log10(double(p))));
+  return "1e" + std::to_string(e);
+}
+
+std::string Name(const Config& c) {
+  return std::string("projection/") + BackendName(c.backend) + "/" +
+         ProjectionTypeName(c.type) + "/p:" + PName(c.p) +
+         "/D:" + std::to_string(kOutputDim) + "/B:" + std::to_string(c.batch);
+}
+
+ProjectionSpec SpecFor(const Config& c) {
+  ProjectionSpec spec;
+  spec.type = c.type;
+  spec.output_dim = kOutputDim;
+  spec.sparsity = kSparsity;
+  spec.seed = 2026;
+  spec.input_dim = c.p;
+  return spec;
+}
+
+// Gradient-like values, pre-normalized so that the whole p-vector has unit
+// norm (the service projects g/‖g‖).
+std::vector<float> PieceData(int64_t batch, int64_t p) {
+  const int64_t n = batch * std::min(p, kPieceCoordinates);
+  std::vector<float> x(n);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f,
+                                         float(1.0 / std::sqrt(double(p))));
+  for (float& v : x) v = normal(rng);
+  return x;
+}
+
+void RunProjection(benchmark::State& state, const Config& c) {
+  const ProjectionSpec spec = SpecFor(c);
+  const int64_t piece = std::min(c.p, kPieceCoordinates);
+  const std::vector<float> host = PieceData(c.batch, c.p);
+  std::vector<float> host_out(c.batch * kOutputDim);
+  const float* values = host.data();
+  float* out = host_out.data();
+  CudaStream stream = nullptr;
+#ifdef RETRACE_HAVE_CUDA
+  float* device_values = nullptr;
+  float* device_out = nullptr;
+  if (c.backend == Backend::kCuda) {
+    if (cudaStreamCreate(&stream) != cudaSuccess ||
+        cudaMalloc(&device_values, host.size() * sizeof(float)) !=
+            cudaSuccess ||
+        cudaMalloc(&device_out, host_out.size() * sizeof(float)) !=
+            cudaSuccess ||
+        cudaMemcpy(device_values, host.data(), host.size() * sizeof(float),
+                   cudaMemcpyHostToDevice) != cudaSuccess) {
+      state.SkipWithError("CUDA set-up failed");
+      return;
+    }
+    values = device_values;
+    out = device_out;
+  }
+#endif
+  std::unique_ptr<Projector> projector;
+  KernelStatus s =
+      Projector::Create(spec, c.batch, c.backend, stream, &projector);
+  if (!s.ok()) {
+    state.SkipWithError(s.ToString().c_str());
+    return;
+  }
+  for (auto _ : state) {
+    s = projector->Reset();
+    for (int64_t at = 0; s.ok() && at < c.p; at += piece) {
+      const int64_t len = std::min(piece, c.p - at);
+      s = projector->Accumulate(values, len, piece, at);
+    }
+    if (s.ok()) s = projector->Finalize(out);  // synchronizes on CUDA
+    if (!s.ok()) {
+      state.SkipWithError(s.ToString().c_str());
+      break;
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * c.p * c.batch);
+  state.SetBytesProcessed(state.iterations() * c.p * c.batch *
+                          int64_t(sizeof(float)));
+  state.counters["threads"] = c.backend == Backend::kCpu ? CpuThreads() : 0;
+  projector.reset();
+#ifdef RETRACE_HAVE_CUDA
+  if (c.backend == Backend::kCuda) {
+    cudaFree(device_values);
+    cudaFree(device_out);
+    cudaStreamDestroy(stream);
+  }
+#endif
+}
+
+// Console output as usual, plus each run's real time per iteration (seconds)
+// by name, for the ratios.
+class RecordingReporter : public benchmark::ConsoleReporter {
+ public:
+  // Plain text: the output is kept in files and searched for RATIO lines.
+  RecordingReporter() : ConsoleReporter(OO_Tabular) {}
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& run : runs) {
+      // Errored runs (SkipWithError) report no iterations.
+      if (run.run_type != Run::RT_Iteration || run.iterations <= 0) continue;
+      seconds_[run.benchmark_name()] =
+          run.real_accumulated_time / double(run.iterations);
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+  const std::map<std::string, double>& seconds() const { return seconds_; }
+
+ private:
+  std::map<std::string, double> seconds_;
+};
+
+// Seconds per iteration of the run registered as Name(c) (Google Benchmark
+// appends options such as "/min_time:0.300/real_time"); < 0 when absent.
+double Seconds(const RecordingReporter& r, const Config& c) {
+  const std::string name = Name(c);
+  for (const auto& [run_name, seconds] : r.seconds()) {
+    if (run_name == name || run_name.rfind(name + "/", 0) == 0) return seconds;
+  }
+  return -1;
+}
+
+void PrintRatio(const RecordingReporter& r, const char* ratio_name,
+                const Config& dense, const Config& sjlt) {
+  const double d = Seconds(r, dense);
+  const double s = Seconds(r, sjlt);
+  if (d <= 0 || s <= 0) {
+    std::printf("# %s not measured (filtered out or failed)\n", ratio_name);
+    return;
+  }
+  std::printf("RATIO %s %.2f\n", ratio_name, d / s);
+}
+
+}  // namespace
+}  // namespace retrace::kernels
+
+int main(int argc, char** argv) {
+  using namespace retrace::kernels;
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+
+  std::vector<Backend> backends = {Backend::kCpu};
+  if (CudaDeviceAvailable()) {
+    backends.push_back(Backend::kCuda);
+  } else {
+    std::printf("# CUDA projection benchmarks skipped: %s\n",
+                CudaAvailabilityReason().c_str());
+  }
+  // B = 1 (one query) over the whole range; B = 8 to p = 1e7. Dense costs
+  // D = 1024 adds per input value, so on the CPU it stops at p = 1e7 (B = 1)
+  // and 1e6 (B = 8) to keep the whole run to about a minute on 2 cores.
+  const int64_t kP[] = {100000, 1000000, 10000000, 100000000};
+  for (Backend backend : backends) {
+    const bool cpu = backend == Backend::kCpu;
+    for (int64_t batch : {int64_t{1}, int64_t{8}}) {
+      const int64_t sjlt_max = batch == 1 ? 100000000 : 10000000;
+      const int64_t dense_max =
+          cpu ? (batch == 1 ? 10000000 : 1000000) : sjlt_max;
+      for (int64_t p : kP) {
+        for (ProjectionType type :
+             {ProjectionType::kSjlt, ProjectionType::kRademacher}) {
+          if (p > (type == ProjectionType::kSjlt ? sjlt_max : dense_max)) {
+            continue;
+          }
+          const Config c{backend, type, p, batch};
+          benchmark::RegisterBenchmark(
+              Name(c).c_str(),
+              [c](benchmark::State& state) { RunProjection(state, c); })
+              ->Unit(benchmark::kMillisecond)
+              ->UseRealTime()
+              ->MinTime(0.3);
+        }
+      }
+    }
+  }
+
+  RecordingReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  std::fflush(stdout);
+  for (Backend backend : backends) {
+    const Config dense{backend, ProjectionType::kRademacher, 10000000, 1};
+    const Config sjlt{backend, ProjectionType::kSjlt, 10000000, 1};
+    PrintRatio(reporter,
+               backend == Backend::kCpu ? "sjlt_vs_dense_p1e7"
+                                        : "sjlt_vs_dense_p1e7_cuda",
+               dense, sjlt);
+  }
+  benchmark::Shutdown();
+  return 0;
+}

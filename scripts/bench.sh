@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Builds the benchmarks (Release, in build-bench/) and runs them.
+#   scripts/bench.sh                          every benchmark
+#   scripts/bench.sh projection               the named ones
+#   scripts/bench.sh projection -- --benchmark_filter=sjlt   arguments for the binaries
+# Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt). They
+# print `RATIO <name> <value>` lines (the DESIGN §7 targets); these are
+# collected and printed together at the end. Full outputs are kept in
+# build-bench/results/NAME.txt.
+# Environment: RETRACE_BENCH_BUILD_DIR (default build-bench),
+# RETRACE_BENCH_CMAKE_ARGS (e.g. -DRETRACE_KERNELS_ONLY=ON on a GPU machine
+# without gRPC and LibTorch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Every known benchmark; add a NAME here and a retrace_add_bench(NAME_bench ...)
+# line in bench/CMakeLists.txt.
+all=(projection)
+
+usage() {
+  echo "usage: scripts/bench.sh [NAME...] [-- benchmark args]   (NAME: ${all[*]})" >&2
+}
+
+names=()
+bench_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --) shift; bench_args=("$@"); break ;;
+    -*) usage; exit 2 ;;
+    *) names+=("$1"); shift ;;
+  esac
+done
+[ ${#names[@]} -eq 0 ] && names=("${all[@]}")
+for n in "${names[@]}"; do
+  if [[ ! " ${all[*]} " =~ " ${n} " ]]; then
+    echo "bench.sh: unknown benchmark '$n'" >&2
+    usage
+    exit 2
+  fi
+done
+
+bash scripts/setup.sh
+
+build_dir=${RETRACE_BENCH_BUILD_DIR:-build-bench}
+targets=()
+for n in "${names[@]}"; do targets+=("${n}_bench"); done
+# shellcheck disable=SC2086  # RETRACE_BENCH_CMAKE_ARGS is a list of words
+cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DRETRACE_BUILD_TESTS=OFF -DRETRACE_BUILD_BENCH=ON ${RETRACE_BENCH_CMAKE_ARGS:-} >/dev/null
+cmake --build "$build_dir" -j "$(nproc)" --target "${targets[@]}"
+
+results="$build_dir/results"
+mkdir -p "$results"
+ratios=()
+failed=()
+for n in "${names[@]}"; do
+  echo "== $n ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+  if ! "$build_dir/bench/${n}_bench" --benchmark_color=false "${bench_args[@]}" 2>&1 |
+      tee "$results/$n.txt"; then
+    failed+=("$n")
+  fi
+  while IFS= read -r line; do ratios+=("$line"); done < <(grep -o 'RATIO .*' "$results/$n.txt" || true)
+done
+
+echo "== ratios"
+for r in "${ratios[@]}"; do echo "$r"; done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "bench.sh: failed: ${failed[*]}" >&2
+  exit 1
+fi
