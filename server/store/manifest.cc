@@ -258,6 +258,14 @@ absl::Status StoreSpec::Validate() const {
     return FieldError("projection.dim",
                       "times checkpoints and slots is too large");
   }
+  // One shard's vectors must stay far from int64 overflow (2^60 bytes).
+  const int64_t row_bytes = num_checkpoints() * num_slots() * projection.dim *
+                            kernels::DTypeSize(dtype);
+  if (samples_per_shard > (int64_t(1) << 60) / row_bytes) {
+    return FieldError("samples_per_shard",
+                      absl::StrCat("is too large for rows of ", row_bytes,
+                                   " bytes, got ", samples_per_shard));
+  }
   if (!dataset.is_object()) return FieldError("dataset", "must be an object");
   auto name = dataset.find("name");
   if (name == dataset.end() || !name->is_string()) {

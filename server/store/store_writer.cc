@@ -1,7 +1,9 @@
 #include "server/store/store_writer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <map>
 #include <system_error>
@@ -35,6 +37,7 @@ constexpr char kMetaFirst[] = "first";
 constexpr char kMetaSpecSha256[] = "spec_sha256";
 constexpr char kMetaDataSha256[] = "data_sha256";
 constexpr char kNormStatsKey[] = "norm_stats";
+constexpr int64_t kMaxReserveBytes = int64_t(1) << 30;
 
 // True when `name` is exactly ShardFileName(index) for some index.
 bool ParseShardFileName(const std::string& name, int64_t* index) {
@@ -306,12 +309,22 @@ absl::Status StoreWriter::Append(const SampleRecord& sample) {
   }
 
   const int64_t element_size = kernels::DTypeSize(spec_.dtype);
-  if (buffered_ == 0) {
-    vectors_.reserve(
-        size_t(spec_.samples_per_shard * row_elements_ * element_size));
-  }
+  const int64_t row_bytes = row_elements_ * element_size;
   const size_t offset = vectors_.size();
-  vectors_.resize(offset + size_t(row_elements_ * element_size));
+  try {
+    if (buffered_ == 0) {
+      // Reserve the whole shard up front (capped: a huge shard grows instead)
+      // so that filling it does not copy it repeatedly.
+      vectors_.reserve(size_t(
+          std::min(spec_.samples_per_shard * row_bytes, kMaxReserveBytes)));
+    }
+    vectors_.resize(offset + size_t(row_bytes));
+  } catch (const std::exception& e) {  // bad_alloc, length_error
+    return absl::ResourceExhaustedError(
+        absl::StrCat("sample ", n, ": cannot grow the shard buffer to ",
+                     int64_t(offset) + row_bytes, " bytes (", e.what(),
+                     "); lower samples_per_shard"));
+  }
   uint8_t* dst = vectors_.data() + offset;
   // Finite floats beyond the 16-bit formats' range would become infinities.
   int64_t overflow = -1;

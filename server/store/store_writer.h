@@ -21,7 +21,10 @@
 // depend only on the spec and everything written is deterministic, the
 // finished store is byte-identical to an uninterrupted build of the same data.
 // Samples appended but not yet cut into a shard are lost when the writer is
-// destroyed without Finish; they are rebuilt on the next run.
+// destroyed without Finish; they are rebuilt on the next run. If
+// next_sample() exceeds the number of samples the caller has, the directory
+// holds a build of a larger dataset under the same spec: the caller should
+// refuse rather than Finish.
 //
 // Memory: the writer buffers one shard (samples_per_shard rows) plus, for the
 // diagnostics, every sample's C x S norms and its sample id.
@@ -91,6 +94,8 @@ class StoreWriter {
   // sizes, non-finite values, negative norms, timesteps outside [0, T) or a
   // sample_id already used (naming both indices). FailedPrecondition after
   // Finish or after an earlier write failure (create a new writer to resume).
+  // ResourceExhausted when the shard buffer cannot be allocated; other codes
+  // for a failed shard write, naming the path.
   absl::Status Append(const SampleRecord& sample);
 
   // Writes the last (partial) shard and then manifest.json. `diagnostics` is

@@ -159,6 +159,8 @@ TEST(ManifestTest, InvalidFieldsAreNamed) {
       {"/num_samples", 26, "field 'num_samples' is 26 but the shards hold 25"},
       {"/dataset", json::object(), "field 'dataset.name' missing"},
       {"/grad_timesteps", 0, "field 'grad_timesteps' must be >= 1"},
+      {"/samples_per_shard", int64_t(1) << 59,
+       "field 'samples_per_shard' is too large for rows of 144 bytes"},
       {"/noise_schedule/beta_end", 2.0, "noise_schedule.beta_start"},
   };
   for (const FieldCase& c : cases) {

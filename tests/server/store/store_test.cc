@@ -268,8 +268,10 @@ TEST(StoreTest, ConcurrentReadersSeeTheSameData) {
   auto checksum = [&](int64_t step) {
     uint64_t sum = 0;
     for (int64_t begin = 0; begin < r->num_samples(); begin += step) {
-      for (const SampleBlock& b :
-           *r->Range(begin, std::min(begin + step, r->num_samples()))) {
+      // Keep the StatusOr alive: a range-for over *temporary would dangle.
+      const std::vector<SampleBlock> blocks =
+          r->Range(begin, std::min(begin + step, r->num_samples())).value();
+      for (const SampleBlock& b : blocks) {
         // Sample by sample, so that the hash does not depend on the blocking.
         const uint8_t* p = static_cast<const uint8_t*>(b.vectors);
         for (int64_t k = 0; k < b.count; ++k) {
