@@ -3,6 +3,7 @@
 #   scripts/bench.sh                          every benchmark
 #   scripts/bench.sh projection               the named ones
 #   scripts/bench.sh projection -- --benchmark_filter=sjlt   arguments for the binaries
+#   scripts/bench.sh scan -- --n 20000 --queries 1,8     a smaller scan store
 # Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt). They
 # print `RATIO <name> <value>` lines (the DESIGN §7 targets); these are
 # collected and printed together at the end. Full outputs are kept in
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 # Every known benchmark; add a NAME here and a retrace_add_bench(NAME_bench ...)
 # line in bench/CMakeLists.txt.
-all=(projection)
+all=(projection scan)
 
 usage() {
   echo "usage: scripts/bench.sh [NAME...] [-- benchmark args]   (NAME: ${all[*]})" >&2

@@ -1,0 +1,259 @@
+// CPU scan benchmark (scripts/bench.sh scan): the fused TracIn + ReTrac scan
+// against the LibTorch way a user would write (fp16 -> fp32 conversion,
+// batched matmul per block of rows, then torch::topk) and against the
+// machine's measured memory read bandwidth, on the same in-memory store, in
+// one run. Prints a table and the RATIO lines of DESIGN §7.
+//
+//   scan_bench [--n 200000] [--checkpoints 2] [--slots 6] [--dim 1024]
+//              [--queries 1,8,32] [--k 10] [--reps 3] [--torch-reps 1]
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/device.h"
+#include "kernels/dtype.h"
+#include "kernels/scoring.h"
+
+namespace rk = retrace::kernels;
+
+namespace {
+
+struct Args {
+  int64_t n = 200000;
+  int32_t checkpoints = 2;
+  int32_t slots = 6;
+  int32_t dim = 1024;
+  std::vector<int> queries = {1, 8, 32};
+  int k = 10;
+  int reps = 3;
+  int torch_reps = 1;
+};
+
+Args Parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; i += 2) {
+    std::string f = argv[i];
+    // scripts/bench.sh passes Google Benchmark's flags to every binary.
+    if (f.rfind("--benchmark_", 0) == 0) {
+      --i;
+      continue;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "flag %s needs a value\n", f.c_str());
+      std::exit(2);
+    }
+    const char* v = argv[i + 1];
+    if (f == "--n") a.n = std::atoll(v);
+    else if (f == "--checkpoints") a.checkpoints = std::atoi(v);
+    else if (f == "--slots") a.slots = std::atoi(v);
+    else if (f == "--dim") a.dim = std::atoi(v);
+    else if (f == "--k") a.k = std::atoi(v);
+    else if (f == "--reps") a.reps = std::atoi(v);
+    else if (f == "--torch-reps") a.torch_reps = std::atoi(v);
+    else if (f == "--queries") {
+      a.queries.clear();
+      for (const char* p = v; *p;) {
+        a.queries.push_back(std::atoi(p));
+        while (*p && *p != ',') ++p;
+        if (*p == ',') ++p;
+      }
+    } else {
+      std::fprintf(stderr, "unknown flag %s\n", f.c_str());
+      std::exit(2);
+    }
+  }
+  return a;
+}
+
+double Now() {
+  return std::chrono::duration<double>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+template <typename F>
+void ParallelFor(int64_t n, int threads, F f) {
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([=] { f(n * t / threads, n * (t + 1) / threads); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+uint64_t SplitMix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// STREAM-like read: every thread sums its slice of the buffer as 64-bit words.
+double ReadBandwidth(const void* buf, int64_t bytes, int threads) {
+  const uint64_t* w = static_cast<const uint64_t*>(buf);
+  const int64_t words = bytes / 8;
+  std::vector<uint64_t> sums(threads * 8);
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    double t0 = Now();
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        const int64_t b = words * t / threads, e = words * (t + 1) / threads;
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int64_t i = b;
+        for (; i + 4 <= e; i += 4) {
+          s0 += w[i];
+          s1 += w[i + 1];
+          s2 += w[i + 2];
+          s3 += w[i + 3];
+        }
+        for (; i < e; ++i) s0 += w[i];
+        sums[t * 8] = s0 + s1 + s2 + s3;
+      });
+    }
+    for (auto& th : pool) th.join();
+    best = std::min(best, Now() - t0);
+  }
+  volatile uint64_t sink = 0;
+  for (uint64_t s : sums) sink = sink + s;
+  return bytes / best;
+}
+
+struct TorchTopK {
+  std::vector<int64_t> top_tracin, top_retrac;
+};
+
+// The LibTorch way: per block of rows, convert to fp32, one batched matmul of
+// the [CS, rows, D] block with the [CS, D, 2Q] queries, weight, sum over the
+// slots; then torch::topk over the [N, Q] scores.
+TorchTopK TorchScan(const Args& a, const void* vectors, const float* norms,
+                    const std::vector<float>& raw, const std::vector<float>& unit,
+                    const std::vector<float>& w, int q, int k) {
+  torch::NoGradGuard no_grad;
+  const int64_t cs = int64_t{a.checkpoints} * a.slots;
+  auto store = torch::from_blob(const_cast<void*>(vectors), {a.n, cs, a.dim}, torch::kHalf);
+  auto norm_t = torch::from_blob(const_cast<float*>(norms), {a.n, cs}, torch::kFloat);
+  auto qr = torch::from_blob(const_cast<float*>(raw.data()), {q, cs, a.dim}, torch::kFloat);
+  auto qu = torch::from_blob(const_cast<float*>(unit.data()), {q, cs, a.dim}, torch::kFloat);
+  auto wt = torch::from_blob(const_cast<float*>(w.data()), {q, cs}, torch::kFloat);
+  auto qcat = torch::cat({qr, qu}, 0).permute({1, 2, 0}).contiguous();  // [CS, D, 2Q]
+  auto weight = wt.t().unsqueeze(1);                                     // [CS, 1, Q]
+  auto scores_tr = torch::empty({a.n, q});
+  auto scores_rt = torch::empty({a.n, q});
+  constexpr int64_t kBlock = 1024;
+  for (int64_t start = 0; start < a.n; start += kBlock) {
+    const int64_t nb = std::min(kBlock, a.n - start);
+    auto u = store.narrow(0, start, nb).to(torch::kFloat).transpose(0, 1);  // [CS, nb, D]
+    auto dots = torch::bmm(u, qcat);                                         // [CS, nb, 2Q]
+    auto nrm = norm_t.narrow(0, start, nb).t().unsqueeze(2);                 // [CS, nb, 1]
+    scores_tr.narrow(0, start, nb).copy_((dots.narrow(2, 0, q) * nrm * weight).sum(0));
+    scores_rt.narrow(0, start, nb).copy_((dots.narrow(2, q, q) * weight).sum(0));
+  }
+  TorchTopK out;
+  auto top_tr = std::get<1>(torch::topk(scores_tr, k, 0, true, true));
+  auto top_rt = std::get<1>(torch::topk(scores_rt, k, 0, true, true));
+  auto bottom_tr = torch::topk(scores_tr, k, 0, false, true);
+  auto bottom_rt = torch::topk(scores_rt, k, 0, false, true);
+  auto t0 = top_tr.select(1, 0).contiguous();
+  auto t1 = top_rt.select(1, 0).contiguous();
+  out.top_tracin.assign(t0.data_ptr<int64_t>(), t0.data_ptr<int64_t>() + k);
+  out.top_retrac.assign(t1.data_ptr<int64_t>(), t1.data_ptr<int64_t>() + k);
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Args a = Parse(argc, argv);
+  const int threads = rk::CpuThreads();
+  at::set_num_threads(threads);
+  const int64_t cs = int64_t{a.checkpoints} * a.slots;
+  const int64_t row = cs * a.dim;
+  const int64_t vec_bytes = a.n * row * 2;
+  std::printf("scan_bench: N=%lld C=%d S=%d D=%d fp16, store %.2f GB, %d threads, k=%d\n",
+              static_cast<long long>(a.n), a.checkpoints, a.slots, a.dim, vec_bytes / 1e9,
+              threads, a.k);
+  std::fflush(stdout);
+
+  std::unique_ptr<uint16_t[]> vectors(new uint16_t[a.n * row]);
+  std::unique_ptr<float[]> norms(new float[a.n * cs]);
+  const float inv_sqrt_d = 1.0f / std::sqrt(float(a.dim));
+  ParallelFor(a.n, threads, [&](int64_t b, int64_t e) {
+    for (int64_t i = b * row; i < e * row; ++i) {
+      const uint64_t h = SplitMix(i);
+      const float u = (int64_t(h >> 40) - (1 << 23)) / float(1 << 23);  // [-1, 1)
+      vectors[i] = rk::FloatToHalf(u * 1.7f * inv_sqrt_d);
+    }
+    for (int64_t i = b * cs; i < e * cs; ++i) {
+      norms[i] = 0.1f + (SplitMix(i ^ 0xabcdef) >> 40) / float(1 << 22);
+    }
+  });
+
+  const double bandwidth = ReadBandwidth(vectors.get(), vec_bytes, threads);
+  std::printf("memory read bandwidth: %.2f GB/s\n", bandwidth / 1e9);
+
+  rk::StoreLayout layout{rk::DType::kF16, a.checkpoints, a.slots, a.dim};
+  std::vector<rk::StoreChunk> chunks = {{vectors.get(), norms.get(), a.n, 0}};
+
+  std::printf("%6s %14s %14s %14s %12s %12s %10s\n", "Q", "scan_ms", "libtorch_ms",
+              "scan_GB/s", "vs_libtorch", "vs_bandwidth", "top_agree");
+  double worst_vs_torch = 1e30, q1_vs_bandwidth = -1;
+  for (int q : a.queries) {
+    std::vector<float> raw(q * row), unit(q * row), w(q * cs, 1.0f);
+    for (int64_t i = 0; i < q * row; ++i) {
+      raw[i] = (int64_t(SplitMix(i + 7777) >> 40) - (1 << 23)) / float(1 << 23);
+      unit[i] = (int64_t(SplitMix(i + 9999) >> 40) - (1 << 23)) / float(1 << 23);
+    }
+    rk::QueryBatch batch{q, raw.data(), unit.data(), w.data(), w.data()};
+    rk::ScanOptions opt;
+    opt.k = a.k;
+    opt.want_bottom = true;
+    rk::ScanResult result;
+    double t_scan = 1e30;
+    for (int rep = 0; rep < a.reps; ++rep) {
+      double t0 = Now();
+      rk::KernelStatus s = rk::ScanCpu(layout, chunks, batch, opt, &result);
+      t_scan = std::min(t_scan, Now() - t0);
+      if (!s.ok()) {
+        std::fprintf(stderr, "scan failed: %s\n", s.ToString().c_str());
+        return 1;
+      }
+    }
+    double t_torch = 1e30;
+    TorchTopK ref;
+    for (int rep = 0; rep < a.torch_reps; ++rep) {
+      double t0 = Now();
+      ref = TorchScan(a, vectors.get(), norms.get(), raw, unit, w, q, a.k);
+      t_torch = std::min(t_torch, Now() - t0);
+    }
+    // Both compute the same scores in fp32 with different summation orders:
+    // the top lists should agree up to near-ties.
+    int agree = 0;
+    for (int j = 0; j < a.k; ++j) {
+      agree += result.Get(0, rk::Method::kTracIn).top[j].index == ref.top_tracin[j];
+      agree += result.Get(0, rk::Method::kReTrac).top[j].index == ref.top_retrac[j];
+    }
+    const double gbps = vec_bytes / t_scan / 1e9;
+    const double vs_torch = t_torch / t_scan;
+    const double vs_bw = (vec_bytes / t_scan) / bandwidth;
+    std::printf("%6d %14.1f %14.1f %14.2f %12.2f %12.2f %7d/%d\n", q, t_scan * 1e3,
+                t_torch * 1e3, gbps, vs_torch, vs_bw, agree, 2 * a.k);
+    std::fflush(stdout);
+    worst_vs_torch = std::min(worst_vs_torch, vs_torch);
+    if (q == 1) q1_vs_bandwidth = vs_bw;
+  }
+  std::printf("RATIO cpu_scan_vs_libtorch %.2f\n", worst_vs_torch);
+  if (q1_vs_bandwidth >= 0) std::printf("RATIO cpu_scan_vs_bandwidth %.2f\n", q1_vs_bandwidth);
+  return 0;
+}
