@@ -1,0 +1,315 @@
+#include "server/featurize/group_gradients.h"
+
+#include <utility>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "server/core/status.h"
+#include "server/featurize/unet_mirror.h"
+#include "server/model/diffusion.h"
+#include "server/model/torch_status.h"
+#include "server/model/unet.h"
+
+namespace retrace::featurize {
+
+const char* GradientMethodName(GradientMethod method) {
+  switch (method) {
+    case GradientMethod::kAuto:
+      return "auto";
+    case GradientMethod::kLayerwise:
+      return "layerwise";
+    case GradientMethod::kLoop:
+      return "loop";
+  }
+  return "unknown";
+}
+
+namespace internal {
+namespace {
+
+using model::internal::CallTorch;
+
+// The mirror must reproduce the model to float rounding; in practice it is
+// bit-identical (same operators, same order).
+constexpr double kMirrorCheckRelTol = 1e-5;
+
+absl::Status CheckRows(const at::Tensor& x, const at::Tensor& t,
+                       const at::Tensor& eps, int64_t group_size) {
+  if (!x.defined() || x.dim() != 4 || x.scalar_type() != at::kFloat) {
+    return absl::InvalidArgumentError(
+        "group gradients: x must be float32 [N, C, H, W]");
+  }
+  if (!eps.defined() || !eps.sizes().equals(x.sizes()) ||
+      eps.scalar_type() != at::kFloat) {
+    return absl::InvalidArgumentError(
+        "group gradients: eps must be float32 with the shape of x");
+  }
+  if (!t.defined() || t.dim() != 1 || t.size(0) != x.size(0) ||
+      t.scalar_type() != at::kLong) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("group gradients: t must be int64 [", x.size(0), "]"));
+  }
+  if (group_size < 1 || x.size(0) == 0 || x.size(0) % group_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "group gradients: ", x.size(0),
+        " rows do not split into groups of ", group_size));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<at::Tensor> SelectedTensors(const model::DiffusionModel& model,
+                                        const std::vector<int>& selected) {
+  std::vector<model::NamedParameter> params = model.NamedParameters();
+  std::vector<at::Tensor> out;
+  out.reserve(selected.size());
+  for (int i : selected) out.push_back(params[i].tensor);
+  return out;
+}
+
+class LoopEngine final : public GroupGradientEngine {
+ public:
+  LoopEngine(model::DiffusionModel* model, const model::NoiseSchedule& schedule,
+             model::LossType loss, std::vector<int> selected)
+      : model_(model),
+        schedule_(schedule),
+        loss_(loss),
+        params_(SelectedTensors(*model, selected)) {}
+
+  GradientMethod method() const override { return GradientMethod::kLoop; }
+
+  absl::StatusOr<std::vector<at::Tensor>> Compute(const at::Tensor& x,
+                                                  const at::Tensor& t,
+                                                  const at::Tensor& eps,
+                                                  int64_t k) override {
+    RETURN_IF_ERROR(CheckRows(x, t, eps, k));
+    const int64_t groups = x.size(0) / k;
+    return CallTorch(
+        "loop gradients", [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
+          at::AutoGradMode grad_mode(true);
+          std::vector<at::Tensor> out;
+          for (const at::Tensor& p : params_) {
+            out.push_back(at::empty({groups, p.numel()}, p.options()));
+          }
+          for (int64_t g = 0; g < groups; ++g) {
+            const at::Tensor xs = x.narrow(0, g * k, k);
+            const at::Tensor ts = t.narrow(0, g * k, k);
+            const at::Tensor es = eps.narrow(0, g * k, k);
+            ASSIGN_OR_RETURN(at::Tensor per, model::DiffusionLoss(
+                                                 *model_, schedule_, loss_, xs,
+                                                 ts, es));
+            at::Tensor total = per.sum() * (1.0 / static_cast<double>(k));
+            std::vector<at::Tensor> grads = torch::autograd::grad(
+                {total}, params_, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                /*create_graph=*/false, /*allow_unused=*/true);
+            for (size_t i = 0; i < params_.size(); ++i) {
+              if (grads[i].defined()) {
+                out[i][g].copy_(grads[i].reshape({-1}));
+              } else {
+                out[i][g].zero_();
+              }
+            }
+          }
+          return out;
+        });
+  }
+
+ private:
+  model::DiffusionModel* model_;
+  model::NoiseSchedule schedule_;
+  model::LossType loss_;
+  std::vector<at::Tensor> params_;
+};
+
+class LayerwiseEngine final : public GroupGradientEngine {
+ public:
+  LayerwiseEngine(UNetMirror mirror, const model::NoiseSchedule& schedule,
+                  model::LossType loss, const std::vector<int>& selected,
+                  int num_params)
+      : mirror_(std::move(mirror)),
+        schedule_(schedule),
+        loss_(loss),
+        position_(num_params, -1) {
+    for (size_t i = 0; i < selected.size(); ++i) position_[selected[i]] = i;
+    for (const MirrorLayer& layer : mirror_.layers()) {
+      tap_layer_.push_back(position_[layer.weight_index] >= 0 ||
+                           position_[layer.bias_index] >= 0);
+    }
+    num_selected_ = selected.size();
+  }
+
+  GradientMethod method() const override {
+    return GradientMethod::kLayerwise;
+  }
+
+  absl::StatusOr<std::vector<at::Tensor>> Compute(const at::Tensor& x,
+                                                  const at::Tensor& t,
+                                                  const at::Tensor& eps,
+                                                  int64_t k) override {
+    RETURN_IF_ERROR(CheckRows(x, t, eps, k));
+    return CallTorch(
+        "layerwise gradients",
+        [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
+          at::AutoGradMode grad_mode(true);
+          ASSIGN_OR_RETURN(at::Tensor x_t, model::AddNoise(schedule_, x, t, eps));
+          std::vector<LayerTap> taps;
+          at::Tensor eps_hat = mirror_.Forward(x_t, t, &tap_layer_, &taps);
+          ASSIGN_OR_RETURN(at::Tensor per,
+                           model::PerExampleLoss(eps, eps_hat, loss_));
+          at::Tensor total = per.sum() * (1.0 / static_cast<double>(k));
+          std::vector<at::Tensor> outputs;
+          outputs.reserve(taps.size());
+          for (const LayerTap& tap : taps) outputs.push_back(tap.output);
+          std::vector<at::Tensor> grad_outputs = torch::autograd::grad(
+              {total}, outputs, /*grad_outputs=*/{}, /*retain_graph=*/false,
+              /*create_graph=*/false, /*allow_unused=*/true);
+          at::NoGradGuard no_grad;
+          std::vector<at::Tensor> out(num_selected_);
+          for (size_t i = 0; i < taps.size(); ++i) {
+            LayerGradients(taps[i], grad_outputs[i], k, &out);
+          }
+          return out;
+        });
+  }
+
+ private:
+  // Writes the group gradients of one layer's selected weight and bias.
+  void LayerGradients(const LayerTap& tap, at::Tensor go, int64_t k,
+                      std::vector<at::Tensor>* out) const {
+    const MirrorLayer& layer = mirror_.layers()[tap.layer];
+    const int64_t n = tap.output.size(0);
+    const int64_t groups = n / k;
+    if (!go.defined()) go = at::zeros_like(tap.output);
+    const int weight_pos = position_[layer.weight_index];
+    const int bias_pos = position_[layer.bias_index];
+    at::Tensor dw, db;
+    switch (layer.kind) {
+      case LayerKind::kLinear: {
+        const int64_t out_f = go.size(1), in_f = tap.input.size(1);
+        if (weight_pos >= 0) {
+          dw = at::bmm(go.reshape({groups, k, out_f}).transpose(1, 2),
+                       tap.input.reshape({groups, k, in_f}));
+        }
+        if (bias_pos >= 0) db = go.reshape({groups, k, out_f}).sum(1);
+        break;
+      }
+      case LayerKind::kConv2d: {
+        const int64_t c_out = go.size(1);
+        const int64_t positions = go.size(2) * go.size(3);
+        at::Tensor go3 = go.reshape({n, c_out, positions});
+        if (weight_pos >= 0) {
+          const int64_t kernel = layer.kernel;
+          at::Tensor cols =
+              kernel == 1 && layer.stride == 1 && layer.padding == 0
+                  ? tap.input.reshape({n, tap.input.size(1), positions})
+                  : at::im2col(tap.input, {kernel, kernel}, {1, 1},
+                               {layer.padding, layer.padding},
+                               {layer.stride, layer.stride});
+          const int64_t rows = cols.size(1);
+          if (k == 1) {
+            dw = at::bmm(go3, cols.transpose(1, 2));
+          } else {
+            at::Tensor a = go3.reshape({groups, k, c_out, positions})
+                               .permute({0, 2, 1, 3})
+                               .reshape({groups, c_out, k * positions});
+            at::Tensor b = cols.reshape({groups, k, rows, positions})
+                               .permute({0, 1, 3, 2})
+                               .reshape({groups, k * positions, rows});
+            dw = at::bmm(a, b);
+          }
+        }
+        if (bias_pos >= 0) {
+          db = go3.sum(2).reshape({groups, k, c_out}).sum(1);
+        }
+        break;
+      }
+      case LayerKind::kGroupNorm: {
+        const int64_t c = go.size(1);
+        if (weight_pos >= 0) {
+          dw = (go * tap.input).sum({2, 3}).reshape({groups, k, c}).sum(1);
+        }
+        if (bias_pos >= 0) db = go.sum({2, 3}).reshape({groups, k, c}).sum(1);
+        break;
+      }
+    }
+    if (weight_pos >= 0) {
+      (*out)[weight_pos] = dw.reshape({groups, -1}).contiguous();
+    }
+    if (bias_pos >= 0) (*out)[bias_pos] = db.reshape({groups, -1}).contiguous();
+  }
+
+  UNetMirror mirror_;
+  model::NoiseSchedule schedule_;
+  model::LossType loss_;
+  std::vector<int> position_;  // model parameter index -> selected position
+  std::vector<bool> tap_layer_;
+  size_t num_selected_ = 0;
+};
+
+// Runs the mirror and the model on a fixed small batch and compares.
+absl::Status CheckMirror(model::DiffusionModel* model,
+                         const UNetMirror& mirror) {
+  const model::ImageShape shape = model->InputShape();
+  return CallTorch("unet mirror check", [&]() -> absl::Status {
+    at::NoGradGuard no_grad;
+    const int64_t numel = 2 * shape.channels * shape.height * shape.width;
+    at::Tensor x = at::sin(at::arange(numel, at::kFloat) * 0.37)
+                       .reshape({2, shape.channels, shape.height, shape.width});
+    at::Tensor t = at::tensor(std::vector<int64_t>{3, 701}, at::kLong);
+    ASSIGN_OR_RETURN(at::Tensor expected, model->Forward(x, t));
+    at::Tensor got = mirror.Forward(x, t, nullptr, nullptr);
+    const double diff = (got - expected).abs().max().item<double>();
+    const double scale = expected.abs().max().item<double>();
+    if (!(diff <= kMirrorCheckRelTol * std::max(1.0, scale))) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the layerwise UNet mirror differs from the model's forward pass "
+          "(max |diff| ", diff, "); server/model/unet.cc has changed without "
+          "server/featurize/unet_mirror.cc"));
+    }
+    return absl::OkStatus();
+  });
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<GroupGradientEngine>> CreateGroupGradientEngine(
+    model::DiffusionModel* model, const model::NoiseSchedule& schedule,
+    model::LossType loss, std::vector<int> selected, GradientMethod method) {
+  if (model == nullptr) {
+    return absl::InvalidArgumentError("group gradients: model is null");
+  }
+  const std::vector<model::NamedParameter> params = model->NamedParameters();
+  for (size_t i = 0; i < selected.size(); ++i) {
+    if (selected[i] < 0 || selected[i] >= static_cast<int>(params.size()) ||
+        (i > 0 && selected[i] <= selected[i - 1])) {
+      return absl::InvalidArgumentError(
+          "group gradients: selected parameter indices must increase and lie "
+          "inside the model's parameter list");
+    }
+  }
+  if (method != GradientMethod::kLoop) {
+    auto* unet = dynamic_cast<model::UNetModel*>(model);
+    absl::Status why = absl::FailedPreconditionError(absl::StrCat(
+        "layerwise per-sample gradients support the built-in UNet only, not ",
+        model->Architecture()));
+    if (unet != nullptr) {
+      absl::StatusOr<UNetMirror> mirror =
+          UNetMirror::Create(unet->config(), params);
+      why = mirror.ok() ? CheckMirror(model, *mirror) : mirror.status();
+      if (why.ok()) {
+        return std::unique_ptr<GroupGradientEngine>(
+            std::make_unique<LayerwiseEngine>(
+                *std::move(mirror), schedule, loss, selected,
+                static_cast<int>(params.size())));
+      }
+    }
+    if (method == GradientMethod::kLayerwise) return why;
+  }
+  return std::unique_ptr<GroupGradientEngine>(
+      std::make_unique<LoopEngine>(model, schedule, loss, std::move(selected)));
+}
+
+}  // namespace internal
+}  // namespace retrace::featurize
