@@ -1,0 +1,30 @@
+// How retrace-batch subcommands plug into main: each *_command.cc registers
+// its flags on the top-level CLI11 app and returns the function that runs it
+// once the command line has been parsed.
+#ifndef RETRACE_JOBS_COMMAND_H_
+#define RETRACE_JOBS_COMMAND_H_
+
+#include <functional>
+
+#include <CLI/CLI.hpp>
+
+namespace retrace::jobs {
+
+// Process exit codes of retrace-batch.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailure = 1;  // the job ran and failed
+inline constexpr int kExitUsage = 2;    // bad command line or flag values
+
+struct Subcommand {
+  CLI::App* app = nullptr;  // owned by the parent app
+  // Runs the command with the parsed flags; returns the exit code after
+  // printing any error on stderr.
+  std::function<int()> run;
+};
+
+// `retrace-batch train` (train_command.cc).
+Subcommand RegisterTrainCommand(CLI::App& parent);
+
+}  // namespace retrace::jobs
+
+#endif  // RETRACE_JOBS_COMMAND_H_

@@ -1,0 +1,27 @@
+// retrace-batch: offline jobs (training; later the store build). main only
+// wires the command line to the subcommands in retrace_jobs.
+#include <cstdio>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "jobs/command.h"
+
+int main(int argc, char** argv) {
+  using namespace retrace::jobs;
+  CLI::App app{"retrace-batch: offline jobs of retrace (train a diffusion "
+               "model with a replay log, build attribution stores)"};
+  app.require_subcommand(1);
+  std::vector<Subcommand> subcommands = {RegisterTrainCommand(app)};
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version come through here with exit code 0.
+    const int code = app.exit(e);
+    return code == 0 ? kExitOk : kExitUsage;
+  }
+  for (Subcommand& command : subcommands) {
+    if (command.app->parsed()) return command.run();
+  }
+  return kExitUsage;
+}

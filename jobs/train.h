@@ -1,0 +1,75 @@
+// DDPM training of the built-in UNet into a run directory (run_dir.h).
+//
+// Each step s takes the batch BatchOrder gives (batch_order.h), draws every
+// position's timestep and noise from the counter RNG keyed by (run seed, s,
+// position) (server/model/replay.h), computes the mean per-example loss
+// (server/model/diffusion.h) and takes one Adam step. Losses are logged per
+// step; at every checkpoint step the weights, the replay log so far, the loss
+// log, the resume state and run.json are written, each atomically.
+//
+// Determinism: with the same config, data and LibTorch thread count, a run
+// produces byte-identical checkpoints whether it was interrupted and resumed
+// or not (the batch order and draws are pure functions of the step, and the
+// resume state holds the exact weights and Adam moments).
+#ifndef RETRACE_JOBS_TRAIN_H_
+#define RETRACE_JOBS_TRAIN_H_
+
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "jobs/run_dir.h"
+#include "server/data/image_set.h"
+
+namespace retrace::jobs {
+
+struct TrainOptions {
+  std::string run_dir;
+  // Continue the run already in run_dir from its train-state.pt. Without it,
+  // a run_dir holding any run is refused (FAILED_PRECONDITION). With it, a
+  // run_dir without a run starts a new one; a different run is refused.
+  bool resume = false;
+  // LibTorch intra-op threads (at::set_num_threads, process-wide); 0 keeps
+  // the current setting. Results are reproducible at a fixed thread count.
+  int threads = 0;
+  // Also save train-state.pt every N steps between checkpoints (0: only at
+  // checkpoints).
+  int64_t save_state_every = 0;
+  // Progress output (not owned); null: no progress output.
+  std::FILE* progress_out = nullptr;
+  bool progress_is_tty = false;
+  double progress_interval_s = 5.0;
+  // Called after every step with the number of steps done; returning true
+  // stops training after saving the resume state (for SIGINT, or tests).
+  std::function<bool(int64_t steps_done)> should_stop;
+};
+
+struct TrainResult {
+  int64_t start_step = 0;   // steps already done when this call began
+  int64_t steps_done = 0;
+  bool complete = false;    // steps_done == config.steps
+  std::vector<CheckpointInfo> checkpoints;
+  double seconds = 0;       // wall time of the steps this call ran
+  double steps_per_second = 0;
+  double loss_ema = 0;      // moving average of the last losses
+};
+
+// Trains on `images` (pixels in [-1, 1], square, height divisible by
+// 2^(levels − 1)); sample_ids gives one id per image (empty: 0..N−1).
+// Errors: INVALID_ARGUMENT for a bad config or data (batch larger than the
+// data, wrong image shape), FAILED_PRECONDITION for a run_dir that holds
+// another run (or this one without `resume`), PERMISSION_DENIED / NOT_FOUND
+// for an unwritable run_dir, DATA_LOSS for damaged resume files, INTERNAL
+// when the loss becomes NaN/Inf or LibTorch fails.
+absl::StatusOr<TrainResult> Train(const TrainConfig& config,
+                                  const data::ImageSet& images,
+                                  absl::Span<const int64_t> sample_ids,
+                                  const TrainOptions& options);
+
+}  // namespace retrace::jobs
+
+#endif  // RETRACE_JOBS_TRAIN_H_
