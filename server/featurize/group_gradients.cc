@@ -69,6 +69,34 @@ std::vector<at::Tensor> SelectedTensors(const model::DiffusionModel& model,
   return out;
 }
 
+// Per-group weight gradients of a convolution, [G, C_out, C_in, K, K]:
+// the weight gradient of one grouped convolution with G groups, whose
+// group g convolves the k rows of group g (stacked along the batch axis, over
+// which the weight gradient sums). One oneDNN call runs as fast as the
+// ordinary summed weight gradient, where unfold + bmm was about ten times
+// slower on the CPU.
+at::Tensor ConvGroupWeightGradients(const MirrorLayer& layer,
+                                    const at::Tensor& input,
+                                    const at::Tensor& go, int64_t k) {
+  const int64_t n = input.size(0), groups = n / k;
+  const int64_t c_in = input.size(1), c_out = go.size(1);
+  // [G·k, C, H, W] -> [k, G·C, H, W]: row j of every group in one batch item.
+  auto stack = [&](const at::Tensor& t) {
+    return k == 1 ? t.reshape({1, n * t.size(1), t.size(2), t.size(3)})
+                  : t.reshape({groups, k, t.size(1), t.size(2), t.size(3)})
+                        .transpose(0, 1)
+                        .reshape({k, groups * t.size(1), t.size(2), t.size(3)});
+  };
+  // Only the weight's shape matters for the weight gradient.
+  const at::Tensor weight_shape = at::empty(
+      {groups * c_out, c_in, layer.kernel, layer.kernel}, input.options());
+  at::Tensor dw = std::get<1>(at::convolution_backward(
+      stack(go), stack(input), weight_shape, /*bias_sizes=*/c10::nullopt,
+      {layer.stride, layer.stride}, {layer.padding, layer.padding}, {1, 1},
+      /*transposed=*/false, {0, 0}, groups, {false, true, false}));
+  return dw.reshape({groups, c_out, c_in, layer.kernel, layer.kernel});
+}
+
 class LoopEngine final : public GroupGradientEngine {
  public:
   LoopEngine(model::DiffusionModel* model, const model::NoiseSchedule& schedule,
@@ -197,31 +225,9 @@ class LayerwiseEngine final : public GroupGradientEngine {
       }
       case LayerKind::kConv2d: {
         const int64_t c_out = go.size(1);
-        const int64_t positions = go.size(2) * go.size(3);
-        at::Tensor go3 = go.reshape({n, c_out, positions});
-        if (weight_pos >= 0) {
-          const int64_t kernel = layer.kernel;
-          at::Tensor cols =
-              kernel == 1 && layer.stride == 1 && layer.padding == 0
-                  ? tap.input.reshape({n, tap.input.size(1), positions})
-                  : at::im2col(tap.input, {kernel, kernel}, {1, 1},
-                               {layer.padding, layer.padding},
-                               {layer.stride, layer.stride});
-          const int64_t rows = cols.size(1);
-          if (k == 1) {
-            dw = at::bmm(go3, cols.transpose(1, 2));
-          } else {
-            at::Tensor a = go3.reshape({groups, k, c_out, positions})
-                               .permute({0, 2, 1, 3})
-                               .reshape({groups, c_out, k * positions});
-            at::Tensor b = cols.reshape({groups, k, rows, positions})
-                               .permute({0, 1, 3, 2})
-                               .reshape({groups, k * positions, rows});
-            dw = at::bmm(a, b);
-          }
-        }
+        if (weight_pos >= 0) dw = ConvGroupWeightGradients(layer, tap.input, go, k);
         if (bias_pos >= 0) {
-          db = go3.sum(2).reshape({groups, k, c_out}).sum(1);
+          db = go.sum({2, 3}).reshape({groups, k, c_out}).sum(1);
         }
         break;
       }

@@ -1,0 +1,216 @@
+// Featurization throughput on the built-in UNet (default config, ~0.5M
+// parameters, 28×28) at one batch size B, all parameters selected.
+//
+//   featurize/loop          per-sample gradients, one backward pass each
+//   featurize/layerwise     per-sample gradients in one batched pass
+//   featurize/training_side Featurizer::TrainingSide for one bucket: the
+//                           layerwise gradients plus RNG draws, full norms and
+//                           the streamed SJLT projection (D = 1024, s = 4)
+//   train/fwd_bwd           forward + backward of the mean loss over B
+//   train/step              forward + backward + Adam step over B
+//
+// Each iteration handles B samples, so time ratios are throughput ratios:
+//   RATIO featurize_vs_loop      loop / layerwise            (goal >= 3)
+//   RATIO featurize_vs_training  train/step / training_side  (goal >= 0.3)
+//   RATIO featurize_grads_vs_training  train/step / layerwise
+//   RATIO featurize_vs_fwd_bwd   train/fwd_bwd / training_side (DESIGN §7:
+//                                overhead beyond forward+backward <= 20%
+//                                means >= 0.83)
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <torch/optim/adam.h>
+
+#include "kernels/device.h"
+#include "server/featurize/featurizer.h"
+#include "server/featurize/group_gradients.h"
+#include "server/model/diffusion.h"
+#include "server/model/unet.h"
+
+namespace retrace::featurize {
+namespace {
+
+constexpr int64_t kBatch = 64;
+constexpr uint64_t kSeed = 1;
+
+struct Fixture {
+  std::unique_ptr<model::UNetModel> model;
+  model::NoiseSchedule schedule = *model::NoiseSchedule::Create();
+  at::Tensor x, t, eps;
+
+  Fixture() {
+    model = *model::UNetModel::Create(model::UNetConfig{}, kSeed);
+    at::Generator gen = at::detail::createCPUGenerator(kSeed);
+    x = at::rand({kBatch, 1, 28, 28}, gen) * 2 - 1;
+    eps = at::randn({kBatch, 1, 28, 28}, gen);
+    t = at::randint(0, 1000, {kBatch}, gen, at::kLong);
+  }
+
+  std::vector<int> AllParameters() const {
+    std::vector<int> all(model->NamedParameters().size());
+    for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int>(i);
+    return all;
+  }
+};
+
+Fixture& Shared() {
+  static Fixture* fixture = new Fixture();
+  return *fixture;
+}
+
+void RunEngine(benchmark::State& state, GradientMethod method) {
+  Fixture& f = Shared();
+  auto engine = internal::CreateGroupGradientEngine(
+      f.model.get(), f.schedule, model::LossType::kMse, f.AllParameters(),
+      method);
+  if (!engine.ok()) {
+    state.SkipWithError(engine.status().ToString().c_str());
+    return;
+  }
+  for (auto _ : state) {
+    auto grads = (*engine)->Compute(f.x, f.t, f.eps, 1);
+    if (!grads.ok()) {
+      state.SkipWithError(grads.status().ToString().c_str());
+      break;
+    }
+    benchmark::DoNotOptimize(grads->front().data_ptr());
+  }
+  state.SetItemsProcessed(state.iterations() * kBatch);
+}
+
+void RunTrainingSide(benchmark::State& state) {
+  Fixture& f = Shared();
+  FeaturizeSpec spec;
+  spec.bucket_edges = {0, f.schedule.num_timesteps()};  // one slot
+  spec.projection.output_dim = 1024;
+  spec.projection.sparsity = 4;
+  FeaturizeOptions options;
+  options.max_rows = kBatch;
+  auto featurizer =
+      Featurizer::Create(f.model.get(), f.schedule, spec, options);
+  if (!featurizer.ok()) {
+    state.SkipWithError(featurizer.status().ToString().c_str());
+    return;
+  }
+  int64_t first = 0;
+  for (auto _ : state) {
+    auto features = (*featurizer)->TrainingSide(f.x, first, 0);
+    if (!features.ok()) {
+      state.SkipWithError(features.status().ToString().c_str());
+      break;
+    }
+    first += kBatch;
+  }
+  state.SetItemsProcessed(state.iterations() * kBatch);
+}
+
+void RunTraining(benchmark::State& state, bool adam) {
+  Fixture& f = Shared();
+  std::vector<at::Tensor> params;
+  for (const auto& p : f.model->NamedParameters()) params.push_back(p.tensor);
+  torch::optim::Adam optimizer(params, torch::optim::AdamOptions(1e-4));
+  // Adam steps change the shared model; keep its weights for the others.
+  std::vector<at::Tensor> saved;
+  for (const at::Tensor& p : params) saved.push_back(p.detach().clone());
+  f.model->SetTraining(true);
+  for (auto _ : state) {
+    optimizer.zero_grad();
+    auto per = model::DiffusionLoss(*f.model, f.schedule, model::LossType::kMse,
+                                    f.x, f.t, f.eps);
+    if (!per.ok()) {
+      state.SkipWithError(per.status().ToString().c_str());
+      break;
+    }
+    per->mean().backward();
+    if (adam) optimizer.step();
+  }
+  f.model->SetTraining(false);
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) {
+    params[i].copy_(saved[i]);
+    params[i].mutable_grad() = at::Tensor();
+  }
+  state.SetItemsProcessed(state.iterations() * kBatch);
+}
+
+class RecordingReporter : public benchmark::ConsoleReporter {
+ public:
+  RecordingReporter() : ConsoleReporter(OO_Tabular) {}
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& run : runs) {
+      if (run.run_type != Run::RT_Iteration || run.iterations <= 0) continue;
+      std::string name = run.benchmark_name();
+      name = name.substr(0, name.find("/min_time"));
+      name = name.substr(0, name.find("/real_time"));
+      seconds_[name] = run.real_accumulated_time / double(run.iterations);
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+  double Seconds(const std::string& name) const {
+    auto it = seconds_.find(name);
+    return it == seconds_.end() ? -1 : it->second;
+  }
+
+ private:
+  std::map<std::string, double> seconds_;
+};
+
+void PrintRatio(const RecordingReporter& r, const char* name,
+                const std::string& slow, const std::string& fast) {
+  const double s = r.Seconds(slow), f = r.Seconds(fast);
+  if (s <= 0 || f <= 0) {
+    std::printf("# %s not measured (filtered out or failed)\n", name);
+    return;
+  }
+  std::printf("RATIO %s %.2f\n", name, s / f);
+}
+
+}  // namespace
+}  // namespace retrace::featurize
+
+int main(int argc, char** argv) {
+  using namespace retrace::featurize;
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  // LibTorch's OpenMP pool may start with one thread; every variant runs
+  // with the same count (RETRACE_CPU_THREADS overrides, as for the kernels).
+  at::set_num_threads(retrace::kernels::CpuThreads());
+  std::printf("# B = %lld, UNet default config, %d LibTorch threads\n",
+              static_cast<long long>(kBatch), at::get_num_threads());
+  auto reg = [](const char* name, auto fn) {
+    benchmark::RegisterBenchmark(name, fn)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->MinTime(2.0);
+  };
+  reg("featurize/loop", [](benchmark::State& s) {
+    RunEngine(s, GradientMethod::kLoop);
+  });
+  reg("featurize/layerwise", [](benchmark::State& s) {
+    RunEngine(s, GradientMethod::kLayerwise);
+  });
+  reg("featurize/training_side", RunTrainingSide);
+  reg("train/fwd_bwd", [](benchmark::State& s) { RunTraining(s, false); });
+  reg("train/step", [](benchmark::State& s) { RunTraining(s, true); });
+  RecordingReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  PrintRatio(reporter, "featurize_vs_loop", "featurize/loop",
+             "featurize/layerwise");
+  PrintRatio(reporter, "featurize_vs_training", "train/step",
+             "featurize/training_side");
+  PrintRatio(reporter, "featurize_grads_vs_training", "train/step",
+             "featurize/layerwise");
+  PrintRatio(reporter, "featurize_vs_fwd_bwd", "train/fwd_bwd",
+             "featurize/training_side");
+  benchmark::Shutdown();
+  return 0;
+}
