@@ -37,9 +37,11 @@ absl::StatusOr<BatchOrder> BatchOrder::Create(uint64_t run_seed,
                                               int64_t num_samples,
                                               int64_t batch_size) {
   if (batch_size < 1 || batch_size > num_samples) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "batch size ", batch_size, " must be between 1 and the number of "
-        "training samples (", num_samples, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch size ", batch_size,
+                     " must be between 1 and the number of "
+                     "training samples (",
+                     num_samples, ")"));
   }
   return BatchOrder(run_seed, num_samples, batch_size);
 }
@@ -51,8 +53,9 @@ std::vector<int64_t> BatchOrder::Batch(int64_t step) {
     cached_epoch_ = epoch;
   }
   const int64_t first = (step % steps_per_epoch()) * batch_size_;
-  return std::vector<int64_t>(cached_permutation_.begin() + first,
-                              cached_permutation_.begin() + first + batch_size_);
+  return std::vector<int64_t>(
+      cached_permutation_.begin() + first,
+      cached_permutation_.begin() + first + batch_size_);
 }
 
 absl::StatusOr<model::ReplayLog> BuildReplayLog(
@@ -60,9 +63,9 @@ absl::StatusOr<model::ReplayLog> BuildReplayLog(
     const std::vector<int64_t>& checkpoint_steps,
     const std::vector<int64_t>& sample_ids) {
   if (static_cast<int64_t>(sample_ids.size()) != order.num_samples()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "replay log: ", sample_ids.size(), " sample ids for ",
-        order.num_samples(), " samples"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("replay log: ", sample_ids.size(), " sample ids for ",
+                     order.num_samples(), " samples"));
   }
   absl::StatusOr<model::ReplayLog> log =
       model::ReplayLog::Create(run_seed, num_timesteps, order.batch_size(),

@@ -49,7 +49,9 @@ class BatchOrder {
 
  private:
   BatchOrder(uint64_t run_seed, int64_t num_samples, int64_t batch_size)
-      : run_seed_(run_seed), num_samples_(num_samples), batch_size_(batch_size) {}
+      : run_seed_(run_seed),
+        num_samples_(num_samples),
+        batch_size_(batch_size) {}
 
   uint64_t run_seed_;
   int64_t num_samples_;

@@ -4,9 +4,8 @@
 #ifndef RETRACE_JOBS_COMMAND_H_
 #define RETRACE_JOBS_COMMAND_H_
 
-#include <functional>
-
 #include <CLI/CLI.hpp>
+#include <functional>
 
 namespace retrace::jobs {
 

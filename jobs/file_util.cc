@@ -35,8 +35,8 @@ absl::Status ErrnoError(absl::string_view what, const std::string& path,
 }
 
 absl::Status SyncPath(const std::string& path, bool directory) {
-  const int fd = ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY)
-                                                : O_RDONLY);
+  const int fd =
+      ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
   if (fd < 0) return ErrnoError("cannot open", path, errno);
   const int rc = ::fsync(fd);
   const int error = errno;
@@ -94,7 +94,8 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   }
   std::ostringstream content;
   content << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("read error in ", path));
+  if (in.bad())
+    return absl::DataLossError(absl::StrCat("read error in ", path));
   return content.str();
 }
 
@@ -102,8 +103,8 @@ absl::Status EnsureWritableDirectory(const std::string& dir) {
   std::error_code error;
   std::filesystem::create_directories(dir, error);
   if (error) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        "cannot create directory ", dir, ": ", error.message()));
+    return absl::PermissionDeniedError(
+        absl::StrCat("cannot create directory ", dir, ": ", error.message()));
   }
   if (!std::filesystem::is_directory(dir, error)) {
     return absl::FailedPreconditionError(

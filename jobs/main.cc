@@ -1,16 +1,16 @@
 // retrace-batch: offline jobs (training; later the store build). main only
 // wires the command line to the subcommands in retrace_jobs.
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <vector>
-
-#include <CLI/CLI.hpp>
 
 #include "jobs/command.h"
 
 int main(int argc, char** argv) {
   using namespace retrace::jobs;
-  CLI::App app{"retrace-batch: offline jobs of retrace (train a diffusion "
-               "model with a replay log, build attribution stores)"};
+  CLI::App app{
+      "retrace-batch: offline jobs of retrace (train a diffusion "
+      "model with a replay log, build attribution stores)"};
   app.require_subcommand(1);
   std::vector<Subcommand> subcommands = {RegisterTrainCommand(app)};
   try {

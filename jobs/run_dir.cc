@@ -4,9 +4,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <utility>
-
 #include <nlohmann/json.hpp>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -166,9 +165,9 @@ absl::StatusOr<RunManifest> ParseRunJson(absl::string_view text,
     return absl::DataLossError(absl::StrCat(name, " is not valid JSON"));
   }
   if (root.value("format", "") != kRunFormat) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        name, " is not a retrace training run (format is not \"", kRunFormat,
-        "\")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " is not a retrace training run (format is not \"",
+                     kRunFormat, "\")"));
   }
   if (root.value("version", 0) != kRunFormatVersion) {
     return absl::InvalidArgumentError(
@@ -303,9 +302,9 @@ absl::StatusOr<RunManifest> LoadRun(const std::string& run_dir,
     absl::StatusOr<std::string> digest = Sha256File(file_path);
     if (!digest.ok()) return digest.status();
     if (*digest != expected) {
-      return absl::DataLossError(absl::StrCat(
-          file_path, ": sha256 ", *digest, " differs from ", expected,
-          " recorded in ", path));
+      return absl::DataLossError(absl::StrCat(file_path, ": sha256 ", *digest,
+                                              " differs from ", expected,
+                                              " recorded in ", path));
     }
     return absl::OkStatus();
   };

@@ -79,8 +79,8 @@ struct DatasetInfo {
 };
 
 struct CheckpointInfo {
-  std::string file;   // relative to the run directory
-  int64_t step = 0;   // optimizer steps done when saved
+  std::string file;  // relative to the run directory
+  int64_t step = 0;  // optimizer steps done when saved
   std::string sha256;
   double weight = 0;  // w_c = learning rate × steps since the previous one
 };
@@ -90,8 +90,8 @@ struct RunManifest {
   TrainConfig config;
   DatasetInfo dataset;
   int64_t parameter_count = 0;
-  int threads = 0;           // LibTorch intra-op threads used
-  int64_t steps_done = 0;    // steps covered by train-state.pt / checkpoints
+  int threads = 0;         // LibTorch intra-op threads used
+  int64_t steps_done = 0;  // steps covered by train-state.pt / checkpoints
   bool complete = false;
   std::vector<CheckpointInfo> checkpoints;
   std::string replay_sha256;  // empty before the first checkpoint
@@ -132,8 +132,7 @@ absl::StatusOr<RunManifest> ParseRunJson(absl::string_view text,
 // FAILED_PRECONDITION naming run_dir and the first differing field with both
 // values.
 absl::Status CheckSameRun(const RunManifest& existing,
-                          const RunManifest& wanted,
-                          absl::string_view run_dir);
+                          const RunManifest& wanted, absl::string_view run_dir);
 
 // loss.csv: a header line "step,loss", then one "step,loss" line per step in
 // order, losses printed with 9 significant digits (float round trip).

@@ -1,18 +1,18 @@
 // The only translation unit of retrace_jobs that includes LibTorch.
 #include "jobs/train.h"
 
+#include <ATen/Parallel.h>
+#include <torch/optim/adam.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+#include <torch/types.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <memory>
 #include <utility>
-
-#include <ATen/Parallel.h>
-#include <torch/optim/adam.h>
-#include <torch/serialize/input-archive.h>
-#include <torch/serialize/output-archive.h>
-#include <torch/types.h>
 
 #include "absl/strings/str_cat.h"
 #include "jobs/batch_order.h"
@@ -57,11 +57,10 @@ struct Session {
 absl::Status SaveTrainState(Session& s, int64_t steps_done) {
   const std::string path = PathIn(s.options.run_dir, kTrainStateFile);
   const std::string temp_path = path + kTempSuffix;
-  RETURN_IF_ERROR(CallTorch(
-      absl::StrCat("writing ", temp_path), [&]() -> absl::Status {
+  RETURN_IF_ERROR(
+      CallTorch(absl::StrCat("writing ", temp_path), [&]() -> absl::Status {
         torch::serialize::OutputArchive archive;
-        archive.write(kStateStepKey,
-                      torch::tensor({steps_done}, torch::kLong));
+        archive.write(kStateStepKey, torch::tensor({steps_done}, torch::kLong));
         archive.write(kStateIdentityKey, c10::IValue(s.identity));
         torch::serialize::OutputArchive weights;
         for (const model::NamedParameter& p : s.net->NamedParameters()) {
@@ -86,21 +85,22 @@ absl::StatusOr<int64_t> LoadTrainState(Session& s, const std::string& path) {
         c10::IValue identity;
         torch::Tensor step;
         if (!archive.try_read(kStateIdentityKey, identity) ||
-            !identity.isString() ||
-            !archive.try_read(kStateStepKey, step) || step.numel() != 1) {
+            !identity.isString() || !archive.try_read(kStateStepKey, step) ||
+            step.numel() != 1) {
           return absl::DataLossError(
               absl::StrCat(path, " is not a retrace training state"));
         }
         if (identity.toStringRef() != s.identity) {
           return absl::FailedPreconditionError(absl::StrCat(
-              path, " was saved by a different training run than the one "
-                    "described in run.json"));
+              path,
+              " was saved by a different training run than the one "
+              "described in run.json"));
         }
         const int64_t steps_done = step.item<int64_t>();
         if (steps_done < 0 || steps_done > s.config.steps) {
-          return absl::DataLossError(absl::StrCat(
-              path, ": step ", steps_done, " is outside [0, ", s.config.steps,
-              "]"));
+          return absl::DataLossError(absl::StrCat(path, ": step ", steps_done,
+                                                  " is outside [0, ",
+                                                  s.config.steps, "]"));
         }
         torch::serialize::InputArchive weights;
         if (!archive.try_read(kStateModelKey, weights)) {
@@ -221,9 +221,9 @@ absl::StatusOr<int64_t> PrepareRunDirectory(Session& s) {
         if (step > steps_done) break;
         absl::StatusOr<CheckpointInfo> info = DescribeCheckpoint(s, step);
         if (!info.ok()) {
-          return absl::DataLossError(absl::StrCat(
-              "cannot resume ", dir, ": checkpoint of step ", step,
-              " is unreadable: ", info.status().message()));
+          return absl::DataLossError(
+              absl::StrCat("cannot resume ", dir, ": checkpoint of step ", step,
+                           " is unreadable: ", info.status().message()));
         }
         s.manifest.checkpoints.push_back(*std::move(info));
       }
@@ -256,8 +256,8 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
           images.size() * images.image_numel()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "training images must be square with size()·C·H·W pixels; got ",
-        images.size(), " images of ", images.channels, "×", images.height,
-        "×", images.width, " and ", images.pixels.size(), " pixel values"));
+        images.size(), " images of ", images.channels, "×", images.height, "×",
+        images.width, " and ", images.pixels.size(), " pixel values"));
   }
   if (!sample_ids.empty() &&
       static_cast<int64_t>(sample_ids.size()) != images.size()) {
@@ -274,12 +274,12 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
   if (s.sample_ids.empty()) {
     for (int64_t n = 0; n < images.size(); ++n) s.sample_ids.push_back(n);
   }
-  ASSIGN_OR_RETURN(BatchOrder order,
-                   BatchOrder::Create(config.run_seed, images.size(),
-                                      config.batch_size));
-  ASSIGN_OR_RETURN(const model::NoiseSchedule schedule,
-                   model::NoiseSchedule::Create(config.schedule,
-                                                config.num_timesteps));
+  ASSIGN_OR_RETURN(
+      BatchOrder order,
+      BatchOrder::Create(config.run_seed, images.size(), config.batch_size));
+  ASSIGN_OR_RETURN(
+      const model::NoiseSchedule schedule,
+      model::NoiseSchedule::Create(config.schedule, config.num_timesteps));
   model::UNetConfig unet;
   unet.base_channels = config.model.base_channels;
   unet.channel_mults = config.model.channel_mults;
@@ -336,8 +336,8 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
     for (int64_t p = 0; p < batch; ++p) {
       const absl::Span<const float> image = images.Image(members[p]);
       std::copy(image.begin(), image.end(), pixels.begin() + p * numel);
-      timesteps[p] = model::TrainTimestep(config.run_seed, step, p,
-                                          config.num_timesteps);
+      timesteps[p] =
+          model::TrainTimestep(config.run_seed, step, p, config.num_timesteps);
       model::TrainNoise(config.run_seed, step, p, noise.data() + p * numel,
                         numel);
     }
@@ -346,15 +346,16 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
         CallTorch(absl::StrCat("training step ", step),
                   [&]() -> absl::StatusOr<float> {
                     // from_blob borrows the buffers, which outlive the step.
-                    const torch::Tensor x = torch::from_blob(
-                        pixels.data(), shape, torch::kFloat);
-                    const torch::Tensor eps = torch::from_blob(
-                        noise.data(), shape, torch::kFloat);
-                    const torch::Tensor t =
-                        torch::from_blob(timesteps.data(), {batch}, torch::kLong);
-                    ASSIGN_OR_RETURN(torch::Tensor per_example,
-                                     model::DiffusionLoss(*s.net, schedule,
-                                                          config.loss, x, t, eps));
+                    const torch::Tensor x =
+                        torch::from_blob(pixels.data(), shape, torch::kFloat);
+                    const torch::Tensor eps =
+                        torch::from_blob(noise.data(), shape, torch::kFloat);
+                    const torch::Tensor t = torch::from_blob(
+                        timesteps.data(), {batch}, torch::kLong);
+                    ASSIGN_OR_RETURN(
+                        torch::Tensor per_example,
+                        model::DiffusionLoss(*s.net, schedule, config.loss, x,
+                                             t, eps));
                     torch::Tensor mean = per_example.mean();
                     s.optimizer->zero_grad();
                     mean.backward();
@@ -362,17 +363,16 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
                     return mean.item<float>();
                   }));
     if (!std::isfinite(loss)) {
-      return absl::InternalError(absl::StrCat(
-          "training diverged: loss is ", loss, " at step ", step,
-          "; try a lower learning rate"));
+      return absl::InternalError(absl::StrCat("training diverged: loss is ",
+                                              loss, " at step ", step,
+                                              "; try a lower learning rate"));
     }
     s.losses.push_back(loss);
     steps_done = step + 1;
     progress.Update(steps_done, loss);
 
-    const bool checkpoint =
-        std::binary_search(checkpoint_steps.begin(), checkpoint_steps.end(),
-                           steps_done);
+    const bool checkpoint = std::binary_search(
+        checkpoint_steps.begin(), checkpoint_steps.end(), steps_done);
     const bool stop = steps_done < config.steps && options.should_stop &&
                       options.should_stop(steps_done);
     const bool periodic = options.save_state_every > 0 &&
@@ -385,7 +385,7 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
       break;
     }
   }
-  progress.Finish();
+  if (steps_done > start_step) progress.Finish();
   if (!stopped && steps_done == config.steps && !s.manifest.complete) {
     // Resuming a run whose last checkpoint was saved but not marked complete.
     s.manifest.steps_done = steps_done;
@@ -393,9 +393,9 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
     RETURN_IF_ERROR(WriteFileAtomically(PathIn(options.run_dir, kRunJsonFile),
                                         FormatRunJson(s.manifest)));
   }
-  result.seconds = std::chrono::duration<double>(
-                       std::chrono::steady_clock::now() - started)
-                       .count();
+  result.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started)
+          .count();
   result.steps_done = steps_done;
   result.complete = steps_done == config.steps;
   result.checkpoints = s.manifest.checkpoints;

@@ -49,13 +49,13 @@ struct TrainOptions {
 };
 
 struct TrainResult {
-  int64_t start_step = 0;   // steps already done when this call began
+  int64_t start_step = 0;  // steps already done when this call began
   int64_t steps_done = 0;
-  bool complete = false;    // steps_done == config.steps
+  bool complete = false;  // steps_done == config.steps
   std::vector<CheckpointInfo> checkpoints;
-  double seconds = 0;       // wall time of the steps this call ran
+  double seconds = 0;  // wall time of the steps this call ran
   double steps_per_second = 0;
-  double loss_ema = 0;      // moving average of the last losses
+  double loss_ema = 0;  // moving average of the last losses
 };
 
 // Trains on `images` (pixels in [-1, 1], square, height divisible by

@@ -55,8 +55,10 @@ struct TrainFlags {
 };
 
 int Usage(absl::string_view message) {
-  std::fprintf(stderr, "retrace-batch train: %.*s\nRun with --help for more information.\n",
-               static_cast<int>(message.size()), message.data());
+  std::fprintf(
+      stderr,
+      "retrace-batch train: %.*s\nRun with --help for more information.\n",
+      static_cast<int>(message.size()), message.data());
   return kExitUsage;
 }
 
@@ -81,9 +83,10 @@ int RunTrain(const TrainFlags& flags) {
   for (absl::string_view part : absl::StrSplit(flags.channel_mults, ',')) {
     int64_t mult = 0;
     if (!absl::SimpleAtoi(part, &mult) || mult < 1) {
-      return Usage(absl::StrCat("--channel-mults must be positive integers "
-                                "separated by commas, got \"",
-                                flags.channel_mults, "\""));
+      return Usage(
+          absl::StrCat("--channel-mults must be positive integers "
+                       "separated by commas, got \"",
+                       flags.channel_mults, "\""));
     }
     config.model.channel_mults.push_back(mult);
   }
@@ -113,10 +116,10 @@ int RunTrain(const TrainFlags& flags) {
   TrainOptions options;
   options.run_dir = flags.run_dir;
   options.resume = flags.resume;
-  options.threads = flags.threads > 0
-                        ? flags.threads
-                        : static_cast<int>(std::max(
-                              1u, std::thread::hardware_concurrency()));
+  options.threads =
+      flags.threads > 0
+          ? flags.threads
+          : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   options.save_state_every = flags.save_state_every;
   options.progress_out = flags.quiet ? nullptr : stderr;
   options.progress_is_tty = ::isatty(STDERR_FILENO) == 1;
@@ -133,8 +136,8 @@ int RunTrain(const TrainFlags& flags) {
                static_cast<long long>(config.steps),
                static_cast<long long>(config.batch_size), options.threads,
                options.run_dir.c_str());
-  absl::StatusOr<TrainResult> result = Train(
-      config, mixture->images, mixture->sample_ids, options);
+  absl::StatusOr<TrainResult> result =
+      Train(config, mixture->images, mixture->sample_ids, options);
   std::signal(SIGINT, SIG_DFL);
   std::signal(SIGTERM, SIG_DFL);
   if (!result.ok()) return Failure(result.status());
@@ -146,11 +149,12 @@ int RunTrain(const TrainFlags& flags) {
                  static_cast<long long>(config.steps));
     return kExitFailure;
   }
-  std::printf("trained %lld steps (%lld this run, %.2f steps/s, %.1f s); "
-              "loss %.4f\n",
-              static_cast<long long>(result->steps_done),
-              static_cast<long long>(result->steps_done - result->start_step),
-              result->steps_per_second, result->seconds, result->loss_ema);
+  std::printf(
+      "trained %lld steps (%lld this run, %.2f steps/s, %.1f s); "
+      "loss %.4f\n",
+      static_cast<long long>(result->steps_done),
+      static_cast<long long>(result->steps_done - result->start_step),
+      result->steps_per_second, result->seconds, result->loss_ema);
   for (const CheckpointInfo& c : result->checkpoints) {
     std::printf("  %s/%s step %lld w=%g sha256 %s\n", options.run_dir.c_str(),
                 c.file.c_str(), static_cast<long long>(c.step), c.weight,
@@ -167,15 +171,17 @@ Subcommand RegisterTrainCommand(CLI::App& parent) {
       "train",
       "Train the built-in UNet (DDPM, Adam) and write checkpoints, their "
       "sha256 and weights, a replay log and a loss log into a run directory");
-  app->add_option("--data", flags->data,
-                  "Training set as a mixture spec, e.g. "
-                  "\"fashion-mnist:train:classes=0 + mnist:classes=0:fraction=0.038\"")
+  app->add_option(
+         "--data", flags->data,
+         "Training set as a mixture spec, e.g. "
+         "\"fashion-mnist:train:classes=0 + mnist:classes=0:fraction=0.038\"")
       ->required();
   app->add_option("--data-seed", flags->data_seed,
                   "Seed of the mixture's sampling and order")
       ->capture_default_str();
-  app->add_option("--fashion-mnist-dir", flags->fashion_mnist_dir,
-                  "Fashion-MNIST IDX directory (default: the Debian package's)");
+  app->add_option(
+      "--fashion-mnist-dir", flags->fashion_mnist_dir,
+      "Fashion-MNIST IDX directory (default: the Debian package's)");
   app->add_option("--mnist-dir", flags->mnist_dir,
                   "MNIST JSON directory (default: scripts/fetch_data.sh's)");
   app->add_option("--run-dir", flags->run_dir,
@@ -196,8 +202,9 @@ Subcommand RegisterTrainCommand(CLI::App& parent) {
   app->add_option("--lr", flags->learning_rate, "Adam learning rate")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app->add_option("--seed", flags->seed,
-                  "Run seed: UNet initialization, batch order, timesteps, noise")
+  app->add_option(
+         "--seed", flags->seed,
+         "Run seed: UNet initialization, batch order, timesteps, noise")
       ->capture_default_str();
   app->add_option("--base-channels", flags->base_channels, "UNet base channels")
       ->capture_default_str()
@@ -219,16 +226,19 @@ Subcommand RegisterTrainCommand(CLI::App& parent) {
   app->add_option("--loss", flags->loss, "Per-example loss")
       ->capture_default_str()
       ->check(CLI::IsMember({"mse", "l1"}));
-  app->add_option("--threads", flags->threads,
-                  "LibTorch threads (0: one per core); fixed for reproducibility")
+  app->add_option(
+         "--threads", flags->threads,
+         "LibTorch threads (0: one per core); fixed for reproducibility")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  app->add_option("--save-state-every", flags->save_state_every,
-                  "Also save the resume state every N steps (0: at checkpoints)")
+  app->add_option(
+         "--save-state-every", flags->save_state_every,
+         "Also save the resume state every N steps (0: at checkpoints)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  app->add_option("--progress-interval", flags->progress_interval,
-                  "Seconds between progress lines when stderr is not a terminal")
+  app->add_option(
+         "--progress-interval", flags->progress_interval,
+         "Seconds between progress lines when stderr is not a terminal")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app->add_flag("--quiet", flags->quiet, "No progress output");

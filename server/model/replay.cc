@@ -76,16 +76,17 @@ absl::StatusOr<ReplayLog> ReplayLog::Create(
     uint64_t run_seed, int num_timesteps, int64_t batch_size,
     std::vector<int64_t> checkpoint_steps, std::vector<int64_t> sample_ids) {
   if (num_timesteps < 1 || batch_size < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "replay log: num_timesteps (", num_timesteps, ") and batch_size (",
-        batch_size, ") must be positive"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("replay log: num_timesteps (", num_timesteps,
+                     ") and batch_size (", batch_size, ") must be positive"));
   }
   for (size_t c = 0; c < checkpoint_steps.size(); ++c) {
     if (checkpoint_steps[c] < 1 ||
         (c > 0 && checkpoint_steps[c] <= checkpoint_steps[c - 1])) {
       return absl::InvalidArgumentError(absl::StrCat(
           "replay log: checkpoint steps must be positive and increasing; "
-          "checkpoint ", c, " has step ", checkpoint_steps[c]));
+          "checkpoint ",
+          c, " has step ", checkpoint_steps[c]));
     }
   }
   ReplayLog log;
@@ -114,10 +115,10 @@ absl::StatusOr<TrainDraw> ReplayLog::Draw(
     int64_t c, int64_t n, absl::Span<const int64_t> shape) const {
   const ReplayRecord& record = At(c, n);
   if (!record.seen()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "replay log: sample ", n, " (id ", sample_ids_[n],
-        ") was not used in training before checkpoint ", c, " (step ",
-        checkpoint_steps_[c], ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("replay log: sample ", n, " (id ", sample_ids_[n],
+                     ") was not used in training before checkpoint ", c,
+                     " (step ", checkpoint_steps_[c], ")"));
   }
   return ReplayDraw(run_seed_, record.step, record.batch_position,
                     num_timesteps_, shape);
@@ -125,7 +126,8 @@ absl::StatusOr<TrainDraw> ReplayLog::Draw(
 
 std::string ReplayLog::Serialize() const {
   std::string out;
-  out.reserve(kHeaderSize + 8 * (checkpoint_steps_.size() + sample_ids_.size()) +
+  out.reserve(kHeaderSize +
+              8 * (checkpoint_steps_.size() + sample_ids_.size()) +
               kRecordSize * records_.size() + kDigestSize);
   out.append(kMagic, kMagicSize);
   Append<uint32_t>(&out, kVersion);
@@ -148,8 +150,7 @@ std::string ReplayLog::Serialize() const {
 absl::StatusOr<ReplayLog> ReplayLog::Parse(absl::string_view bytes,
                                            absl::string_view name) {
   auto data_loss = [&](absl::string_view what) {
-    return absl::DataLossError(
-        absl::StrCat("replay log ", name, ": ", what));
+    return absl::DataLossError(absl::StrCat("replay log ", name, ": ", what));
   };
   if (bytes.size() < kHeaderSize + kDigestSize ||
       bytes.substr(0, kMagicSize) != absl::string_view(kMagic, kMagicSize)) {
@@ -169,8 +170,8 @@ absl::StatusOr<ReplayLog> ReplayLog::Parse(absl::string_view bytes,
   if (num_checkpoints < 0 || num_samples < 0 || num_checkpoints > kMaxCount ||
       num_samples > kMaxCount ||
       (num_checkpoints > 0 && num_samples > kMaxCount / num_checkpoints)) {
-    return data_loss(absl::StrCat("bad sizes C = ", num_checkpoints,
-                                  ", N = ", num_samples));
+    return data_loss(
+        absl::StrCat("bad sizes C = ", num_checkpoints, ", N = ", num_samples));
   }
   const uint64_t expected =
       kHeaderSize + 8 * static_cast<uint64_t>(num_checkpoints + num_samples) +
@@ -229,7 +230,8 @@ absl::StatusOr<ReplayLog> ReplayLog::Load(const std::string& run_dir) {
   std::ostringstream content;
   content << in.rdbuf();
   if (in.bad()) {
-    return absl::DataLossError(absl::StrCat("replay log ", path, ": read error"));
+    return absl::DataLossError(
+        absl::StrCat("replay log ", path, ": read error"));
   }
   return Parse(content.str(), path);
 }

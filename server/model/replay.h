@@ -57,9 +57,9 @@ TrainDraw ReplayDraw(uint64_t run_seed, int64_t step, int64_t batch_position,
 
 // One (checkpoint, sample) entry of the replay log.
 struct ReplayRecord {
-  int64_t step = -1;           // last step before the checkpoint; -1: unseen
-  int32_t batch_position = -1; // position in that step's batch; -1: unseen
-  int32_t timestep = -1;       // t* drawn there; -1: unseen
+  int64_t step = -1;            // last step before the checkpoint; -1: unseen
+  int32_t batch_position = -1;  // position in that step's batch; -1: unseen
+  int32_t timestep = -1;        // t* drawn there; -1: unseen
 
   bool seen() const { return step >= 0; }
   friend bool operator==(const ReplayRecord& a, const ReplayRecord& b) {
@@ -96,8 +96,12 @@ class ReplayLog {
   int64_t num_checkpoints() const {
     return static_cast<int64_t>(checkpoint_steps_.size());
   }
-  int64_t num_samples() const { return static_cast<int64_t>(sample_ids_.size()); }
-  const std::vector<int64_t>& checkpoint_steps() const { return checkpoint_steps_; }
+  int64_t num_samples() const {
+    return static_cast<int64_t>(sample_ids_.size());
+  }
+  const std::vector<int64_t>& checkpoint_steps() const {
+    return checkpoint_steps_;
+  }
   const std::vector<int64_t>& sample_ids() const { return sample_ids_; }
 
   // c in [0, num_checkpoints()), n in [0, num_samples()); out of range is a

@@ -2,11 +2,11 @@
 // the replay.bin format.
 #include "jobs/batch_order.h"
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "server/model/counter_rng.h"
 #include "server/model/replay.h"
@@ -30,7 +30,8 @@ TEST(EpochPermutationTest, IsAPermutationMatchingTheDefinition) {
     }
   }
   EXPECT_NE(EpochPermutation(kSeed, 0, 100), EpochPermutation(kSeed, 1, 100));
-  EXPECT_NE(EpochPermutation(kSeed, 0, 100), EpochPermutation(kSeed + 1, 0, 100));
+  EXPECT_NE(EpochPermutation(kSeed, 0, 100),
+            EpochPermutation(kSeed + 1, 0, 100));
 }
 
 TEST(BatchOrderTest, MatchesReferenceAndDropsTheRemainder) {
@@ -148,7 +149,8 @@ TEST(ReplayDrawTest, LogDrawRefusesUnseenSamples) {
   auto draw = log->Draw(0, 0, std::vector<int64_t>{2});
   ASSERT_TRUE(draw.ok());
   EXPECT_EQ(draw->noise,
-            model::ReplayDraw(kSeed, 2, 1, kTimesteps, std::vector<int64_t>{2}).noise);
+            model::ReplayDraw(kSeed, 2, 1, kTimesteps, std::vector<int64_t>{2})
+                .noise);
   EXPECT_EQ(log->Draw(0, 1, std::vector<int64_t>{2}).status().code(),
             absl::StatusCode::kFailedPrecondition);
 }

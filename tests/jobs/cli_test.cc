@@ -1,5 +1,6 @@
 // retrace-batch's command line: help, usage errors (exit 2), failures
 // (exit 1) and a tiny training run on Fashion-MNIST when it is installed.
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,8 +9,6 @@
 #include <fstream>
 #include <sstream>
 #include <string>
-
-#include <gtest/gtest.h>
 
 #include "jobs/run_dir.h"
 
@@ -57,7 +56,7 @@ TEST(RetraceBatchCliTest, UsageErrorsExitTwo) {
   const std::string dir = TempRunDir("usage");
   for (const std::string args :
        {std::string(""), std::string("frobnicate"),
-        "train --run-dir " + dir,                       // --data missing
+        "train --run-dir " + dir,  // --data missing
         "train --data mnist --run-dir " + dir + " --steps 0",
         "train --data mnist --run-dir " + dir + " --schedule square",
         "train --data mnist --run-dir " + dir + " --channel-mults 1,x",
@@ -71,22 +70,26 @@ TEST(RetraceBatchCliTest, UsageErrorsExitTwo) {
 }
 
 TEST(RetraceBatchCliTest, MissingDataExitsOneWithMessage) {
-  Outcome out = RunBatch("train --data folder:path=/nonexistent-retrace-data "
-                         "--run-dir " + TempRunDir("missing"));
+  Outcome out = RunBatch(
+      "train --data folder:path=/nonexistent-retrace-data "
+      "--run-dir " +
+      TempRunDir("missing"));
   EXPECT_EQ(out.exit_code, 1) << out.output;
   EXPECT_NE(out.output.find("/nonexistent-retrace-data"), std::string::npos)
       << out.output;
 }
 
 TEST(RetraceBatchCliTest, TrainsOnFashionMnistAndResumes) {
-  if (!fs::exists("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")) {
-    GTEST_SKIP() << "Fashion-MNIST (Debian dataset-fashion-mnist) not installed";
+  if (!fs::exists(
+          "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")) {
+    GTEST_SKIP()
+        << "Fashion-MNIST (Debian dataset-fashion-mnist) not installed";
   }
   const std::string dir = TempRunDir("train");
   const std::string args =
       "train --data fashion-mnist:test:classes=0:limit=24 --run-dir " + dir +
       " --steps 3 --batch-size 8 --checkpoint-every 2 --base-channels 4"
-      " --norm-groups 2 --channel-mults 1,2 --no-attention --threads 2 --quiet";
+      " --norm-groups 2 --channel-mults 1,2 --no-attention --threads 1 --quiet";
   Outcome out = RunBatch(args);
   ASSERT_EQ(out.exit_code, 0) << out.output;
   auto run = LoadRun(dir);

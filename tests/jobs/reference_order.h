@@ -33,8 +33,8 @@ inline std::vector<int64_t> ReferencePermutation(uint64_t seed, int64_t epoch,
   for (int64_t i = 0; i < n; ++i) perm.push_back(i);
   SplitMix64 gen{seed ^ SplitMix64::Finish(static_cast<uint64_t>(epoch + 1))};
   for (int64_t i = n - 1; i >= 1; --i) {
-    const unsigned __int128 wide =
-        static_cast<unsigned __int128>(gen.Next()) * static_cast<uint64_t>(i + 1);
+    const unsigned __int128 wide = static_cast<unsigned __int128>(gen.Next()) *
+                                   static_cast<uint64_t>(i + 1);
     const int64_t j = static_cast<int64_t>(wide >> 64);
     const int64_t tmp = perm[i];
     perm[i] = perm[j];
@@ -65,8 +65,8 @@ inline std::vector<std::vector<model::ReplayRecord>> ReferenceReplay(
         r.batch_position = static_cast<int32_t>(p);
         r.timestep = static_cast<int32_t>(model::UniformInt(
             model::RngKey{seed, model::RngStream::kTrainTimestep,
-                          static_cast<uint32_t>(step),
-                          static_cast<uint32_t>(p), 0},
+                          static_cast<uint32_t>(step), static_cast<uint32_t>(p),
+                          0},
             0, num_timesteps));
       }
     }

@@ -1,10 +1,10 @@
 // run.json, loss.csv, checkpoint schedule and progress formatting.
 #include "jobs/run_dir.h"
 
+#include <gtest/gtest.h>
+
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "jobs/progress.h"
 
@@ -83,7 +83,8 @@ TEST(RunDirTest, CheckSameRunNamesTheDifference) {
 }
 
 TEST(RunDirTest, ParseRunJsonErrors) {
-  EXPECT_EQ(ParseRunJson("{", "r").status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(ParseRunJson("{", "r").status().code(),
+            absl::StatusCode::kDataLoss);
   EXPECT_EQ(ParseRunJson("{\"format\": \"other\"}", "r").status().code(),
             absl::StatusCode::kInvalidArgument);
   std::string text = FormatRunJson(SampleManifest());
@@ -95,8 +96,8 @@ TEST(RunDirTest, ParseRunJsonErrors) {
 }
 
 TEST(RunDirTest, LossLogRoundTripsFloatsExactly) {
-  const std::vector<float> losses = {1.0f, 0.123456789f, 3.4028235e38f,
-                                     1e-30f, 0.0f};
+  const std::vector<float> losses = {1.0f, 0.123456789f, 3.4028235e38f, 1e-30f,
+                                     0.0f};
   auto parsed = ParseLossLog(FormatLossLog(losses), "loss.csv");
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(*parsed, losses);
@@ -125,7 +126,8 @@ TEST(ProgressTest, Formatting) {
   EXPECT_EQ(FormatDuration(3723), "1h02m03s");
   EXPECT_EQ(FormatProgress(300, 600, 0.08123, 2.0, 10),
             "[#####.....] 300/600 loss 0.0812 2.00 steps/s ETA 2m30s");
-  EXPECT_EQ(FormatProgress(0, 600, 0, 0, 0), "0/600 loss 0.0000 -- steps/s ETA --");
+  EXPECT_EQ(FormatProgress(0, 600, 0, 0, 0),
+            "0/600 loss 0.0000 -- steps/s ETA --");
 }
 
 TEST(ProgressTest, MovingAverageIsBiasCorrected) {

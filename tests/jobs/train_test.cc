@@ -3,6 +3,9 @@
 // logged losses from the replay log, resume, and input errors.
 #include "jobs/train.h"
 
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+#include <torch/types.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,10 +17,6 @@
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <ATen/Parallel.h>
-#include <torch/types.h>
 
 #include "jobs/file_util.h"
 #include "server/core/sha256.h"
@@ -164,9 +163,9 @@ TEST(TrainTest, WritesRunDirectoryWithChecksumsAndWeights) {
   ASSERT_TRUE(log.ok()) << log.status();
   EXPECT_EQ(log->sample_ids(), ids);
   EXPECT_EQ(log->checkpoint_steps(), (std::vector<int64_t>{4, 8, 10}));
-  const auto expected = testing::ReferenceReplay(
-      kRunSeed, config.num_timesteps, kNumImages, config.batch_size,
-      log->checkpoint_steps());
+  const auto expected =
+      testing::ReferenceReplay(kRunSeed, config.num_timesteps, kNumImages,
+                               config.batch_size, log->checkpoint_steps());
   int64_t unseen = 0;
   for (int64_t c = 0; c < 3; ++c) {
     for (int64_t n = 0; n < kNumImages; ++n) {
@@ -194,8 +193,8 @@ TEST(TrainTest, LoggedLossesAreRecomputedFromTheReplayLog) {
   ASSERT_EQ(losses.size(), 7u);
   auto log = model::ReplayLog::Load(dir);
   ASSERT_TRUE(log.ok()) << log.status();
-  auto schedule = model::NoiseSchedule::Create(config.schedule,
-                                               config.num_timesteps);
+  auto schedule =
+      model::NoiseSchedule::Create(config.schedule, config.num_timesteps);
   ASSERT_TRUE(schedule.ok());
   at::set_num_threads(kThreads);
 
@@ -211,7 +210,8 @@ TEST(TrainTest, LoggedLossesAreRecomputedFromTheReplayLog) {
     ASSERT_EQ(log->checkpoint_steps()[c], step + 1);
     std::map<int32_t, int64_t> by_position;
     for (int64_t n = 0; n < kNumImages; ++n) {
-      if (log->At(c, n).step == step) by_position[log->At(c, n).batch_position] = n;
+      if (log->At(c, n).step == step)
+        by_position[log->At(c, n).batch_position] = n;
     }
     ASSERT_EQ(static_cast<int64_t>(by_position.size()), config.batch_size);
     const int64_t batch = config.batch_size;
@@ -266,7 +266,8 @@ TEST(TrainTest, ResumeGivesByteIdenticalCheckpoints) {
   for (int64_t step : {4, 8, 10}) {
     SCOPED_TRACE(::testing::Message() << "checkpoint " << step);
     const std::string name = "/" + CheckpointFileName(step);
-    EXPECT_EQ(Sha256Hex(Slurp(straight + name)), Sha256Hex(Slurp(resumed + name)));
+    EXPECT_EQ(Sha256Hex(Slurp(straight + name)),
+              Sha256Hex(Slurp(resumed + name)));
   }
   EXPECT_EQ(Slurp(straight + "/replay.bin"), Slurp(resumed + "/replay.bin"));
   EXPECT_EQ(Slurp(straight + "/loss.csv"), Slurp(resumed + "/loss.csv"));
@@ -303,7 +304,8 @@ TEST(TrainTest, RefusesAnotherRunOrAnImplicitResume) {
   // Different data with the same config is a different run too.
   TrainOptions options = OptionsFor(dir);
   options.resume = true;
-  auto status = Train(config, SyntheticImages(kNumImages + 1), {}, options).status();
+  auto status =
+      Train(config, SyntheticImages(kNumImages + 1), {}, options).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition) << status;
 }
 
