@@ -18,6 +18,10 @@ done
 
 bash scripts/setup.sh
 
+# LibTorch's OpenMP workers spin while waiting by default, which on a small
+# shared machine starves the other test processes; make them sleep instead.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+
 build_dir=build
 cmake_args=(-G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo)
 if [ -n "$sanitize" ]; then
