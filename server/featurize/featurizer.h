@@ -27,7 +27,9 @@
 //
 // Thread safety: a Featurizer is not thread-safe (one call at a time). The
 // model is borrowed and must outlive it; do not Load or mutate the model
-// while a call runs. LibTorch's intra-op pool (at::set_num_threads) and
+// while a call runs. Between calls the model may Load another checkpoint:
+// the layerwise engine reads the parameter tensors it was created with, so
+// Load must update them in place (UNetModel::Load does). LibTorch's intra-op pool (at::set_num_threads) and
 // RETRACE_CPU_THREADS (the projection) decide the parallelism.
 // Determinism: the same inputs, seeds, options and thread counts give
 // bit-identical outputs.

@@ -104,7 +104,7 @@ class LoopEngine final : public GroupGradientEngine {
       : model_(model),
         schedule_(schedule),
         loss_(loss),
-        params_(SelectedTensors(*model, selected)) {}
+        selected_(std::move(selected)) {}
 
   GradientMethod method() const override { return GradientMethod::kLoop; }
 
@@ -117,8 +117,11 @@ class LoopEngine final : public GroupGradientEngine {
     return CallTorch(
         "loop gradients", [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
           at::AutoGradMode grad_mode(true);
+          // Fetched per call: a model's Load may replace its tensors.
+          const std::vector<at::Tensor> params =
+              SelectedTensors(*model_, selected_);
           std::vector<at::Tensor> out;
-          for (const at::Tensor& p : params_) {
+          for (const at::Tensor& p : params) {
             out.push_back(at::empty({groups, p.numel()}, p.options()));
           }
           for (int64_t g = 0; g < groups; ++g) {
@@ -130,9 +133,9 @@ class LoopEngine final : public GroupGradientEngine {
                                                  ts, es));
             at::Tensor total = per.sum() * (1.0 / static_cast<double>(k));
             std::vector<at::Tensor> grads = torch::autograd::grad(
-                {total}, params_, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                {total}, params, /*grad_outputs=*/{}, /*retain_graph=*/false,
                 /*create_graph=*/false, /*allow_unused=*/true);
-            for (size_t i = 0; i < params_.size(); ++i) {
+            for (size_t i = 0; i < params.size(); ++i) {
               if (grads[i].defined()) {
                 out[i][g].copy_(grads[i].reshape({-1}));
               } else {
@@ -148,7 +151,7 @@ class LoopEngine final : public GroupGradientEngine {
   model::DiffusionModel* model_;
   model::NoiseSchedule schedule_;
   model::LossType loss_;
-  std::vector<at::Tensor> params_;
+  std::vector<int> selected_;
 };
 
 class LayerwiseEngine final : public GroupGradientEngine {

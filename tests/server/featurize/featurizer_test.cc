@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -516,6 +518,38 @@ TEST(FeaturizerTest, OpaqueModelsUseTheLoop) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_TRUE(at::allclose(a->norms, b->norms, kNormRelTol, 0));
   EXPECT_LE((a->unit - b->unit).abs().max().item<double>(), kUnitAbsTol);
+}
+
+// The caller's checkpoint loop: one featurizer, the model loading θ_c in
+// between, gives what a featurizer created after the load gives.
+TEST(FeaturizerTest, FollowsCheckpointLoads) {
+  const UNetConfig config = TinyConfig();
+  auto other = MakeUNet(config, 73);
+  const std::string path =
+      testing::TempDir() + "/featurize_checkpoint_" + std::to_string(::getpid());
+  ASSERT_TRUE(other->Save(path).ok());
+  const NoiseSchedule schedule = Cosine();
+  const Rows data = MakeRows(config, 3, 79);
+  for (GradientMethod method : {GradientMethod::kLayerwise, GradientMethod::kLoop}) {
+    SCOPED_TRACE(GradientMethodName(method));
+    auto model = MakeUNet(config, 71);
+    FeaturizeOptions options;
+    options.method = method;
+    auto before = Featurizer::Create(model.get(), schedule, TinySpec({}), options);
+    ASSERT_TRUE(before.ok()) << before.status();
+    auto first = (*before)->TrainingSide(data.x, 0, 0);
+    ASSERT_TRUE(first.ok());
+    ASSERT_TRUE(model->Load(path).ok());
+    auto second = (*before)->TrainingSide(data.x, 0, 1);
+    auto fresh = Featurizer::Create(model.get(), schedule, TinySpec({}), options);
+    ASSERT_TRUE(fresh.ok());
+    auto want = (*fresh)->TrainingSide(data.x, 0, 1);
+    ASSERT_TRUE(second.ok() && want.ok());
+    EXPECT_TRUE(at::equal(second->unit, want->unit));
+    EXPECT_TRUE(at::equal(second->norms, want->norms));
+    EXPECT_FALSE(at::allclose(first->norms, second->norms));
+  }
+  std::remove(path.c_str());
 }
 
 TEST(FeaturizerTest, RejectsBadSpecsAndInputs) {
