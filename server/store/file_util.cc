@@ -164,15 +164,20 @@ MappedFile::~MappedFile() {
 }
 
 absl::StatusOr<std::unique_ptr<DirectoryLock>> DirectoryLock::Acquire(
-    const std::string& dir) {
+    const std::string& dir, Mode mode) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return ErrnoError(dir, "open directory", errno);
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+  const int operation = mode == Mode::kExclusive ? LOCK_EX : LOCK_SH;
+  if (::flock(fd, operation | LOCK_NB) != 0) {
     int err = errno;
     ::close(fd);
     if (err == EWOULDBLOCK) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(dir, ": another store build holds this directory"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          dir,
+          mode == Mode::kExclusive
+              ? ": another store build (or a part of one) holds this directory"
+              : ": another store build (a whole-store build or a join) holds "
+                "this directory"));
     }
     return ErrnoError(dir, "lock directory", err);
   }
@@ -180,5 +185,23 @@ absl::StatusOr<std::unique_ptr<DirectoryLock>> DirectoryLock::Acquire(
 }
 
 DirectoryLock::~DirectoryLock() { ::close(fd_); }  // closing releases the flock
+
+absl::StatusOr<std::unique_ptr<FileLock>> FileLock::Acquire(
+    const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError(path, "open lock file", errno);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    ::close(fd);
+    if (err == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(path, ": another store build holds this lock"));
+    }
+    return ErrnoError(path, "lock", err);
+  }
+  return std::unique_ptr<FileLock>(new FileLock(fd));
+}
+
+FileLock::~FileLock() { ::close(fd_); }
 
 }  // namespace retrace::store

@@ -65,19 +65,42 @@ class MappedFile {
   int64_t size_;
 };
 
-// An exclusive advisory lock (flock) on a directory, released on destruction,
-// so that two writers cannot build into the same directory at once.
+// An advisory lock (flock) on a directory, released on destruction. A
+// whole-store build and a join hold it exclusively, so that nothing else
+// builds into the directory at once; the writers of a build in parts each
+// hold it shared (and their own part's FileLock exclusively), so that parts
+// run side by side but never next to a whole-store build or a join.
 class DirectoryLock {
  public:
-  // FailedPrecondition when another process or object holds the lock.
+  enum class Mode { kExclusive, kShared };
+
+  // FailedPrecondition when a conflicting lock is held by another process or
+  // object.
   static absl::StatusOr<std::unique_ptr<DirectoryLock>> Acquire(
-      const std::string& dir);
+      const std::string& dir, Mode mode = Mode::kExclusive);
   ~DirectoryLock();
   DirectoryLock(const DirectoryLock&) = delete;
   DirectoryLock& operator=(const DirectoryLock&) = delete;
 
  private:
   explicit DirectoryLock(int fd) : fd_(fd) {}
+  int fd_;
+};
+
+// An exclusive advisory lock (flock) on a lock file, created when missing and
+// left in place on release (removing a lock file someone may be about to open
+// would let two holders lock two different files).
+class FileLock {
+ public:
+  // FailedPrecondition when another process or object holds the lock.
+  static absl::StatusOr<std::unique_ptr<FileLock>> Acquire(
+      const std::string& path);
+  ~FileLock();
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+
+ private:
+  explicit FileLock(int fd) : fd_(fd) {}
   int fd_;
 };
 

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
 
 namespace retrace::store {
 
@@ -67,6 +70,29 @@ int64_t ShardDataBytes(const ShardGeometry& geometry) {
 
 std::string ShardFileName(int64_t index) {
   return absl::StrFormat("shard-%05d.safetensors", index);
+}
+
+bool ParseShardFileName(const std::string& name, int64_t* index) {
+  constexpr absl::string_view kPrefix = "shard-", kSuffix = ".safetensors";
+  if (!absl::StartsWith(name, kPrefix) || !absl::EndsWith(name, kSuffix))
+    return false;
+  std::string digits = name.substr(
+      kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
+  if (digits.empty() || digits.size() > 12) return false;
+  for (char ch : digits) {
+    if (ch < '0' || ch > '9') return false;
+  }
+  if (!absl::SimpleAtoi(digits, index)) return false;
+  return ShardFileName(*index) == name;
+}
+
+int64_t NumShards(int64_t num_samples, int64_t samples_per_shard) {
+  return (num_samples + samples_per_shard - 1) / samples_per_shard;
+}
+
+int64_t ShardSampleCount(int64_t index, int64_t num_samples,
+                         int64_t samples_per_shard) {
+  return std::min(samples_per_shard, num_samples - index * samples_per_shard);
 }
 
 }  // namespace retrace::store

@@ -67,6 +67,17 @@ int64_t ShardDataBytes(const ShardGeometry& geometry);
 // File name of shard `index`: "shard-00000.safetensors" (five digits, more
 // when the index needs them).
 std::string ShardFileName(int64_t index);
+// Inverse of ShardFileName: true, with *index set, when `name` is exactly
+// ShardFileName(i) for some i (so "shard-7.safetensors" is not).
+bool ParseShardFileName(const std::string& name, int64_t* index);
+
+// Number of shards of a store of `num_samples` samples cut every
+// `samples_per_shard` (>= 1): ceil(num_samples / samples_per_shard).
+int64_t NumShards(int64_t num_samples, int64_t samples_per_shard);
+// Samples in shard `index` of that grid: samples_per_shard for all but the
+// last, which holds the rest. Precondition: 0 <= index < NumShards(...).
+int64_t ShardSampleCount(int64_t index, int64_t num_samples,
+                         int64_t samples_per_shard);
 
 }  // namespace retrace::store
 

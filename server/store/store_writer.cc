@@ -5,6 +5,7 @@
 #include <cstring>
 #include <exception>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <system_error>
 #include <utility>
@@ -19,6 +20,8 @@
 #include "server/store/layout.h"
 #include "server/store/norm_stats.h"
 #include "server/store/safetensors.h"
+#include "server/store/shard_metadata.h"
+#include "server/store/store_parts.h"
 
 // Shards hold the in-memory little-endian representation directly.
 static_assert(
@@ -28,49 +31,8 @@ static_assert(
 namespace retrace::store {
 namespace {
 
-// Keys of the "__metadata__" object of every shard this writer produces. A
-// rerun uses them to recognize and verify its own shards without a manifest.
-constexpr char kMetaFormat[] = "format";
-constexpr char kMetaFormatVersion[] = "format_version";
-constexpr char kMetaShardIndex[] = "shard_index";
-constexpr char kMetaFirst[] = "first";
-constexpr char kMetaSpecSha256[] = "spec_sha256";
-constexpr char kMetaDataSha256[] = "data_sha256";
 constexpr char kNormStatsKey[] = "norm_stats";
 constexpr int64_t kMaxReserveBytes = int64_t(1) << 30;
-
-// True when `name` is exactly ShardFileName(index) for some index.
-bool ParseShardFileName(const std::string& name, int64_t* index) {
-  constexpr absl::string_view kPrefix = "shard-", kSuffix = ".safetensors";
-  if (!absl::StartsWith(name, kPrefix) || !absl::EndsWith(name, kSuffix))
-    return false;
-  std::string digits = name.substr(
-      kPrefix.size(), name.size() - kPrefix.size() - kSuffix.size());
-  if (digits.empty() || digits.size() > 12) return false;
-  for (char ch : digits) {
-    if (ch < '0' || ch > '9') return false;
-  }
-  if (!absl::SimpleAtoi(digits, index)) return false;
-  return ShardFileName(*index) == name;
-}
-
-std::string MetadataOr(const SafetensorsHeader& header, const char* key) {
-  auto it = header.metadata.find(key);
-  return it == header.metadata.end() ? std::string() : it->second;
-}
-
-bool SameTensors(const std::vector<TensorEntry>& a,
-                 const std::vector<TensorEntry>& b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i].name != b[i].name || a[i].dtype != b[i].dtype ||
-        a[i].shape != b[i].shape || a[i].begin != b[i].begin ||
-        a[i].end != b[i].end) {
-      return false;
-    }
-  }
-  return true;
-}
 
 // What Create found in one shard file of an unfinished build.
 struct InspectedShard {
@@ -87,11 +49,15 @@ struct InspectedShard {
 
 StoreWriter::StoreWriter(std::string dir, StoreSpec spec,
                          std::string spec_sha256,
-                         std::unique_ptr<DirectoryLock> lock)
+                         std::unique_ptr<DirectoryLock> lock,
+                         std::unique_ptr<FileLock> part_lock,
+                         const PartRange* part)
     : dir_(std::move(dir)),
       spec_(std::move(spec)),
       spec_sha256_(std::move(spec_sha256)),
       lock_(std::move(lock)),
+      part_lock_(std::move(part_lock)),
+      part_(part == nullptr ? nullptr : new PartRange(*part)),
       row_elements_(RowElements(spec_.num_checkpoints(), spec_.num_slots(),
                                 spec_.projection.dim)),
       slots_per_sample_(spec_.num_checkpoints() * spec_.num_slots()) {}
@@ -100,6 +66,20 @@ StoreWriter::~StoreWriter() = default;
 
 absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::Create(
     const std::string& dir, const StoreSpec& spec) {
+  return CreateImpl(dir, spec, nullptr);
+}
+
+int64_t StoreWriter::first_shard() const {
+  return part_ == nullptr ? 0 : part_->first_shard;
+}
+
+int64_t StoreWriter::CompleteShardCount(int64_t index) const {
+  if (part_ == nullptr) return spec_.samples_per_shard;
+  return ShardSampleCount(index, part_->total_samples, spec_.samples_per_shard);
+}
+
+absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::CreateImpl(
+    const std::string& dir, const StoreSpec& spec, const PartRange* part) {
   RETURN_IF_ERROR(Annotate(spec.Validate(), "store spec"));
   ASSIGN_OR_RETURN(std::string spec_sha256, spec.Sha256());
   std::error_code ec;
@@ -108,16 +88,41 @@ absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::Create(
     return absl::InternalError(
         absl::StrCat(dir, ": cannot create directory: ", ec.message()));
   }
+  // Parts share the directory; each excludes only its own twin. The
+  // directory lock comes first so that a join, which holds it exclusively
+  // while it removes lock files, cannot race with a part creating one.
   ASSIGN_OR_RETURN(std::unique_ptr<DirectoryLock> lock,
-                   DirectoryLock::Acquire(dir));
+                   DirectoryLock::Acquire(
+                       dir, part == nullptr ? DirectoryLock::Mode::kExclusive
+                                            : DirectoryLock::Mode::kShared));
+  std::unique_ptr<FileLock> part_lock;
+  if (part != nullptr) {
+    ASSIGN_OR_RETURN(
+        part_lock,
+        FileLock::Acquire(absl::StrCat(
+            dir, "/", PartLockFileName(part->part_index, part->num_parts))));
+  }
   std::unique_ptr<StoreWriter> writer(
-      new StoreWriter(dir, spec, std::move(spec_sha256), std::move(lock)));
+      new StoreWriter(dir, spec, std::move(spec_sha256), std::move(lock),
+                      std::move(part_lock), part));
   RETURN_IF_ERROR(writer->Recover());
   return writer;
 }
 
 absl::Status StoreWriter::Recover() {
   ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(dir_));
+  // A part only ever looks at, and removes, files of its own range: other
+  // parts may be writing theirs at this very moment.
+  const int64_t begin_shard = first_shard();
+  const int64_t end_shard =
+      part_ == nullptr ? std::numeric_limits<int64_t>::max() : part_->end_shard;
+  auto in_range = [&](int64_t index) {
+    return index >= begin_shard && index < end_shard;
+  };
+  const std::string record_name =
+      part_ == nullptr
+          ? std::string()
+          : PartRecordFileName(part_->part_index, part_->num_parts);
   std::map<int64_t, std::string> shard_files;
   std::vector<std::string> leftovers;
   for (const std::string& name : names) {
@@ -128,10 +133,34 @@ absl::Status StoreWriter::Recover() {
                        "it with StoreReader, "
                        "or remove it to rebuild"));
     }
-    int64_t index;
-    if (absl::EndsWith(name, kTempSuffix) &&
-        (absl::StartsWith(name, "shard-") ||
-         name == absl::StrCat(kManifestFileName, kTempSuffix))) {
+    int64_t index, part_index, num_parts;
+    if (part_ == nullptr &&
+        (ParsePartRecordFileName(name, &part_index, &num_parts) ||
+         ParsePartLockFileName(name, &part_index, &num_parts))) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          dir_, "/", name,
+          ": the directory holds a store built in parts; join them with "
+          "JoinStoreParts, or remove the part files to build the whole store "
+          "here"));
+    }
+    if (part_ != nullptr) {
+      // The part's earlier record goes first: a record must never list
+      // shards that are about to be removed. Finish writes it again.
+      if (name == record_name ||
+          name == absl::StrCat(record_name, kTempSuffix)) {
+        leftovers.insert(leftovers.begin(), name);
+      } else if (absl::EndsWith(name, kTempSuffix) &&
+                 ParseShardFileName(
+                     name.substr(0, name.size() - std::strlen(kTempSuffix)),
+                     &index) &&
+                 in_range(index)) {
+        leftovers.push_back(name);
+      } else if (ParseShardFileName(name, &index) && in_range(index)) {
+        shard_files[index] = name;
+      }
+    } else if (absl::EndsWith(name, kTempSuffix) &&
+               (absl::StartsWith(name, "shard-") ||
+                name == absl::StrCat(kManifestFileName, kTempSuffix))) {
       leftovers.push_back(name);
     } else if (ParseShardFileName(name, &index)) {
       shard_files[index] = name;
@@ -141,6 +170,7 @@ absl::Status StoreWriter::Recover() {
   // First inspect everything, so that a foreign shard stops us before any
   // file is removed.
   const int64_t shard_size = spec_.samples_per_shard;
+  const bool collect_norms = part_ == nullptr;
   std::vector<InspectedShard> inspected;
   for (const auto& [index, name] : shard_files) {
     InspectedShard s;
@@ -166,7 +196,8 @@ absl::Status StoreWriter::Recover() {
           " '", theirs, "', this build '", spec_sha256_,
           "'); remove the unfinished build or build into another directory"));
     }
-    ShardGeometry g{shard_size,        spec_.num_checkpoints(),
+    const int64_t count = CompleteShardCount(index);
+    ShardGeometry g{count,             spec_.num_checkpoints(),
                     spec_.num_slots(), spec_.projection.dim,
                     spec_.dtype,       spec_.buckets.replay};
     if (MetadataOr(s.parsed, kMetaShardIndex) != absl::StrCat(index) ||
@@ -175,7 +206,9 @@ absl::Status StoreWriter::Recover() {
           "shard index or first sample disagree with the file name";
     } else if (!SameTensors(s.parsed.tensors, ShardTensors(g))) {
       s.discard_reason =
-          "not a full shard (the last shard of an unfinished Finish)";
+          part_ == nullptr
+              ? "not a full shard (the last shard of an unfinished Finish)"
+              : "not a complete shard (of an unfinished build)";
     } else {
       retrace::Sha256 file_hash, data_hash;
       file_hash.Update(s.map->data(), size_t(s.parsed.data_start));
@@ -198,7 +231,7 @@ absl::Status StoreWriter::Recover() {
   // Keep the contiguous prefix of complete shards; everything after it is
   // rebuilt, so that shard i always holds the same samples.
   for (InspectedShard& s : inspected) {
-    const bool keep = s.complete && s.index == resumed_shards_;
+    const bool keep = s.complete && s.index == begin_shard + resumed_shards_;
     if (!keep) {
       RETRACE_LOG(WARNING) << dir_ << "/" << s.file
                            << ": removed, will be rebuilt: "
@@ -211,11 +244,14 @@ absl::Status StoreWriter::Recover() {
     const uint8_t* data = s.map->data() + h.data_start;
     const TensorEntry* norms = h.Find(kNormsTensor);
     const TensorEntry* ids = h.Find(kSampleIdsTensor);
-    const size_t first_norm = all_norms_.size();
-    all_norms_.resize(first_norm + size_t(shard_size * slots_per_sample_));
-    std::memcpy(all_norms_.data() + first_norm, data + norms->begin,
-                size_t(norms->end - norms->begin));
-    for (int64_t i = 0; i < shard_size; ++i) {
+    const int64_t count = CompleteShardCount(s.index);
+    if (collect_norms) {
+      const size_t first_norm = all_norms_.size();
+      all_norms_.resize(first_norm + size_t(count * slots_per_sample_));
+      std::memcpy(all_norms_.data() + first_norm, data + norms->begin,
+                  size_t(norms->end - norms->begin));
+    }
+    for (int64_t i = 0; i < count; ++i) {
       int64_t id;
       std::memcpy(&id, data + ids->begin + 8 * i, 8);
       const int64_t global = s.index * shard_size + i;
@@ -226,8 +262,7 @@ absl::Status StoreWriter::Recover() {
                          " at sample indices ", it->second, " and ", global));
       }
     }
-    shards_.push_back(
-        {s.file, s.index * shard_size, shard_size, s.file_sha256});
+    shards_.push_back({s.file, s.index * shard_size, count, s.file_sha256});
     ++resumed_shards_;
   }
   inspected.clear();  // unmaps before removal
@@ -235,7 +270,9 @@ absl::Status StoreWriter::Recover() {
   for (const std::string& name : leftovers)
     RETURN_IF_ERROR(RemoveFile(dir_, name));
   if (!leftovers.empty()) RETURN_IF_ERROR(SyncDirectory(dir_));
-  next_sample_ = resumed_shards_ * shard_size;
+  next_sample_ = (begin_shard + resumed_shards_) * shard_size;
+  if (part_ != nullptr)
+    next_sample_ = std::min(next_sample_, part_->total_samples);
   if (resumed_shards_ > 0) {
     RETRACE_LOG(INFO) << dir_ << ": resuming after " << resumed_shards_
                       << " complete shards at sample " << next_sample_;
@@ -246,7 +283,8 @@ absl::Status StoreWriter::Recover() {
 absl::Status StoreWriter::CheckWritable() const {
   if (finished_) {
     return absl::FailedPreconditionError(
-        absl::StrCat(dir_, ": the store is finished"));
+        absl::StrCat(dir_, part_ == nullptr ? ": the store is finished"
+                                            : ": the part is finished"));
   }
   if (!failure_.ok()) {
     return absl::FailedPreconditionError(
@@ -259,6 +297,12 @@ absl::Status StoreWriter::CheckWritable() const {
 absl::Status StoreWriter::Append(const SampleRecord& sample) {
   RETURN_IF_ERROR(CheckWritable());
   const int64_t n = next_sample_;
+  if (part_ != nullptr && n >= part_->end_sample) {
+    return absl::OutOfRangeError(
+        absl::StrCat("sample ", n, ": part ", part_->part_index, " of ",
+                     part_->num_parts, " holds samples [", part_->first_sample,
+                     ", ", part_->end_sample, "); all of them were appended"));
+  }
   const int64_t C = spec_.num_checkpoints();
   auto invalid = [&](auto&&... parts) {
     return absl::InvalidArgumentError(
@@ -356,7 +400,10 @@ absl::Status StoreWriter::Append(const SampleRecord& sample) {
   }
   index_of_id_.emplace(sample.sample_id, n);
   norms_.insert(norms_.end(), sample.norms.begin(), sample.norms.end());
-  all_norms_.insert(all_norms_.end(), sample.norms.begin(), sample.norms.end());
+  if (part_ == nullptr) {
+    all_norms_.insert(all_norms_.end(), sample.norms.begin(),
+                      sample.norms.end());
+  }
   sample_ids_.push_back(sample.sample_id);
   labels_.push_back(sample.label);
   self_influence_.push_back(sample.self_influence_tracin);
@@ -366,12 +413,13 @@ absl::Status StoreWriter::Append(const SampleRecord& sample) {
                           sample.train_timesteps.end());
   ++buffered_;
   ++next_sample_;
-  if (buffered_ == spec_.samples_per_shard) return WriteBufferedShard();
+  if (buffered_ == CompleteShardCount(first_shard() + int64_t(shards_.size())))
+    return WriteBufferedShard();
   return absl::OkStatus();
 }
 
 absl::Status StoreWriter::WriteBufferedShard() {
-  const int64_t index = int64_t(shards_.size());
+  const int64_t index = first_shard() + int64_t(shards_.size());
   const int64_t first = index * spec_.samples_per_shard;
   ShardGeometry g{buffered_,         spec_.num_checkpoints(),
                   spec_.num_slots(), spec_.projection.dim,

@@ -31,6 +31,11 @@
 //
 // Not thread-safe: one thread drives a writer. A directory lock keeps two
 // writers (in any processes) from building into one directory at once.
+//
+// To build a store in parts on several machines, see StorePartWriter and
+// JoinStoreParts (store_parts.h). A directory holding part records or part
+// locks is refused here, so that a whole-store build never deletes the work
+// of parts.
 #ifndef RETRACE_SERVER_STORE_STORE_WRITER_H_
 #define RETRACE_SERVER_STORE_STORE_WRITER_H_
 
@@ -48,6 +53,8 @@
 #include "server/store/manifest.h"
 
 namespace retrace::store {
+
+struct PartRange;
 
 // One training sample as the build computed it. Spans are borrowed for the
 // duration of Append only.
@@ -74,7 +81,8 @@ class StoreWriter {
   //   InvalidArgument: the spec does not validate.
   //   FailedPrecondition: dir already holds manifest.json (a finished store:
   //     open it with StoreReader, or remove it to rebuild); a shard on disk
-  //     was written with a different spec; another writer holds the lock.
+  //     was written with a different spec; another writer holds the lock;
+  //     dir holds a build in parts (part-*-of-*.json or .lock files).
   //   Other codes for I/O failures, naming the path.
   static absl::StatusOr<std::unique_ptr<StoreWriter>> Create(
       const std::string& dir, const StoreSpec& spec);
@@ -106,17 +114,32 @@ class StoreWriter {
       const nlohmann::json& diagnostics = nlohmann::json::object());
 
  private:
+  // A part writer is a StoreWriter restricted to the shards of one part.
+  friend class StorePartWriter;
+
+  // `part` is null for a whole-store writer; otherwise the writer takes the
+  // directory lock shared plus the part's lock file, and Recover, Append and
+  // the shard cuts stay inside the part's range.
+  static absl::StatusOr<std::unique_ptr<StoreWriter>> CreateImpl(
+      const std::string& dir, const StoreSpec& spec, const PartRange* part);
   StoreWriter(std::string dir, StoreSpec spec, std::string spec_sha256,
-              std::unique_ptr<DirectoryLock> lock);
+              std::unique_ptr<DirectoryLock> lock,
+              std::unique_ptr<FileLock> part_lock, const PartRange* part);
 
   absl::Status Recover();
   absl::Status WriteBufferedShard();
   absl::Status CheckWritable() const;
+  // Samples shard `index` holds once complete: samples_per_shard, except the
+  // store's last shard when the total is known (parts).
+  int64_t CompleteShardCount(int64_t index) const;
+  int64_t first_shard() const;
 
   const std::string dir_;
   const StoreSpec spec_;
   const std::string spec_sha256_;
   std::unique_ptr<DirectoryLock> lock_;
+  std::unique_ptr<FileLock> part_lock_;          // parts only
+  const std::unique_ptr<const PartRange> part_;  // null: whole store
   const int64_t row_elements_;
   const int64_t slots_per_sample_;  // C x S
 
@@ -135,7 +158,8 @@ class StoreWriter {
   std::vector<float> self_influence_;
   std::vector<int32_t> train_timesteps_;
 
-  // Whole-store state for diagnostics and duplicate detection.
+  // State for diagnostics (whole store only: the join of parts reads norms
+  // back from the shards) and duplicate detection (within the writer's range).
   std::vector<float> all_norms_;
   std::unordered_map<int64_t, int64_t> index_of_id_;
 };

@@ -141,6 +141,33 @@ TEST(LayoutTest, ShardFileNames) {
   EXPECT_EQ(ShardFileName(123456), "shard-123456.safetensors");
 }
 
+TEST(LayoutTest, ParseShardFileNameIsTheExactInverse) {
+  for (int64_t index :
+       {int64_t(0), int64_t(42), int64_t(99999), int64_t(123456)}) {
+    int64_t parsed = -1;
+    EXPECT_TRUE(ParseShardFileName(ShardFileName(index), &parsed));
+    EXPECT_EQ(parsed, index);
+  }
+  int64_t parsed;
+  for (const char* bad :
+       {"shard-7.safetensors", "shard-000042.safetensors", "shard-.safetensors",
+        "shard-00042.safetensors.tmp", "shard--0042.safetensors",
+        "part-00042.safetensors", "shard-0004x.safetensors"}) {
+    EXPECT_FALSE(ParseShardFileName(bad, &parsed)) << bad;
+  }
+}
+
+TEST(LayoutTest, ShardGridCounts) {
+  EXPECT_EQ(NumShards(0, 4), 0);
+  EXPECT_EQ(NumShards(1, 4), 1);
+  EXPECT_EQ(NumShards(8, 4), 2);
+  EXPECT_EQ(NumShards(9, 4), 3);
+  EXPECT_EQ(ShardSampleCount(0, 9, 4), 4);
+  EXPECT_EQ(ShardSampleCount(1, 9, 4), 4);
+  EXPECT_EQ(ShardSampleCount(2, 9, 4), 1);
+  EXPECT_EQ(ShardSampleCount(1, 8, 4), 4);
+}
+
 // --- safetensors header encoding and parsing ---
 
 std::string LengthPrefixed(const std::string& json) {
