@@ -23,6 +23,9 @@ struct Subcommand {
 
 // `retrace-batch train` (train_command.cc).
 Subcommand RegisterTrainCommand(CLI::App& parent);
+// `retrace-batch build-store` and `join-store` (build_store_command.cc).
+Subcommand RegisterBuildStoreCommand(CLI::App& parent);
+Subcommand RegisterJoinStoreCommand(CLI::App& parent);
 
 }  // namespace retrace::jobs
 

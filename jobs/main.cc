@@ -1,4 +1,4 @@
-// retrace-batch: offline jobs (training; later the store build). main only
+// retrace-batch: offline jobs (training, the store build). main only
 // wires the command line to the subcommands in retrace_jobs.
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -12,7 +12,9 @@ int main(int argc, char** argv) {
       "retrace-batch: offline jobs of retrace (train a diffusion "
       "model with a replay log, build attribution stores)"};
   app.require_subcommand(1);
-  std::vector<Subcommand> subcommands = {RegisterTrainCommand(app)};
+  std::vector<Subcommand> subcommands = {RegisterTrainCommand(app),
+                                         RegisterBuildStoreCommand(app),
+                                         RegisterJoinStoreCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
