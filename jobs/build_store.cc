@@ -68,8 +68,11 @@ class SampleProgress {
     if (since >= (is_tty_ ? 0.1 : interval_s_)) Print(false);
   }
 
+  // The final line, unless the last line printed already showed it.
   void Finish() {
-    if (out_ != nullptr && done_ > start_) Print(true);
+    if (out_ != nullptr && done_ > start_ && (is_tty_ || printed_ != done_)) {
+      Print(true);
+    }
   }
 
   double rate() const {
@@ -84,6 +87,7 @@ class SampleProgress {
 
   void Print(bool final_line) {
     last_print_ = Clock::now();
+    printed_ = done_;
     constexpr int kBarWidth = 24;
     std::string bar;
     if (is_tty_) {
@@ -110,6 +114,7 @@ class SampleProgress {
   int64_t total_;
   int64_t done_;
   double interval_s_;
+  int64_t printed_ = -1;  // done_ when the last line was printed
   Clock::time_point started_;
   Clock::time_point last_print_;
 };
