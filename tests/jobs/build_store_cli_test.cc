@@ -116,6 +116,11 @@ TEST(BuildStoreCliTest, KilledAtRandomMomentsAndRerunGivesTheSameBytes) {
     std::this_thread::sleep_for(std::chrono::duration<double>(delay));
     ASSERT_EQ(::kill(pid, SIGKILL), 0);
     const int code = Wait(pid);
+    if (code == -SIGKILL && std::filesystem::exists(out + "/manifest.json")) {
+      // Killed between writing the manifest and exiting. A manifest means
+      // "complete": the byte comparison below holds it to that.
+      break;
+    }
     if (code == -SIGKILL) {
       ++kills;
       int64_t shards = 0;
@@ -124,8 +129,6 @@ TEST(BuildStoreCliTest, KilledAtRandomMomentsAndRerunGivesTheSameBytes) {
       }
       std::printf("killed after %.2f s with %lld shards on disk\n", delay,
                   static_cast<long long>(shards));
-      // A killed build never looks finished.
-      EXPECT_FALSE(std::filesystem::exists(out + "/manifest.json"));
     } else {
       // It finished first (the kill came after exit): nothing left to do.
       ASSERT_EQ(code, 0) << Slurp(log);
