@@ -16,7 +16,11 @@
 //   RATIO featurize_vs_fwd_bwd   train/fwd_bwd / training_side (DESIGN §7:
 //                                overhead beyond forward+backward <= 20%
 //                                means >= 0.83)
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
+#include <torch/optim/adam.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -24,11 +28,6 @@
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
-#include <torch/optim/adam.h>
 
 #include "kernels/device.h"
 #include "server/featurize/featurizer.h"
@@ -69,9 +68,9 @@ Fixture& Shared() {
 
 void RunEngine(benchmark::State& state, GradientMethod method) {
   Fixture& f = Shared();
-  auto engine = internal::CreateGroupGradientEngine(
-      f.model.get(), f.schedule, model::LossType::kMse, f.AllParameters(),
-      method);
+  auto engine = internal::CreateGroupGradientEngine(f.model.get(), f.schedule,
+                                                    model::LossType::kMse,
+                                                    f.AllParameters(), method);
   if (!engine.ok()) {
     state.SkipWithError(engine.status().ToString().c_str());
     return;
@@ -192,12 +191,10 @@ int main(int argc, char** argv) {
         ->UseRealTime()
         ->MinTime(2.0);
   };
-  reg("featurize/loop", [](benchmark::State& s) {
-    RunEngine(s, GradientMethod::kLoop);
-  });
-  reg("featurize/layerwise", [](benchmark::State& s) {
-    RunEngine(s, GradientMethod::kLayerwise);
-  });
+  reg("featurize/loop",
+      [](benchmark::State& s) { RunEngine(s, GradientMethod::kLoop); });
+  reg("featurize/layerwise",
+      [](benchmark::State& s) { RunEngine(s, GradientMethod::kLayerwise); });
   reg("featurize/training_side", RunTrainingSide);
   reg("train/fwd_bwd", [](benchmark::State& s) { RunTraining(s, false); });
   reg("train/step", [](benchmark::State& s) { RunTraining(s, true); });

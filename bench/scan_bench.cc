@@ -54,13 +54,20 @@ Args Parse(int argc, char** argv) {
       std::exit(2);
     }
     const char* v = argv[i + 1];
-    if (f == "--n") a.n = std::atoll(v);
-    else if (f == "--checkpoints") a.checkpoints = std::atoi(v);
-    else if (f == "--slots") a.slots = std::atoi(v);
-    else if (f == "--dim") a.dim = std::atoi(v);
-    else if (f == "--k") a.k = std::atoi(v);
-    else if (f == "--reps") a.reps = std::atoi(v);
-    else if (f == "--torch-reps") a.torch_reps = std::atoi(v);
+    if (f == "--n")
+      a.n = std::atoll(v);
+    else if (f == "--checkpoints")
+      a.checkpoints = std::atoi(v);
+    else if (f == "--slots")
+      a.slots = std::atoi(v);
+    else if (f == "--dim")
+      a.dim = std::atoi(v);
+    else if (f == "--k")
+      a.k = std::atoi(v);
+    else if (f == "--reps")
+      a.reps = std::atoi(v);
+    else if (f == "--torch-reps")
+      a.torch_reps = std::atoi(v);
     else if (f == "--queries") {
       a.queries.clear();
       for (const char* p = v; *p;) {
@@ -138,27 +145,38 @@ struct TorchTopK {
 // the [CS, rows, D] block with the [CS, D, 2Q] queries, weight, sum over the
 // slots; then torch::topk over the [N, Q] scores.
 TorchTopK TorchScan(const Args& a, const void* vectors, const float* norms,
-                    const std::vector<float>& raw, const std::vector<float>& unit,
-                    const std::vector<float>& w, int q, int k) {
+                    const std::vector<float>& raw,
+                    const std::vector<float>& unit, const std::vector<float>& w,
+                    int q, int k) {
   torch::NoGradGuard no_grad;
   const int64_t cs = int64_t{a.checkpoints} * a.slots;
-  auto store = torch::from_blob(const_cast<void*>(vectors), {a.n, cs, a.dim}, torch::kHalf);
-  auto norm_t = torch::from_blob(const_cast<float*>(norms), {a.n, cs}, torch::kFloat);
-  auto qr = torch::from_blob(const_cast<float*>(raw.data()), {q, cs, a.dim}, torch::kFloat);
-  auto qu = torch::from_blob(const_cast<float*>(unit.data()), {q, cs, a.dim}, torch::kFloat);
-  auto wt = torch::from_blob(const_cast<float*>(w.data()), {q, cs}, torch::kFloat);
-  auto qcat = torch::cat({qr, qu}, 0).permute({1, 2, 0}).contiguous();  // [CS, D, 2Q]
-  auto weight = wt.t().unsqueeze(1);                                     // [CS, 1, Q]
+  auto store = torch::from_blob(const_cast<void*>(vectors), {a.n, cs, a.dim},
+                                torch::kHalf);
+  auto norm_t =
+      torch::from_blob(const_cast<float*>(norms), {a.n, cs}, torch::kFloat);
+  auto qr = torch::from_blob(const_cast<float*>(raw.data()), {q, cs, a.dim},
+                             torch::kFloat);
+  auto qu = torch::from_blob(const_cast<float*>(unit.data()), {q, cs, a.dim},
+                             torch::kFloat);
+  auto wt =
+      torch::from_blob(const_cast<float*>(w.data()), {q, cs}, torch::kFloat);
+  auto qcat =
+      torch::cat({qr, qu}, 0).permute({1, 2, 0}).contiguous();  // [CS, D, 2Q]
+  auto weight = wt.t().unsqueeze(1);                            // [CS, 1, Q]
   auto scores_tr = torch::empty({a.n, q});
   auto scores_rt = torch::empty({a.n, q});
   constexpr int64_t kBlock = 1024;
   for (int64_t start = 0; start < a.n; start += kBlock) {
     const int64_t nb = std::min(kBlock, a.n - start);
-    auto u = store.narrow(0, start, nb).to(torch::kFloat).transpose(0, 1);  // [CS, nb, D]
-    auto dots = torch::bmm(u, qcat);                                         // [CS, nb, 2Q]
-    auto nrm = norm_t.narrow(0, start, nb).t().unsqueeze(2);                 // [CS, nb, 1]
-    scores_tr.narrow(0, start, nb).copy_((dots.narrow(2, 0, q) * nrm * weight).sum(0));
-    scores_rt.narrow(0, start, nb).copy_((dots.narrow(2, q, q) * weight).sum(0));
+    auto u = store.narrow(0, start, nb)
+                 .to(torch::kFloat)
+                 .transpose(0, 1);                            // [CS, nb, D]
+    auto dots = torch::bmm(u, qcat);                          // [CS, nb, 2Q]
+    auto nrm = norm_t.narrow(0, start, nb).t().unsqueeze(2);  // [CS, nb, 1]
+    scores_tr.narrow(0, start, nb)
+        .copy_((dots.narrow(2, 0, q) * nrm * weight).sum(0));
+    scores_rt.narrow(0, start, nb)
+        .copy_((dots.narrow(2, q, q) * weight).sum(0));
   }
   TorchTopK out;
   auto top_tr = std::get<1>(torch::topk(scores_tr, k, 0, true, true));
@@ -181,9 +199,11 @@ int main(int argc, char** argv) {
   const int64_t cs = int64_t{a.checkpoints} * a.slots;
   const int64_t row = cs * a.dim;
   const int64_t vec_bytes = a.n * row * 2;
-  std::printf("scan_bench: N=%lld C=%d S=%d D=%d fp16, store %.2f GB, %d threads, k=%d\n",
-              static_cast<long long>(a.n), a.checkpoints, a.slots, a.dim, vec_bytes / 1e9,
-              threads, a.k);
+  std::printf(
+      "scan_bench: N=%lld C=%d S=%d D=%d fp16, store %.2f GB, %d threads, "
+      "k=%d\n",
+      static_cast<long long>(a.n), a.checkpoints, a.slots, a.dim,
+      vec_bytes / 1e9, threads, a.k);
   std::fflush(stdout);
 
   std::unique_ptr<uint16_t[]> vectors(new uint16_t[a.n * row]);
@@ -192,7 +212,8 @@ int main(int argc, char** argv) {
   ParallelFor(a.n, threads, [&](int64_t b, int64_t e) {
     for (int64_t i = b * row; i < e * row; ++i) {
       const uint64_t h = SplitMix(i);
-      const float u = (int64_t(h >> 40) - (1 << 23)) / float(1 << 23);  // [-1, 1)
+      const float u =
+          (int64_t(h >> 40) - (1 << 23)) / float(1 << 23);  // [-1, 1)
       vectors[i] = rk::FloatToHalf(u * 1.7f * inv_sqrt_d);
     }
     for (int64_t i = b * cs; i < e * cs; ++i) {
@@ -206,14 +227,16 @@ int main(int argc, char** argv) {
   rk::StoreLayout layout{rk::DType::kF16, a.checkpoints, a.slots, a.dim};
   std::vector<rk::StoreChunk> chunks = {{vectors.get(), norms.get(), a.n, 0}};
 
-  std::printf("%6s %14s %14s %14s %12s %12s %10s\n", "Q", "scan_ms", "libtorch_ms",
-              "scan_GB/s", "vs_libtorch", "vs_bandwidth", "top_agree");
+  std::printf("%6s %14s %14s %14s %12s %12s %10s\n", "Q", "scan_ms",
+              "libtorch_ms", "scan_GB/s", "vs_libtorch", "vs_bandwidth",
+              "top_agree");
   double worst_vs_torch = 1e30, q1_vs_bandwidth = -1;
   for (int q : a.queries) {
     std::vector<float> raw(q * row), unit(q * row), w(q * cs, 1.0f);
     for (int64_t i = 0; i < q * row; ++i) {
       raw[i] = (int64_t(SplitMix(i + 7777) >> 40) - (1 << 23)) / float(1 << 23);
-      unit[i] = (int64_t(SplitMix(i + 9999) >> 40) - (1 << 23)) / float(1 << 23);
+      unit[i] =
+          (int64_t(SplitMix(i + 9999) >> 40) - (1 << 23)) / float(1 << 23);
     }
     rk::QueryBatch batch{q, raw.data(), unit.data(), w.data(), w.data()};
     rk::ScanOptions opt;
@@ -241,19 +264,23 @@ int main(int argc, char** argv) {
     // the top lists should agree up to near-ties.
     int agree = 0;
     for (int j = 0; j < a.k; ++j) {
-      agree += result.Get(0, rk::Method::kTracIn).top[j].index == ref.top_tracin[j];
-      agree += result.Get(0, rk::Method::kReTrac).top[j].index == ref.top_retrac[j];
+      agree +=
+          result.Get(0, rk::Method::kTracIn).top[j].index == ref.top_tracin[j];
+      agree +=
+          result.Get(0, rk::Method::kReTrac).top[j].index == ref.top_retrac[j];
     }
     const double gbps = vec_bytes / t_scan / 1e9;
     const double vs_torch = t_torch / t_scan;
     const double vs_bw = (vec_bytes / t_scan) / bandwidth;
-    std::printf("%6d %14.1f %14.1f %14.2f %12.2f %12.2f %7d/%d\n", q, t_scan * 1e3,
-                t_torch * 1e3, gbps, vs_torch, vs_bw, agree, 2 * a.k);
+    std::printf("%6d %14.1f %14.1f %14.2f %12.2f %12.2f %7d/%d\n", q,
+                t_scan * 1e3, t_torch * 1e3, gbps, vs_torch, vs_bw, agree,
+                2 * a.k);
     std::fflush(stdout);
     worst_vs_torch = std::min(worst_vs_torch, vs_torch);
     if (q == 1) q1_vs_bandwidth = vs_bw;
   }
   std::printf("RATIO cpu_scan_vs_libtorch %.2f\n", worst_vs_torch);
-  if (q1_vs_bandwidth >= 0) std::printf("RATIO cpu_scan_vs_bandwidth %.2f\n", q1_vs_bandwidth);
+  if (q1_vs_bandwidth >= 0)
+    std::printf("RATIO cpu_scan_vs_bandwidth %.2f\n", q1_vs_bandwidth);
   return 0;
 }

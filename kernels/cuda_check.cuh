@@ -37,6 +37,7 @@ inline KernelStatus CheckLaunch(cudaStream_t stream, const char* kernel) {
 }  // namespace retrace::kernels
 
 #define RETRACE_CUDA_RETURN_IF_ERROR(call) \
-  RETRACE_KERNEL_RETURN_IF_ERROR(::retrace::kernels::FromCudaError((call), #call))
+  RETRACE_KERNEL_RETURN_IF_ERROR(          \
+      ::retrace::kernels::FromCudaError((call), #call))
 
 #endif  // RETRACE_KERNELS_CUDA_CHECK_CUH_

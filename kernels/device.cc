@@ -34,9 +34,9 @@ const Availability& Probe() {
 }  // namespace
 
 std::string KernelStatus::ToString() const {
-  static constexpr const char* kNames[] = {"OK",          "INVALID_ARGUMENT",
-                                           "OUT_OF_MEMORY", "DEVICE_ERROR",
-                                           "UNAVAILABLE", "INTERNAL"};
+  static constexpr const char* kNames[] = {
+      "OK",           "INVALID_ARGUMENT", "OUT_OF_MEMORY",
+      "DEVICE_ERROR", "UNAVAILABLE",      "INTERNAL"};
   return std::string(kNames[static_cast<int>(code_)]) +
          (message_.empty() ? "" : ": " + message_);
 }

@@ -6,7 +6,8 @@
 namespace retrace::kernels {
 
 KernelStatus DeviceMemoryInfo(size_t* free_bytes, size_t* total_bytes) {
-  return FromCudaError(cudaMemGetInfo(free_bytes, total_bytes), "cudaMemGetInfo");
+  return FromCudaError(cudaMemGetInfo(free_bytes, total_bytes),
+                       "cudaMemGetInfo");
 }
 
 KernelStatus DeviceAlloc(size_t bytes, void** ptr) {

@@ -7,7 +7,8 @@ namespace retrace::kernels {
 namespace {
 
 KernelStatus NoCuda() {
-  return KernelStatus::Unavailable("built without CUDA (RETRACE_WITH_CUDA=OFF)");
+  return KernelStatus::Unavailable(
+      "built without CUDA (RETRACE_WITH_CUDA=OFF)");
 }
 
 }  // namespace

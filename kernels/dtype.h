@@ -18,7 +18,9 @@ namespace retrace::kernels {
 
 enum class DType : int32_t { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
-RETRACE_HD constexpr int64_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
+RETRACE_HD constexpr int64_t DTypeSize(DType t) {
+  return t == DType::kF32 ? 4 : 2;
+}
 
 // Safetensors / manifest spelling: "F16", "BF16", "F32".
 const char* DTypeName(DType t);
@@ -36,11 +38,14 @@ RETRACE_HD float BitsFloat(uint32_t u) {
   return f;
 }
 
-RETRACE_HD float Bf16ToFloat(uint16_t h) { return BitsFloat(uint32_t(h) << 16); }
+RETRACE_HD float Bf16ToFloat(uint16_t h) {
+  return BitsFloat(uint32_t(h) << 16);
+}
 
 RETRACE_HD uint16_t FloatToBf16(float f) {
   uint32_t u = FloatBits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN
+  if ((u & 0x7fffffffu) > 0x7f800000u)
+    return uint16_t((u >> 16) | 0x40);  // NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
 }
@@ -63,10 +68,10 @@ RETRACE_HD uint16_t FloatToHalf(float f) {
   uint32_t u = FloatBits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u);        // NaN
-  if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);       // overflow -> inf
-  if (abs < 0x38800000u) {                                       // subnormal or zero
-    if (abs < 0x33000000u) return uint16_t(sign);                // < 2^-25 -> 0
+  if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
+  if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // overflow -> inf
+  if (abs < 0x38800000u) {                                  // subnormal or zero
+    if (abs < 0x33000000u) return uint16_t(sign);           // < 2^-25 -> 0
     uint32_t exp = abs >> 23;
     uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
     uint32_t shift = 126u - exp;  // 14..24

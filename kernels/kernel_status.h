@@ -14,11 +14,11 @@ namespace retrace::kernels {
 
 enum class KernelCode {
   kOk = 0,
-  kInvalidArgument,   // the caller's arguments are wrong (shape, range, null)
-  kOutOfMemory,       // host or device allocation failed
-  kDeviceError,       // a CUDA call or launch failed
-  kUnavailable,       // the requested backend is not present (no device)
-  kInternal,          // a broken internal invariant
+  kInvalidArgument,  // the caller's arguments are wrong (shape, range, null)
+  kOutOfMemory,      // host or device allocation failed
+  kDeviceError,      // a CUDA call or launch failed
+  kUnavailable,      // the requested backend is not present (no device)
+  kInternal,         // a broken internal invariant
 };
 
 class KernelStatus {
@@ -57,10 +57,10 @@ class KernelStatus {
 }  // namespace retrace::kernels
 
 // Returns early from the enclosing function when `expr` is not ok.
-#define RETRACE_KERNEL_RETURN_IF_ERROR(expr)                   \
-  do {                                                         \
-    ::retrace::kernels::KernelStatus _retrace_ks = (expr);     \
-    if (!_retrace_ks.ok()) return _retrace_ks;                 \
+#define RETRACE_KERNEL_RETURN_IF_ERROR(expr)               \
+  do {                                                     \
+    ::retrace::kernels::KernelStatus _retrace_ks = (expr); \
+    if (!_retrace_ks.ok()) return _retrace_ks;             \
   } while (0)
 
 #endif  // RETRACE_KERNELS_KERNEL_STATUS_H_

@@ -42,7 +42,7 @@ namespace retrace::kernels {
 namespace {
 
 constexpr int kScanThreads = 256;
-constexpr int kTileK = 32;  // store values per row piece and k-step
+constexpr int kTileK = 32;           // store values per row piece and k-step
 constexpr int kWeightThreads = 128;  // >= the largest ncols (4 * 32)
 constexpr int kSelectThreads = 1024;
 constexpr int kRadixBins = 2048;  // 11-bit digits: passes of 11, 11, 10 bits
@@ -164,16 +164,16 @@ struct ScanArgs {
   const void* vectors;  // chunk rows, device
   const float* norms;
   int64_t rows;
-  int64_t pos0;         // position of row 0 in the scores buffer
-  int64_t total_rows;   // length of one scores column
+  int64_t pos0;        // position of row 0 in the scores buffer
+  int64_t total_rows;  // length of one scores column
   int64_t cs_count;
   int32_t dim;
-  int32_t num_cols;     // 2Q real columns
-  bool vector_loads;    // 16-byte loads are aligned and in range
-  const float* qmat;    // [cs, dim, ncols]
-  const float* scale;   // [cs, ncols]
+  int32_t num_cols;    // 2Q real columns
+  bool vector_loads;   // 16-byte loads are aligned and in range
+  const float* qmat;   // [cs, dim, ncols]
+  const float* scale;  // [cs, ncols]
   const int* slot_active;
-  float* scores;        // [num_cols, total_rows]
+  float* scores;  // [num_cols, total_rows]
 };
 
 // Block b scores rows [b*BM, (b+1)*BM) of the chunk against every column;
@@ -242,8 +242,8 @@ __global__ void __launch_bounds__(kScanThreads) ScanKernel(ScanArgs a) {
           su[kk][r] = f;
         }
       }
-      const float4* qsrc = reinterpret_cast<const float4*>(
-          a.qmat + (cs * a.dim + d0) * kCols);
+      const float4* qsrc =
+          reinterpret_cast<const float4*>(a.qmat + (cs * a.dim + d0) * kCols);
       for (int v = tid; v < kTileK * kCols / 4; v += kScanThreads) {
         const int kk = v / (kCols / 4);
         reinterpret_cast<float4*>(&sq[0][0])[v] =
@@ -282,7 +282,8 @@ __global__ void __launch_bounds__(kScanThreads) ScanKernel(ScanArgs a) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int col = 4 * tx + j;
-      if (col < a.num_cols) a.scores[col * a.total_rows + a.pos0 + row] = score[i][j];
+      if (col < a.num_cols)
+        a.scores[col * a.total_rows + a.pos0 + row] = score[i][j];
     }
   }
 }
@@ -425,7 +426,8 @@ __global__ void BreakdownKernel(BreakdownArgs a) {
   float out = 0.0f;
   if (a.slot_active[cs]) {
     // The same operation sequence as ScanKernel: one fmaf chain over d.
-    const T* u = static_cast<const T*>(a.vectors) + (row * a.cs_count + cs) * a.dim;
+    const T* u =
+        static_cast<const T*>(a.vectors) + (row * a.cs_count + cs) * a.dim;
     const float* q = a.qmat + cs * a.dim * a.ncols + col;
     float acc = 0.0f;
     for (int d = 0; d < a.dim; ++d) {
@@ -483,7 +485,8 @@ KernelStatus LaunchScanTyped(const ScanArgs& args, cudaStream_t stream) {
   constexpr int64_t kBm = int64_t(kScanThreads / TX) * TM;
   const int64_t blocks = (args.rows + kBm - 1) / kBm;
   if (blocks > 0x7fffffffLL) {
-    return KernelStatus::InvalidArgument("chunk has too many rows for one launch");
+    return KernelStatus::InvalidArgument(
+        "chunk has too many rows for one launch");
   }
   ScanKernel<DT, TX, TM><<<unsigned(blocks), kScanThreads, 0, stream>>>(args);
   return CheckLaunch(stream, "ScanKernel");
@@ -495,12 +498,18 @@ KernelStatus LaunchScanForDType(int tx, const ScanArgs& args,
   // Rows per thread grow with the column groups so that each thread keeps
   // 4..32 accumulators and a block covers 64..256 rows.
   switch (tx) {
-    case 1: return LaunchScanTyped<DT, 1, 1>(args, stream);
-    case 2: return LaunchScanTyped<DT, 2, 2>(args, stream);
-    case 4: return LaunchScanTyped<DT, 4, 2>(args, stream);
-    case 8: return LaunchScanTyped<DT, 8, 4>(args, stream);
-    case 16: return LaunchScanTyped<DT, 16, 8>(args, stream);
-    case 32: return LaunchScanTyped<DT, 32, 8>(args, stream);
+    case 1:
+      return LaunchScanTyped<DT, 1, 1>(args, stream);
+    case 2:
+      return LaunchScanTyped<DT, 2, 2>(args, stream);
+    case 4:
+      return LaunchScanTyped<DT, 4, 2>(args, stream);
+    case 8:
+      return LaunchScanTyped<DT, 8, 4>(args, stream);
+    case 16:
+      return LaunchScanTyped<DT, 16, 8>(args, stream);
+    case 32:
+      return LaunchScanTyped<DT, 32, 8>(args, stream);
   }
   return KernelStatus::Internal("no scan configuration for " +
                                 std::to_string(tx) + " column groups");
@@ -509,9 +518,12 @@ KernelStatus LaunchScanForDType(int tx, const ScanArgs& args,
 KernelStatus LaunchScan(DType dtype, int tx, const ScanArgs& args,
                         cudaStream_t stream) {
   switch (dtype) {
-    case DType::kF16: return LaunchScanForDType<DType::kF16>(tx, args, stream);
-    case DType::kBF16: return LaunchScanForDType<DType::kBF16>(tx, args, stream);
-    case DType::kF32: return LaunchScanForDType<DType::kF32>(tx, args, stream);
+    case DType::kF16:
+      return LaunchScanForDType<DType::kF16>(tx, args, stream);
+    case DType::kBF16:
+      return LaunchScanForDType<DType::kBF16>(tx, args, stream);
+    case DType::kF32:
+      return LaunchScanForDType<DType::kF32>(tx, args, stream);
   }
   return KernelStatus::Internal("unknown dtype");
 }
@@ -526,19 +538,23 @@ KernelStatus LaunchBreakdown(DType dtype, const BreakdownArgs& args,
   }
   switch (dtype) {
     case DType::kF16:
-      BreakdownKernel<DType::kF16><<<unsigned(blocks), kThreads, 0, stream>>>(args);
+      BreakdownKernel<DType::kF16>
+          <<<unsigned(blocks), kThreads, 0, stream>>>(args);
       break;
     case DType::kBF16:
-      BreakdownKernel<DType::kBF16><<<unsigned(blocks), kThreads, 0, stream>>>(args);
+      BreakdownKernel<DType::kBF16>
+          <<<unsigned(blocks), kThreads, 0, stream>>>(args);
       break;
     case DType::kF32:
-      BreakdownKernel<DType::kF32><<<unsigned(blocks), kThreads, 0, stream>>>(args);
+      BreakdownKernel<DType::kF32>
+          <<<unsigned(blocks), kThreads, 0, stream>>>(args);
       break;
   }
   return CheckLaunch(stream, "BreakdownKernel");
 }
 
-std::string BadQueryMessage(const StoreLayout& layout, unsigned long long code) {
+std::string BadQueryMessage(const StoreLayout& layout,
+                            unsigned long long code) {
   static constexpr const char* kWhat[] = {"raw vector", "unit vector",
                                           "tracin weight", "retrac weight"};
   const int64_t cs_count = layout.SlotPairs();
@@ -579,13 +595,15 @@ KernelStatus ScanCudaImpl(const StoreLayout& layout,
   float* breakdown = reinterpret_cast<float*>(base + plan.breakdown);
 
   // 1. Queries.
-  RETRACE_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(bad, 0xff, sizeof(*bad), stream));
+  RETRACE_CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(bad, 0xff, sizeof(*bad), stream));
   const int64_t qmat_values = cs_count * layout.dim * ncols;
   const int prep_blocks = int(std::min<int64_t>(
       kPrepareBlocks, (qmat_values + kScanThreads - 1) / kScanThreads));
   PrepareQueryMatrixKernel<<<prep_blocks, kScanThreads, 0, stream>>>(
       queries.raw, queries.unit, nq, cs_count, layout.dim, ncols, qmat, bad);
-  RETRACE_KERNEL_RETURN_IF_ERROR(CheckLaunch(stream, "PrepareQueryMatrixKernel"));
+  RETRACE_KERNEL_RETURN_IF_ERROR(
+      CheckLaunch(stream, "PrepareQueryMatrixKernel"));
   if (cs_count > 0x7fffffffLL) {
     return KernelStatus::InvalidArgument("too many (checkpoint, slot) pairs");
   }
@@ -594,8 +612,8 @@ KernelStatus ScanCudaImpl(const StoreLayout& layout,
       scale, slot_active, bad);
   RETRACE_KERNEL_RETURN_IF_ERROR(CheckLaunch(stream, "PrepareWeightsKernel"));
   unsigned long long bad_code = kNoBadValue;
-  RETRACE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-      &bad_code, bad, sizeof(bad_code), cudaMemcpyDeviceToHost, stream));
+  RETRACE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(&bad_code, bad, sizeof(bad_code),
+                                               cudaMemcpyDeviceToHost, stream));
   RETRACE_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
   if (bad_code != kNoBadValue) {
     return KernelStatus::InvalidArgument(BadQueryMessage(layout, bad_code));
@@ -659,14 +677,16 @@ KernelStatus ScanCudaImpl(const StoreLayout& layout,
       args.scale = scale;
       args.slot_active = slot_active;
       args.breakdown = breakdown;
-      RETRACE_KERNEL_RETURN_IF_ERROR(LaunchBreakdown(layout.dtype, args, stream));
+      RETRACE_KERNEL_RETURN_IF_ERROR(
+          LaunchBreakdown(layout.dtype, args, stream));
     }
   }
 
   std::vector<unsigned long long> host_selected(static_cast<size_t>(entries));
-  RETRACE_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(
-      host_selected.data(), selected, host_selected.size() * sizeof(unsigned long long),
-      cudaMemcpyDeviceToHost, stream));
+  RETRACE_CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(host_selected.data(), selected,
+                      host_selected.size() * sizeof(unsigned long long),
+                      cudaMemcpyDeviceToHost, stream));
   std::vector<float> host_breakdown;
   if (options.want_breakdown) {
     host_breakdown.resize(size_t(entries * cs_count));
@@ -688,8 +708,10 @@ KernelStatus ScanCudaImpl(const StoreLayout& layout,
         const uint64_t c = host_selected[size_t(e)];
         const int64_t p = CandidateIndex(c);
         const size_t o = size_t(std::upper_bound(pos0.begin(), pos0.end(), p) -
-                                pos0.begin()) - 1;
-        out[size_t(i)].index = chunks[size_t(order[o])].first_index + (p - pos0[o]);
+                                pos0.begin()) -
+                         1;
+        out[size_t(i)].index =
+            chunks[size_t(order[o])].first_index + (p - pos0[o]);
         out[size_t(i)].score = ScoreFromRankKey(CandidateKey(c), top);
         if (options.want_breakdown) {
           out[size_t(i)].breakdown.assign(
@@ -712,7 +734,8 @@ class DeviceBuffer {
     if (ptr_ != nullptr) cudaFree(ptr_);
   }
   KernelStatus Allocate(size_t bytes) {
-    return FromCudaError(cudaMalloc(&ptr_, std::max<size_t>(bytes, 1)), "cudaMalloc");
+    return FromCudaError(cudaMalloc(&ptr_, std::max<size_t>(bytes, 1)),
+                         "cudaMalloc");
   }
   KernelStatus Upload(const void* src, size_t bytes) {
     RETRACE_KERNEL_RETURN_IF_ERROR(Allocate(bytes));
@@ -764,7 +787,8 @@ KernelStatus SelfTestOne(DType dtype, int dim, int num_queries, uint64_t seed) {
 
   DeviceBuffer d_vectors, d_norms, d_raw, d_unit, d_tr, d_rt, d_scratch;
   RETRACE_KERNEL_RETURN_IF_ERROR(d_vectors.Upload(bytes.data(), bytes.size()));
-  RETRACE_KERNEL_RETURN_IF_ERROR(d_norms.Upload(norms.data(), norms.size() * 4));
+  RETRACE_KERNEL_RETURN_IF_ERROR(
+      d_norms.Upload(norms.data(), norms.size() * 4));
   RETRACE_KERNEL_RETURN_IF_ERROR(d_raw.Upload(raw.data(), raw.size() * 4));
   RETRACE_KERNEL_RETURN_IF_ERROR(d_unit.Upload(unit.data(), unit.size() * 4));
   RETRACE_KERNEL_RETURN_IF_ERROR(d_tr.Upload(a_tr.data(), a_tr.size() * 4));
@@ -775,12 +799,15 @@ KernelStatus SelfTestOne(DType dtype, int dim, int num_queries, uint64_t seed) {
   const size_t row_bytes = size_t(layout.RowValues() * DTypeSize(dtype));
   const std::vector<StoreChunk> host_chunks = {
       {bytes.data(), norms.data(), split, 0},
-      {bytes.data() + split * row_bytes, norms.data() + split * cs, rows - split, split}};
+      {bytes.data() + split * row_bytes, norms.data() + split * cs,
+       rows - split, split}};
   const std::vector<StoreChunk> device_chunks = {
       {d_vectors.get(), static_cast<const float*>(d_norms.get()), split, 0},
       {static_cast<const uint8_t*>(d_vectors.get()) + split * row_bytes,
-       static_cast<const float*>(d_norms.get()) + split * cs, rows - split, split}};
-  const QueryBatch host_q{num_queries, raw.data(), unit.data(), a_tr.data(), a_rt.data()};
+       static_cast<const float*>(d_norms.get()) + split * cs, rows - split,
+       split}};
+  const QueryBatch host_q{num_queries, raw.data(), unit.data(), a_tr.data(),
+                          a_rt.data()};
   const QueryBatch device_q{num_queries, static_cast<const float*>(d_raw.get()),
                             static_cast<const float*>(d_unit.get()),
                             static_cast<const float*>(d_tr.get()),
@@ -791,20 +818,21 @@ KernelStatus SelfTestOne(DType dtype, int dim, int num_queries, uint64_t seed) {
   options.want_breakdown = true;
 
   ScanResult want, got;
-  RETRACE_KERNEL_RETURN_IF_ERROR(ScanCpu(layout, host_chunks, host_q, options, &want));
+  RETRACE_KERNEL_RETURN_IF_ERROR(
+      ScanCpu(layout, host_chunks, host_q, options, &want));
   size_t scratch_bytes = 0;
   RETRACE_KERNEL_RETURN_IF_ERROR(CudaScanScratchBytes(
       layout, device_chunks, num_queries, options, &scratch_bytes));
   RETRACE_KERNEL_RETURN_IF_ERROR(d_scratch.Allocate(scratch_bytes));
-  RETRACE_KERNEL_RETURN_IF_ERROR(ScanCuda(layout, device_chunks, device_q, options,
-                                          d_scratch.get(), scratch_bytes, nullptr,
-                                          &got));
+  RETRACE_KERNEL_RETURN_IF_ERROR(ScanCuda(layout, device_chunks, device_q,
+                                          options, d_scratch.get(),
+                                          scratch_bytes, nullptr, &got));
 
   // |score| <= sum_cs |a| * f * sum_d |u q| <= 2.5 * 2.5 * D * C * S.
   const float tol = kSelfTestRelErr * 6.25f * float(dim) * float(cs);
   const std::string where = std::string("scan self-test (") + DTypeName(dtype) +
-                            ", D=" + std::to_string(dim) + ", Q=" +
-                            std::to_string(num_queries) + "): ";
+                            ", D=" + std::to_string(dim) +
+                            ", Q=" + std::to_string(num_queries) + "): ";
   for (int q = 0; q < num_queries; ++q) {
     for (int m = 0; m < kNumMethods; ++m) {
       const RankedList& w = want.Get(q, static_cast<Method>(m));
@@ -817,13 +845,14 @@ KernelStatus SelfTestOne(DType dtype, int dim, int num_queries, uint64_t seed) {
         }
         for (size_t i = 0; i < wl.size(); ++i) {
           const std::string at = "query " + std::to_string(q) + " method " +
-                                 std::to_string(m) + (bottom ? " bottom" : " top") +
-                                 " rank " + std::to_string(i) + ": ";
+                                 std::to_string(m) +
+                                 (bottom ? " bottom" : " top") + " rank " +
+                                 std::to_string(i) + ": ";
           // Equal scores rank by rank; different indices are then near-ties.
           if (!(std::fabs(wl[i].score - gl[i].score) <= tol)) {
-            return KernelStatus::Internal(where + at + "score " +
-                                          std::to_string(gl[i].score) + " vs CPU " +
-                                          std::to_string(wl[i].score));
+            return KernelStatus::Internal(
+                where + at + "score " + std::to_string(gl[i].score) +
+                " vs CPU " + std::to_string(wl[i].score));
           }
           if (gl[i].breakdown.size() != size_t(cs)) {
             return KernelStatus::Internal(where + at + "breakdown missing");
@@ -831,12 +860,15 @@ KernelStatus SelfTestOne(DType dtype, int dim, int num_queries, uint64_t seed) {
           float sum = 0.0f;
           for (float x : gl[i].breakdown) sum += x;
           if (!(std::fabs(sum - gl[i].score) <= tol)) {
-            return KernelStatus::Internal(where + at + "breakdown does not sum to score");
+            return KernelStatus::Internal(where + at +
+                                          "breakdown does not sum to score");
           }
           if (wl[i].index == gl[i].index) {
             for (int64_t j = 0; j < cs; ++j) {
-              if (!(std::fabs(wl[i].breakdown[size_t(j)] - gl[i].breakdown[size_t(j)]) <= tol)) {
-                return KernelStatus::Internal(where + at + "breakdown differs from CPU");
+              if (!(std::fabs(wl[i].breakdown[size_t(j)] -
+                              gl[i].breakdown[size_t(j)]) <= tol)) {
+                return KernelStatus::Internal(where + at +
+                                              "breakdown differs from CPU");
               }
             }
           }
@@ -859,10 +891,11 @@ KernelStatus CudaScanScratchBytes(const StoreLayout& layout,
   }
   // The queries' pointers are not needed to size the scratch.
   static const float kPlaceholder = 0.0f;
-  const QueryBatch shape{num_queries, &kPlaceholder, &kPlaceholder, &kPlaceholder,
-                         &kPlaceholder};
+  const QueryBatch shape{num_queries, &kPlaceholder, &kPlaceholder,
+                         &kPlaceholder, &kPlaceholder};
   RETRACE_KERNEL_RETURN_IF_ERROR(ValidateScan(layout, chunks, shape, options));
-  *scratch_bytes = PlanScratch(layout, TotalRows(chunks), num_queries, options).total;
+  *scratch_bytes =
+      PlanScratch(layout, TotalRows(chunks), num_queries, options).total;
   return KernelStatus::Ok();
 }
 
@@ -877,10 +910,11 @@ KernelStatus ScanCuda(const StoreLayout& layout,
   if (result == nullptr) {
     return KernelStatus::InvalidArgument("result pointer is null");
   }
-  RETRACE_KERNEL_RETURN_IF_ERROR(ValidateScan(layout, chunks, queries, options));
+  RETRACE_KERNEL_RETURN_IF_ERROR(
+      ValidateScan(layout, chunks, queries, options));
   try {
-    return ScanCudaImpl(layout, chunks, queries, options, scratch, scratch_bytes,
-                        stream, result);
+    return ScanCudaImpl(layout, chunks, queries, options, scratch,
+                        scratch_bytes, stream, result);
   } catch (const std::bad_alloc&) {
     return KernelStatus::OutOfMemory("scan: host allocation failed");
   }

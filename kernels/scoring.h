@@ -90,11 +90,11 @@ struct QueryBatch {
 enum class CpuIsa { kAuto, kScalar, kAvx2 };
 
 struct ScanOptions {
-  int32_t k = 10;            // 1..min(kMaxTopK, total rows)
-  bool want_bottom = true;   // also return the k smallest scores
+  int32_t k = 10;               // 1..min(kMaxTopK, total rows)
+  bool want_bottom = true;      // also return the k smallest scores
   bool want_breakdown = false;  // fill ScoredSample::breakdown
-  int32_t num_threads = 0;   // CPU: worker threads, 0 = CpuThreads()
-  CpuIsa isa = CpuIsa::kAuto;  // CPU only
+  int32_t num_threads = 0;      // CPU: worker threads, 0 = CpuThreads()
+  CpuIsa isa = CpuIsa::kAuto;   // CPU only
 };
 
 struct ScoredSample {
@@ -125,7 +125,8 @@ struct ScanResult {
 // Does not read the pointed-to data (which may live on the device).
 KernelStatus ValidateScan(const StoreLayout& layout,
                           const std::vector<StoreChunk>& chunks,
-                          const QueryBatch& queries, const ScanOptions& options);
+                          const QueryBatch& queries,
+                          const ScanOptions& options);
 
 // CPU backend and reference. Scans every chunk (host memory, read-only, may
 // be memory-mapped) with options.num_threads threads and writes the ranking of

@@ -259,7 +259,9 @@ struct PreparedQueries {
   }
 };
 
-const char* NonFiniteName(float v) { return std::isnan(v) ? "NaN" : "infinite"; }
+const char* NonFiniteName(float v) {
+  return std::isnan(v) ? "NaN" : "infinite";
+}
 
 KernelStatus PrepareQueries(const StoreLayout& layout, const QueryBatch& qb,
                             PreparedQueries* p) {
@@ -304,7 +306,8 @@ KernelStatus PrepareQueries(const StoreLayout& layout, const QueryBatch& qb,
   for (int64_t cs = 0; cs < cs_count; ++cs) {
     bool active = false;
     for (int32_t q = 0; q < nq; ++q) {
-      active = active || p->Weight(cs, q, 0) != 0.0f || p->Weight(cs, q, 1) != 0.0f;
+      active =
+          active || p->Weight(cs, q, 0) != 0.0f || p->Weight(cs, q, 1) != 0.0f;
     }
     if (active) p->active_slots.push_back(cs);
   }
@@ -336,7 +339,8 @@ class ThresholdBuffer {
     std::nth_element(buffer_.begin(), buffer_.begin() + (k_ - 1), buffer_.end(),
                      std::greater<uint64_t>());
     buffer_.resize(k_);
-    threshold_ = buffer_[k_ - 1];  // the smallest kept: nth_element put it there
+    threshold_ =
+        buffer_[k_ - 1];  // the smallest kept: nth_element put it there
   }
 
   size_t k_ = 1;
@@ -398,7 +402,8 @@ struct Worker {
 const uint8_t* RowSlot(const StoreLayout& layout, const StoreChunk& chunk,
                        int64_t row, int64_t cs) {
   return static_cast<const uint8_t*>(chunk.vectors) +
-         ((row * layout.SlotPairs() + cs) * layout.dim) * DTypeSize(layout.dtype);
+         ((row * layout.SlotPairs() + cs) * layout.dim) *
+             DTypeSize(layout.dtype);
 }
 
 void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
@@ -420,10 +425,9 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
       const int rb_max = RowBlockFor(qb);
       for (int64_t r0 = 0; r0 < tile.rows; r0 += rb_max) {
         const int rb = int(std::min<int64_t>(rb_max, tile.rows - r0));
-        isa.micro[rb - 1][qb - 1](w->rows.data() + r0 * dp,
-                                  qslot + int64_t{q0} * 2 * dp, dp,
-                                  w->dots.data() + r0 * row_stride + q0 * 2,
-                                  row_stride);
+        isa.micro[rb - 1][qb - 1](
+            w->rows.data() + r0 * dp, qslot + int64_t{q0} * 2 * dp, dp,
+            w->dots.data() + r0 * row_stride + q0 * 2, row_stride);
       }
     }
     for (int64_t r = 0; r < tile.rows; ++r) {
@@ -432,7 +436,8 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
       double* score = w->scores.data() + r * row_stride;
       for (int32_t q = 0; q < nq; ++q) {
         score[2 * q] += double(pq.Weight(cs, q, 0)) * norm * double(dot[2 * q]);
-        score[2 * q + 1] += double(pq.Weight(cs, q, 1)) * double(dot[2 * q + 1]);
+        score[2 * q + 1] +=
+            double(pq.Weight(cs, q, 1)) * double(dot[2 * q + 1]);
       }
     }
   }
@@ -492,29 +497,32 @@ void FillBreakdown(const StoreLayout& layout,
   const std::vector<int32_t> by_index = ChunksByIndex(chunks);
   const int64_t cs_count = pq.slot_pairs;
   std::atomic<size_t> next{0};
-  bool ok = RunThreads(std::max(1, std::min<int>(threads, int(entries.size()))),
-                       [&](int) {
-    std::vector<float> row(size_t(pq.dp));
-    float dots[2];
-    for (size_t e = next++; e < entries.size(); e = next++) {
-      const Entry& entry = entries[e];
-      const int c = FindChunk(chunks, by_index, entry.sample->index);
-      const StoreChunk& chunk = chunks[size_t(c)];
-      const int64_t r = entry.sample->index - chunk.first_index;
-      std::vector<float>& out = entry.sample->breakdown;
-      out.assign(size_t(cs_count), 0.0f);
-      for (int64_t cs : pq.active_slots) {
-        isa.convert(RowSlot(layout, chunk, r, cs), layout.dtype, layout.dim,
-                    pq.dp, row.data());
-        isa.micro[0][0](row.data(), pq.Slot(cs) + int64_t{entry.query} * 2 * pq.dp,
-                        pq.dp, dots, 2);
-        const double f =
-            entry.method == 0 ? double(chunk.norms[r * cs_count + cs]) : 1.0;
-        out[size_t(cs)] = float(double(pq.Weight(cs, entry.query, entry.method)) *
-                                f * double(dots[entry.method]));
-      }
-    }
-  });
+  bool ok = RunThreads(
+      std::max(1, std::min<int>(threads, int(entries.size()))), [&](int) {
+        std::vector<float> row(size_t(pq.dp));
+        float dots[2];
+        for (size_t e = next++; e < entries.size(); e = next++) {
+          const Entry& entry = entries[e];
+          const int c = FindChunk(chunks, by_index, entry.sample->index);
+          const StoreChunk& chunk = chunks[size_t(c)];
+          const int64_t r = entry.sample->index - chunk.first_index;
+          std::vector<float>& out = entry.sample->breakdown;
+          out.assign(size_t(cs_count), 0.0f);
+          for (int64_t cs : pq.active_slots) {
+            isa.convert(RowSlot(layout, chunk, r, cs), layout.dtype, layout.dim,
+                        pq.dp, row.data());
+            isa.micro[0][0](row.data(),
+                            pq.Slot(cs) + int64_t{entry.query} * 2 * pq.dp,
+                            pq.dp, dots, 2);
+            const double f = entry.method == 0
+                                 ? double(chunk.norms[r * cs_count + cs])
+                                 : 1.0;
+            out[size_t(cs)] =
+                float(double(pq.Weight(cs, entry.query, entry.method)) * f *
+                      double(dots[entry.method]));
+          }
+        }
+      });
   if (!ok) throw std::bad_alloc();
 }
 
@@ -537,9 +545,10 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
       tiles.push_back({int32_t(c), r, std::min(tile_rows, chunks[c].rows - r)});
     }
   }
-  const int threads = std::max(
-      1, std::min<int>(options.num_threads > 0 ? options.num_threads : CpuThreads(),
-                       int(tiles.size())));
+  const int threads =
+      std::max(1, std::min<int>(options.num_threads > 0 ? options.num_threads
+                                                        : CpuThreads(),
+                                int(tiles.size())));
   const int lists = ListCount(nq);
   std::vector<Worker> workers(static_cast<size_t>(threads));
   for (Worker& w : workers) {
@@ -575,7 +584,8 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
           }
           TakeBest(&all, size_t(k));
           const int col = l / 2;
-          RankedList& list = result->per_query[size_t(col / 2)][size_t(col % 2)];
+          RankedList& list =
+              result->per_query[size_t(col / 2)][size_t(col % 2)];
           std::vector<ScoredSample>& out = bottom ? list.bottom : list.top;
           out.resize(all.size());
           for (size_t i = 0; i < all.size(); ++i) {
@@ -601,8 +611,9 @@ KernelStatus ValidateScan(const StoreLayout& layout,
   if (layout.checkpoints <= 0 || layout.slots <= 0 || layout.dim <= 0) {
     return KernelStatus::InvalidArgument(
         "store layout must have checkpoints, slots and dim >= 1 (got C=" +
-        std::to_string(layout.checkpoints) + ", S=" +
-        std::to_string(layout.slots) + ", D=" + std::to_string(layout.dim) + ")");
+        std::to_string(layout.checkpoints) +
+        ", S=" + std::to_string(layout.slots) +
+        ", D=" + std::to_string(layout.dim) + ")");
   }
   const int dt = static_cast<int>(layout.dtype);
   if (dt < 0 || dt > static_cast<int>(DType::kF32)) {
@@ -650,7 +661,8 @@ KernelStatus ValidateScan(const StoreLayout& layout,
         " is out of range 1.." + std::to_string(kMaxQueries));
   }
   if (queries.raw == nullptr || queries.unit == nullptr) {
-    return KernelStatus::InvalidArgument("query raw/unit vector pointer is null");
+    return KernelStatus::InvalidArgument(
+        "query raw/unit vector pointer is null");
   }
   if (queries.tracin_weights == nullptr || queries.retrac_weights == nullptr) {
     return KernelStatus::InvalidArgument("query weight pointer is null");
@@ -661,9 +673,9 @@ KernelStatus ValidateScan(const StoreLayout& layout,
                                          std::to_string(kMaxTopK));
   }
   if (options.k > total_rows) {
-    return KernelStatus::InvalidArgument(
-        "k = " + std::to_string(options.k) + " exceeds the number of samples (" +
-        std::to_string(total_rows) + ")");
+    return KernelStatus::InvalidArgument("k = " + std::to_string(options.k) +
+                                         " exceeds the number of samples (" +
+                                         std::to_string(total_rows) + ")");
   }
   if (options.num_threads < 0) {
     return KernelStatus::InvalidArgument("num_threads must be >= 0");
@@ -678,7 +690,8 @@ KernelStatus ScanCpu(const StoreLayout& layout,
   if (result == nullptr) {
     return KernelStatus::InvalidArgument("result pointer is null");
   }
-  RETRACE_KERNEL_RETURN_IF_ERROR(ValidateScan(layout, chunks, queries, options));
+  RETRACE_KERNEL_RETURN_IF_ERROR(
+      ValidateScan(layout, chunks, queries, options));
   try {
     return ScanCpuImpl(layout, chunks, queries, options, result);
   } catch (const std::bad_alloc&) {
@@ -693,7 +706,8 @@ KernelStatus MergeScanResults(const std::vector<ScanResult>& parts, int32_t k,
   if (merged == nullptr) {
     return KernelStatus::InvalidArgument("merged pointer is null");
   }
-  if (parts.empty()) return KernelStatus::InvalidArgument("no results to merge");
+  if (parts.empty())
+    return KernelStatus::InvalidArgument("no results to merge");
   if (k < 1 || k > kMaxTopK) {
     return KernelStatus::InvalidArgument("k = " + std::to_string(k) +
                                          " is out of range 1.." +
@@ -722,7 +736,8 @@ KernelStatus MergeScanResults(const std::vector<ScanResult>& parts, int32_t k,
               return KernelStatus::InvalidArgument(
                   "sample index " + std::to_string(s.index) + " out of range");
             }
-            all.emplace_back(PackCandidate(RankKey(s.score, !bottom), s.index), &s);
+            all.emplace_back(PackCandidate(RankKey(s.score, !bottom), s.index),
+                             &s);
           }
         }
         if (all.empty()) continue;  // lists not asked for (bottom)
@@ -731,17 +746,20 @@ KernelStatus MergeScanResults(const std::vector<ScanResult>& parts, int32_t k,
               "k = " + std::to_string(k) + " exceeds the " +
               std::to_string(all.size()) + " samples in the merged results");
         }
-        std::sort(all.begin(), all.end(),
-                  [](const auto& a, const auto& b) { return a.first > b.first; });
+        std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+          return a.first > b.first;
+        });
         for (size_t i = 1; i < all.size(); ++i) {
-          if (CandidateIndex(all[i].first) == CandidateIndex(all[i - 1].first)) {
+          if (CandidateIndex(all[i].first) ==
+              CandidateIndex(all[i - 1].first)) {
             return KernelStatus::InvalidArgument(
                 "sample " + std::to_string(CandidateIndex(all[i].first)) +
                 " appears in more than one merged result");
           }
         }
-        std::vector<ScoredSample>& dst = bottom ? out.per_query[q][size_t(m)].bottom
-                                                : out.per_query[q][size_t(m)].top;
+        std::vector<ScoredSample>& dst =
+            bottom ? out.per_query[q][size_t(m)].bottom
+                   : out.per_query[q][size_t(m)].top;
         dst.reserve(size_t(k));
         for (size_t i = 0; i < size_t(k); ++i) dst.push_back(*all[i].second);
       }
@@ -757,17 +775,20 @@ KernelStatus MergeScanResults(const std::vector<ScanResult>& parts, int32_t k,
 KernelStatus CudaScanScratchBytes(const StoreLayout&,
                                   const std::vector<StoreChunk>&, int32_t,
                                   const ScanOptions&, size_t*) {
-  return KernelStatus::Unavailable("built without CUDA (RETRACE_WITH_CUDA=OFF)");
+  return KernelStatus::Unavailable(
+      "built without CUDA (RETRACE_WITH_CUDA=OFF)");
 }
 
 KernelStatus ScanCuda(const StoreLayout&, const std::vector<StoreChunk>&,
                       const QueryBatch&, const ScanOptions&, void*, size_t,
                       CUstream_st*, ScanResult*) {
-  return KernelStatus::Unavailable("built without CUDA (RETRACE_WITH_CUDA=OFF)");
+  return KernelStatus::Unavailable(
+      "built without CUDA (RETRACE_WITH_CUDA=OFF)");
 }
 
 KernelStatus CudaSelfTest() {
-  return KernelStatus::Unavailable("built without CUDA (RETRACE_WITH_CUDA=OFF)");
+  return KernelStatus::Unavailable(
+      "built without CUDA (RETRACE_WITH_CUDA=OFF)");
 }
 #endif  // RETRACE_HAVE_CUDA
 

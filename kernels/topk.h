@@ -18,8 +18,8 @@ namespace retrace::kernels {
 // Order-preserving map of a score to 32 bits, larger = better. `top` selects
 // the top list (higher scores better) or the bottom list (lower better).
 RETRACE_HD uint32_t RankKey(float score, bool top) {
-  if (score != score) return 0u;     // NaN: worst in both lists
-  if (score == 0.0f) score = 0.0f;   // -0 ranks with +0
+  if (score != score) return 0u;    // NaN: worst in both lists
+  if (score == 0.0f) score = 0.0f;  // -0 ranks with +0
   uint32_t bits = FloatBits(score);
   uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
   // Every non-NaN score maps to >= 0x007fffff, so 0 stays reserved for NaN.

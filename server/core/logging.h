@@ -35,11 +35,10 @@ class LogMessage {
 #define RETRACE_LOG_LEVEL_WARNING ::retrace::LogLevel::kWarning
 #define RETRACE_LOG_LEVEL_ERROR ::retrace::LogLevel::kError
 
-#define RETRACE_LOG(level)                                   \
-  if (!::retrace::LogEnabled(RETRACE_LOG_LEVEL_##level)) {   \
-  } else                                                     \
-    ::retrace::LogMessage(RETRACE_LOG_LEVEL_##level, __FILE__, \
-                          __LINE__)                          \
+#define RETRACE_LOG(level)                                               \
+  if (!::retrace::LogEnabled(RETRACE_LOG_LEVEL_##level)) {               \
+  } else                                                                 \
+    ::retrace::LogMessage(RETRACE_LOG_LEVEL_##level, __FILE__, __LINE__) \
         .stream()
 
 #endif  // RETRACE_SERVER_CORE_LOGGING_H_

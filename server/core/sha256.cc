@@ -55,7 +55,8 @@ absl::StatusOr<std::string> Sha256File(const std::string& path) {
   Sha256 h;
   std::vector<char> buf(1 << 20);
   size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) h.Update(buf.data(), n);
+  while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0)
+    h.Update(buf.data(), n);
   bool failed = std::ferror(f) != 0;
   std::fclose(f);
   if (failed) return absl::DataLossError(absl::StrCat(path, ": read error"));

@@ -18,7 +18,8 @@ absl::Status FromKernelStatus(const kernels::KernelStatus& status) {
     case KernelCode::kUnavailable:
       return absl::UnavailableError(status.message());
     case KernelCode::kDeviceError:
-      return absl::InternalError(absl::StrCat("device error: ", status.message()));
+      return absl::InternalError(
+          absl::StrCat("device error: ", status.message()));
     case KernelCode::kInternal:
       return absl::InternalError(status.message());
   }
@@ -27,7 +28,8 @@ absl::Status FromKernelStatus(const kernels::KernelStatus& status) {
 
 absl::Status Annotate(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
+  return absl::Status(status.code(),
+                      absl::StrCat(context, ": ", status.message()));
 }
 
 }  // namespace retrace

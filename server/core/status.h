@@ -29,17 +29,17 @@ absl::Status Annotate(const absl::Status& status, absl::string_view context);
 
 // Evaluates `expr` (an absl::Status) and returns it from the enclosing function
 // when it is not ok.
-#define RETURN_IF_ERROR(expr)                                     \
-  do {                                                            \
-    ::absl::Status _retrace_status = (expr);                      \
-    if (!_retrace_status.ok()) return _retrace_status;            \
+#define RETURN_IF_ERROR(expr)                          \
+  do {                                                 \
+    ::absl::Status _retrace_status = (expr);           \
+    if (!_retrace_status.ok()) return _retrace_status; \
   } while (0)
 
 // Evaluates `rexpr` (an absl::StatusOr<T>); on error returns its status, else
 // moves the value into `lhs` (which may be a declaration: `auto x`).
-#define ASSIGN_OR_RETURN(lhs, rexpr)                                       \
-  ASSIGN_OR_RETURN_IMPL_(RETRACE_STATUS_CONCAT_(_retrace_sor_, __LINE__), \
-                         lhs, rexpr)
+#define ASSIGN_OR_RETURN(lhs, rexpr)                                           \
+  ASSIGN_OR_RETURN_IMPL_(RETRACE_STATUS_CONCAT_(_retrace_sor_, __LINE__), lhs, \
+                         rexpr)
 #define ASSIGN_OR_RETURN_IMPL_(sor, lhs, rexpr) \
   auto sor = (rexpr);                           \
   if (!sor.ok()) return sor.status();           \

@@ -24,7 +24,8 @@ using GzHandle = std::unique_ptr<gzFile_s, GzCloser>;
 bool ReadExactly(gzFile file, void* out, size_t size) {
   auto* bytes = static_cast<uint8_t*>(out);
   while (size > 0) {
-    const unsigned chunk = static_cast<unsigned>(std::min<size_t>(size, 1 << 30));
+    const unsigned chunk =
+        static_cast<unsigned>(std::min<size_t>(size, 1 << 30));
     const int got = gzread(file, bytes, chunk);
     if (got <= 0) return false;
     bytes += got;
@@ -57,18 +58,17 @@ absl::StatusOr<IdxArray> ReadIdxFile(const std::string& path) {
   }
   uint8_t header[4];
   if (!ReadExactly(file.get(), header, sizeof(header))) {
-    return absl::DataLossError(absl::StrCat("IDX file ", path, ": ",
-                                            GzError(file.get()),
-                                            " (no 4-byte header)"));
+    return absl::DataLossError(absl::StrCat(
+        "IDX file ", path, ": ", GzError(file.get()), " (no 4-byte header)"));
   }
   if (header[0] != 0 || header[1] != 0) {
     return absl::DataLossError(absl::StrCat(
         "IDX file ", path, ": bad magic (first two bytes must be zero)"));
   }
   if (header[2] != kUnsignedByteType) {
-    return absl::DataLossError(
-        absl::StrCat("IDX file ", path, ": element type 0x",
-                     absl::Hex(header[2]), " unsupported (expected 0x08, unsigned byte)"));
+    return absl::DataLossError(absl::StrCat(
+        "IDX file ", path, ": element type 0x", absl::Hex(header[2]),
+        " unsupported (expected 0x08, unsigned byte)"));
   }
   const int rank = header[3];
   if (rank < 1 || rank > kMaxDims) {
@@ -81,21 +81,23 @@ absl::StatusOr<IdxArray> ReadIdxFile(const std::string& path) {
   for (int d = 0; d < rank; ++d) {
     uint8_t be[4];
     if (!ReadExactly(file.get(), be, sizeof(be))) {
-      return absl::DataLossError(absl::StrCat(
-          "IDX file ", path, ": ", GzError(file.get()), " (in the dimensions)"));
+      return absl::DataLossError(absl::StrCat("IDX file ", path, ": ",
+                                              GzError(file.get()),
+                                              " (in the dimensions)"));
     }
     const int64_t dim = (int64_t{be[0]} << 24) | (int64_t{be[1]} << 16) |
                         (int64_t{be[2]} << 8) | int64_t{be[3]};
     array.dims.push_back(dim);
     total *= dim;
     if (total > (int64_t{1} << 40)) {
-      return absl::DataLossError(absl::StrCat(
-          "IDX file ", path, ": implausible dimensions [",
-          absl::StrJoin(array.dims, ", "), "...]"));
+      return absl::DataLossError(
+          absl::StrCat("IDX file ", path, ": implausible dimensions [",
+                       absl::StrJoin(array.dims, ", "), "...]"));
     }
   }
   array.data.resize(static_cast<size_t>(total));
-  if (total > 0 && !ReadExactly(file.get(), array.data.data(), array.data.size())) {
+  if (total > 0 &&
+      !ReadExactly(file.get(), array.data.data(), array.data.size())) {
     return absl::DataLossError(absl::StrCat(
         "IDX file ", path, ": ", GzError(file.get()), " (expected ", total,
         " data bytes for dimensions [", absl::StrJoin(array.dims, ", "), "])"));
@@ -122,15 +124,15 @@ absl::StatusOr<ImageSet> ReadIdxImageSet(const std::string& images_path,
         " dimensions, expected 3 (count, height, width)"));
   }
   if (labels->dims.size() != 1) {
-    return absl::DataLossError(
-        absl::StrCat("IDX labels file ", labels_path, " has ",
-                     labels->dims.size(), " dimensions, expected 1"));
+    return absl::DataLossError(absl::StrCat("IDX labels file ", labels_path,
+                                            " has ", labels->dims.size(),
+                                            " dimensions, expected 1"));
   }
   if (labels->dims[0] != images->dims[0]) {
-    return absl::DataLossError(absl::StrCat(
-        "IDX labels file ", labels_path, " has ", labels->dims[0],
-        " labels but images file ", images_path, " has ", images->dims[0],
-        " images"));
+    return absl::DataLossError(
+        absl::StrCat("IDX labels file ", labels_path, " has ", labels->dims[0],
+                     " labels but images file ", images_path, " has ",
+                     images->dims[0], " images"));
   }
   ImageSet set;
   set.name = std::string(name);
@@ -165,7 +167,8 @@ absl::StatusOr<ImageSet> LoadFashionMnist(const std::string& dir, Split split) {
       if (std::filesystem::is_regular_file(path, error)) return path;
     }
     return absl::NotFoundError(absl::StrCat(
-        "Fashion-MNIST file ", dir, "/", stem, "[.gz] not found (install the "
+        "Fashion-MNIST file ", dir, "/", stem,
+        "[.gz] not found (install the "
         "dataset-fashion-mnist package or point the data directory at the IDX "
         "files)"));
   };
@@ -178,13 +181,14 @@ absl::StatusOr<ImageSet> LoadFashionMnist(const std::string& dir, Split split) {
   if (!set.ok()) return set.status();
   for (int32_t label : set->labels) {
     if (label < 0 || label > 9) {
-      return absl::DataLossError(absl::StrCat(
-          "Fashion-MNIST labels file ", *labels, " has label ", label,
-          " outside [0, 9]"));
+      return absl::DataLossError(absl::StrCat("Fashion-MNIST labels file ",
+                                              *labels, " has label ", label,
+                                              " outside [0, 9]"));
     }
   }
-  set->class_names = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal",      "Shirt",   "Sneaker",  "Bag",   "Ankle boot"};
+  set->class_names = {"T-shirt/top", "Trouser",   "Pullover", "Dress",
+                      "Coat",        "Sandal",    "Shirt",    "Sneaker",
+                      "Bag",         "Ankle boot"};
   return set;
 }
 

@@ -36,7 +36,8 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
   std::string bytes((std::istreambuf_iterator<char>(in)),
                     std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
+  if (in.bad())
+    return absl::DataLossError(absl::StrCat("error reading ", path));
   return bytes;
 }
 
@@ -68,10 +69,10 @@ absl::StatusOr<std::vector<float>> DecodeImage(absl::string_view bytes,
   }
   if (width != spec.width || height != spec.height ||
       channels != spec.channels) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": image is ", width, "x", height, " with ", channels,
-        " channel(s), expected ", spec.width, "x", spec.height, " with ",
-        spec.channels, " channel(s)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": image is ", width, "x", height, " with ",
+                     channels, " channel(s), expected ", spec.width, "x",
+                     spec.height, " with ", spec.channels, " channel(s)"));
   }
   const int64_t plane = int64_t{width} * height;
   std::vector<float> out(static_cast<size_t>(plane * channels));
@@ -87,8 +88,8 @@ absl::StatusOr<ImageSet> LoadImageFolder(const std::string& root,
                                          const ImageSpec& spec) {
   std::error_code error;
   if (!fs::is_directory(root, error)) {
-    return absl::NotFoundError(
-        absl::StrCat("image folder ", root, " does not exist or is not a directory"));
+    return absl::NotFoundError(absl::StrCat(
+        "image folder ", root, " does not exist or is not a directory"));
   }
   std::vector<fs::path> class_dirs;
   for (const fs::directory_entry& entry : fs::directory_iterator(root, error)) {
@@ -134,9 +135,10 @@ absl::StatusOr<ImageSet> LoadImageFolder(const std::string& root,
     }
   }
   if (set.labels.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "image folder ", root, " has no .png/.jpg/.jpeg images in its class "
-        "sub-folders"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("image folder ", root,
+                     " has no .png/.jpg/.jpeg images in its class "
+                     "sub-folders"));
   }
   return set;
 }

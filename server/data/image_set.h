@@ -22,8 +22,8 @@ struct ImageSet {
   int64_t channels = 1;
   int64_t height = 0;
   int64_t width = 0;
-  std::vector<float> pixels;   // size() · channels · height · width values
-  std::vector<int32_t> labels; // one per image
+  std::vector<float> pixels;    // size() · channels · height · width values
+  std::vector<int32_t> labels;  // one per image
   // Optional: label -> class name ("T-shirt/top", a sub-folder name); empty
   // when the source has none.
   std::vector<std::string> class_names;
@@ -34,7 +34,8 @@ struct ImageSet {
   int64_t image_numel() const { return channels * height * width; }
   // Image i, i in [0, size()).
   absl::Span<const float> Image(int64_t i) const {
-    return absl::MakeConstSpan(pixels).subspan(i * image_numel(), image_numel());
+    return absl::MakeConstSpan(pixels).subspan(i * image_numel(),
+                                               image_numel());
   }
 };
 

@@ -18,7 +18,8 @@
 namespace retrace::data {
 namespace {
 
-constexpr int64_t kMaxIndexInSource = (int64_t{1} << kSampleIdComponentShift) - 1;
+constexpr int64_t kMaxIndexInSource =
+    (int64_t{1} << kSampleIdComponentShift) - 1;
 
 // SplitMix64: a fully specified generator, so permutations are identical on
 // every platform and standard library.
@@ -110,8 +111,8 @@ absl::StatusOr<MixtureSpec> ParseMixtureSpec(absl::string_view text) {
   MixtureSpec spec;
   int index = 0;
   for (absl::string_view part : absl::StrSplit(text, '+')) {
-    const std::string where = absl::StrCat("component ", index, " ('",
-                                           absl::StripAsciiWhitespace(part), "')");
+    const std::string where = absl::StrCat(
+        "component ", index, " ('", absl::StripAsciiWhitespace(part), "')");
     std::vector<absl::string_view> tokens =
         absl::StrSplit(absl::StripAsciiWhitespace(part), ':');
     MixtureComponent component;
@@ -123,8 +124,8 @@ absl::StatusOr<MixtureSpec> ParseMixtureSpec(absl::string_view text) {
           "' (expected fashion-mnist, mnist or folder)"));
     }
     for (size_t i = 1; i < tokens.size(); ++i) {
-      RETURN_IF_ERROR(ParseOption(absl::StripAsciiWhitespace(tokens[i]),
-                                  component, where));
+      RETURN_IF_ERROR(
+          ParseOption(absl::StripAsciiWhitespace(tokens[i]), component, where));
     }
     if (component.source == "folder" && component.path.empty()) {
       return absl::InvalidArgumentError(
@@ -140,7 +141,8 @@ std::string FormatMixtureSpec(const MixtureSpec& spec) {
   std::vector<std::string> parts;
   for (const MixtureComponent& c : spec.components) {
     std::string part = c.source;
-    if (c.source == "fashion-mnist") absl::StrAppend(&part, ":", SplitName(c.split));
+    if (c.source == "fashion-mnist")
+      absl::StrAppend(&part, ":", SplitName(c.split));
     if (!c.classes.empty()) {
       absl::StrAppend(&part, ":classes=", absl::StrJoin(c.classes, ","));
     }
@@ -160,9 +162,8 @@ absl::StatusOr<Mixture> MixImageSets(
     return absl::InvalidArgumentError("mixture spec has no components");
   }
   if (sources.size() != count) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("mixture: ", count, " components but ", sources.size(),
-                     " sources"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "mixture: ", count, " components but ", sources.size(), " sources"));
   }
   const ImageSet& first = *sources[0];
   for (size_t i = 0; i < count; ++i) {
@@ -175,8 +176,8 @@ absl::StatusOr<Mixture> MixImageSets(
           "x", first.height, "x", first.width));
     }
     if (s.size() > kMaxIndexInSource) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("mixture: source ", s.name, " is too large for sample ids"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "mixture: source ", s.name, " is too large for sample ids"));
     }
   }
 
@@ -186,9 +187,8 @@ absl::StatusOr<Mixture> MixImageSets(
     const MixtureComponent& c = spec.components[i];
     const ImageSet& s = *sources[i];
     for (int64_t n = 0; n < s.size(); ++n) {
-      if (c.classes.empty() ||
-          std::find(c.classes.begin(), c.classes.end(), s.labels[n]) !=
-              c.classes.end()) {
+      if (c.classes.empty() || std::find(c.classes.begin(), c.classes.end(),
+                                         s.labels[n]) != c.classes.end()) {
         candidates[i].push_back(n);
       }
     }
@@ -224,10 +224,10 @@ absl::StatusOr<Mixture> MixImageSets(
       take[i] = std::llround(*c.fraction * base_total / (1.0 - fraction_sum));
       if (c.limit) take[i] = std::min(take[i], *c.limit);
       if (take[i] > static_cast<int64_t>(candidates[i].size())) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "mixture: component ", i, " (", sources[i]->name, ") fraction ",
-            *c.fraction, " needs ", take[i], " samples but only ",
-            candidates[i].size(), " match"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("mixture: component ", i, " (", sources[i]->name,
+                         ") fraction ", *c.fraction, " needs ", take[i],
+                         " samples but only ", candidates[i].size(), " match"));
       }
     }
   }
@@ -236,9 +236,9 @@ absl::StatusOr<Mixture> MixImageSets(
   std::vector<std::pair<int32_t, int64_t>> chosen;  // (component, index)
   for (size_t i = 0; i < count; ++i) {
     if (take[i] == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "mixture: component ", i, " (", sources[i]->name,
-          ") selects no samples"));
+      return absl::InvalidArgumentError(absl::StrCat("mixture: component ", i,
+                                                     " (", sources[i]->name,
+                                                     ") selects no samples"));
     }
     std::vector<int64_t>& pool = candidates[i];
     if (take[i] < static_cast<int64_t>(pool.size())) {

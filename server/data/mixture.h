@@ -41,13 +41,13 @@
 namespace retrace::data {
 
 struct MixtureComponent {
-  std::string source;             // "fashion-mnist", "mnist" or "folder"
-  Split split = Split::kTrain;    // fashion-mnist only
-  std::vector<int32_t> classes;   // empty: all labels
+  std::string source;            // "fashion-mnist", "mnist" or "folder"
+  Split split = Split::kTrain;   // fashion-mnist only
+  std::vector<int32_t> classes;  // empty: all labels
   std::optional<int64_t> limit;
   std::optional<double> fraction;
-  std::optional<int32_t> label;   // relabel every sample
-  std::string path;               // empty: the source's default location
+  std::optional<int32_t> label;  // relabel every sample
+  std::string path;              // empty: the source's default location
 };
 
 struct MixtureSpec {
@@ -73,10 +73,10 @@ struct SampleProvenance {
 };
 
 struct Mixture {
-  ImageSet images;                          // labels after any relabelling
-  std::vector<int64_t> sample_ids;          // one per image
-  std::vector<SampleProvenance> provenance; // one per image
-  std::vector<std::string> sources;         // ImageSet::name per component
+  ImageSet images;                           // labels after any relabelling
+  std::vector<int64_t> sample_ids;           // one per image
+  std::vector<SampleProvenance> provenance;  // one per image
+  std::vector<std::string> sources;          // ImageSet::name per component
 };
 
 // Mixes already-loaded sources: sources[i] is the data of spec.components[i]
@@ -94,7 +94,8 @@ struct DataLocations {
   ImageSpec folder_spec;  // what folder images must be (28×28 gray)
 };
 
-// Loads each component's source (each distinct source once) and mixes them. Errors of the readers pass through.
+// Loads each component's source (each distinct source once) and mixes them.
+// Errors of the readers pass through.
 absl::StatusOr<Mixture> BuildMixture(const MixtureSpec& spec,
                                      const DataLocations& locations = {});
 

@@ -3,9 +3,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
-
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -50,8 +49,8 @@ absl::StatusOr<ImageSet> LoadMnistDigits(const std::string& dir) {
     }
     auto data = json.is_object() ? json.find("data") : json.end();
     if (data == json.end() || !data->is_array()) {
-      return absl::DataLossError(absl::StrCat(
-          "MNIST digits file ", path, " has no \"data\" array"));
+      return absl::DataLossError(
+          absl::StrCat("MNIST digits file ", path, " has no \"data\" array"));
     }
     if (data->size() % kPixels != 0) {
       return absl::DataLossError(absl::StrCat(
@@ -63,9 +62,9 @@ absl::StatusOr<ImageSet> LoadMnistDigits(const std::string& dir) {
       const nlohmann::json& value = (*data)[i];
       if (!value.is_number() || !(value.get<double>() >= 0.0) ||
           value.get<double>() > 1.0) {
-        return absl::DataLossError(absl::StrCat(
-            "MNIST digits file ", path, ": value ", i, " (", value.dump(),
-            ") is not a number in [0, 1]"));
+        return absl::DataLossError(
+            absl::StrCat("MNIST digits file ", path, ": value ", i, " (",
+                         value.dump(), ") is not a number in [0, 1]"));
       }
       set.pixels.push_back(static_cast<float>(2.0 * value.get<double>() - 1.0));
     }

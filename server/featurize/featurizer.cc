@@ -1,10 +1,10 @@
 #include "server/featurize/featurizer.h"
 
+#include <ATen/ATen.h>
+
 #include <functional>
 #include <regex>
 #include <utility>
-
-#include <ATen/ATen.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -23,7 +23,8 @@ using model::internal::CallTorch;
 using PieceFn = std::function<at::Tensor(size_t)>;
 
 // Σ over pieces of the squared row norms, in double: [rows].
-at::Tensor RowSquaredNorms(size_t num_pieces, int64_t rows, const PieceFn& piece) {
+at::Tensor RowSquaredNorms(size_t num_pieces, int64_t rows,
+                           const PieceFn& piece) {
   at::Tensor sum = at::zeros({rows}, at::kDouble);
   for (size_t i = 0; i < num_pieces; ++i) {
     sum += at::linalg_vector_norm(piece(i), 2, at::IntArrayRef{1},
@@ -52,8 +53,8 @@ absl::StatusOr<at::Tensor> ProjectScaledRows(
   for (size_t i = 0; i < num_pieces; ++i) {
     const at::Tensor scaled = (piece(i) * row_scale).contiguous();
     const int64_t len = scaled.size(1);
-    RETURN_IF_KERNEL_ERROR(projector->Accumulate(scaled.data_ptr<float>(), len,
-                                                 len, offset, 1.0));
+    RETURN_IF_KERNEL_ERROR(
+        projector->Accumulate(scaled.data_ptr<float>(), len, len, offset, 1.0));
     offset += len;
   }
   at::Tensor out = at::empty({rows, spec.output_dim}, at::kFloat);
@@ -67,9 +68,9 @@ absl::Status CheckImages(const at::Tensor& images, const model::ImageShape& s,
       images.scalar_type() != at::kFloat || images.size(0) < 1 ||
       images.size(1) != s.channels || images.size(2) != s.height ||
       images.size(3) != s.width) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, " must be float32 [B >= 1, ", s.channels, ", ", s.height, ", ",
-        s.width, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " must be float32 [B >= 1, ", s.channels, ", ",
+                     s.height, ", ", s.width, "]"));
   }
   return absl::OkStatus();
 }
@@ -101,15 +102,15 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(
   }
   const int64_t t_count = schedule.num_timesteps();
   if (spec.bucket_edges.empty()) {
-    spec.bucket_edges =
-        EqualBucketEdges(std::min<int64_t>(kDefaultNumBuckets, t_count), t_count);
+    spec.bucket_edges = EqualBucketEdges(
+        std::min<int64_t>(kDefaultNumBuckets, t_count), t_count);
   }
-  RETURN_IF_ERROR(Annotate(ValidateBucketEdges(spec.bucket_edges, t_count),
-                           "featurizer"));
+  RETURN_IF_ERROR(
+      Annotate(ValidateBucketEdges(spec.bucket_edges, t_count), "featurizer"));
   if (spec.grad_timesteps < 1 || spec.grad_timesteps >= kMaxDrawIndex) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "featurizer: grad_timesteps must be in [1, ", kMaxDrawIndex, "), got ",
-        spec.grad_timesteps));
+    return absl::InvalidArgumentError(
+        absl::StrCat("featurizer: grad_timesteps must be in [1, ",
+                     kMaxDrawIndex, "), got ", spec.grad_timesteps));
   }
   if (options.max_rows < 1) {
     return absl::InvalidArgumentError("featurizer: max_rows must be >= 1");
@@ -119,9 +120,9 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(
   try {
     pattern = std::regex(spec.param_regex, std::regex::ECMAScript);
   } catch (const std::regex_error& e) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "featurizer: param_regex '", spec.param_regex, "' is invalid: ",
-        e.what()));
+    return absl::InvalidArgumentError(absl::StrCat("featurizer: param_regex '",
+                                                   spec.param_regex,
+                                                   "' is invalid: ", e.what()));
   }
   std::vector<int> selected;
   std::vector<std::string> names;
@@ -135,10 +136,10 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(
     }
   }
   if (selected.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "featurizer: param_regex '", spec.param_regex,
-        "' matches no parameter name (names look like '",
-        params.empty() ? "" : params.front().name, "')"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("featurizer: param_regex '", spec.param_regex,
+                     "' matches no parameter name (names look like '",
+                     params.empty() ? "" : params.front().name, "')"));
   }
   if (spec.projection.input_dim == 0) spec.projection.input_dim = p;
   if (spec.projection.input_dim != p) {
@@ -165,9 +166,9 @@ absl::StatusOr<Featurizer::Projected> Featurizer::ProjectUnit(
   const PieceFn piece = [&](size_t i) { return pieces[i]; };
   Projected out;
   out.norms = RowSquaredNorms(pieces.size(), rows, piece).sqrt();
-  ASSIGN_OR_RETURN(out.unit,
-                   ProjectScaledRows(spec_.projection, pieces.size(), rows,
-                                     piece, InverseNorms(out.norms)));
+  ASSIGN_OR_RETURN(
+      out.unit, ProjectScaledRows(spec_.projection, pieces.size(), rows, piece,
+                                  InverseNorms(out.norms)));
   return out;
 }
 
@@ -178,14 +179,14 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
   RETURN_IF_ERROR(CheckImages(images, shape, "featurizer: images"));
   const int64_t batch = images.size(0);
   if (first_index < 0 || first_index + batch > kMaxSampleIndex) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "featurizer: sample indices ", first_index, "..",
-        first_index + batch - 1, " must lie in [0, 2^32)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("featurizer: sample indices ", first_index, "..",
+                     first_index + batch - 1, " must lie in [0, 2^32)"));
   }
   if (checkpoint < 0 || checkpoint >= kMaxCheckpoints) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "featurizer: checkpoint ", checkpoint, " must lie in [0, ",
-        kMaxCheckpoints, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("featurizer: checkpoint ", checkpoint, " must lie in [0, ",
+                     kMaxCheckpoints, ")"));
   }
   if (replay != nullptr) {
     if (!replay->timesteps.defined() || replay->timesteps.dim() != 1 ||
@@ -194,7 +195,8 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
       return absl::InvalidArgumentError(absl::StrCat(
           "featurizer: replay timesteps must be int64 [", batch, "]"));
     }
-    RETURN_IF_ERROR(CheckImages(replay->noise, shape, "featurizer: replay noise"));
+    RETURN_IF_ERROR(
+        CheckImages(replay->noise, shape, "featurizer: replay noise"));
     if (replay->noise.size(0) != batch) {
       return absl::InvalidArgumentError(absl::StrCat(
           "featurizer: replay noise must hold ", batch, " images"));
@@ -221,26 +223,27 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
           const at::Tensor x_rows = m == 1 ? x : x.repeat_interleave(m, 0);
           for (int64_t b = 0; b < buckets; ++b) {
             at::Tensor t = at::empty({count * m}, at::kLong);
-            at::Tensor eps = at::empty({count * m, shape.channels,
-                                        shape.height, shape.width},
-                                       at::kFloat);
+            at::Tensor eps = at::empty(
+                {count * m, shape.channels, shape.height, shape.width},
+                at::kFloat);
             int64_t* t_data = t.data_ptr<int64_t>();
             float* eps_data = eps.data_ptr<float>();
             for (int64_t i = 0; i < count; ++i) {
               const int64_t n = first_index + s0 + i;
               for (int64_t j = 0; j < m; ++j) {
                 const int64_t row = i * m + j;
-                t_data[row] = BuildTimestep(
-                    spec_.store_seed, n, checkpoint, b, j,
-                    spec_.bucket_edges[b], spec_.bucket_edges[b + 1]);
+                t_data[row] = BuildTimestep(spec_.store_seed, n, checkpoint, b,
+                                            j, spec_.bucket_edges[b],
+                                            spec_.bucket_edges[b + 1]);
                 model::GaussianFill(
-                    BuildKey(model::RngStream::kBuildNoise, spec_.store_seed,
-                             n, checkpoint, b, j),
+                    BuildKey(model::RngStream::kBuildNoise, spec_.store_seed, n,
+                             checkpoint, b, j),
                     eps_data + row * image_numel, image_numel);
               }
             }
-            out.timesteps.select(1, b).narrow(0, s0, count).copy_(
-                t.reshape({count, m}));
+            out.timesteps.select(1, b)
+                .narrow(0, s0, count)
+                .copy_(t.reshape({count, m}));
             ASSIGN_OR_RETURN(std::vector<at::Tensor> grads,
                              engine_->Compute(x_rows, t, eps, m));
             ASSIGN_OR_RETURN(Projected projected, ProjectUnit(grads));
@@ -250,14 +253,16 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
           if (replay != nullptr) {
             ASSIGN_OR_RETURN(
                 std::vector<at::Tensor> grads,
-                engine_->Compute(x, replay->timesteps.narrow(0, s0, count),
-                                 replay->noise.narrow(0, s0, count).contiguous(),
-                                 1));
+                engine_->Compute(
+                    x, replay->timesteps.narrow(0, s0, count),
+                    replay->noise.narrow(0, s0, count).contiguous(), 1));
             ASSIGN_OR_RETURN(Projected projected, ProjectUnit(grads));
-            out.unit.select(1, buckets).narrow(0, s0, count).copy_(
-                projected.unit);
-            out.norms.select(1, buckets).narrow(0, s0, count).copy_(
-                projected.norms);
+            out.unit.select(1, buckets)
+                .narrow(0, s0, count)
+                .copy_(projected.unit);
+            out.norms.select(1, buckets)
+                .narrow(0, s0, count)
+                .copy_(projected.norms);
           }
         }
         return out;
@@ -267,17 +272,16 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
 absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
     const at::Tensor& image, int64_t checkpoint, const QueryOptions& options) {
   const model::ImageShape shape = model_->InputShape();
-  const at::Tensor x = image.defined() && image.dim() == 3
-                           ? image.unsqueeze(0)
-                           : image;
+  const at::Tensor x =
+      image.defined() && image.dim() == 3 ? image.unsqueeze(0) : image;
   RETURN_IF_ERROR(CheckImages(x, shape, "featurizer: query image"));
   if (x.size(0) != 1) {
     return absl::InvalidArgumentError("featurizer: one query image at a time");
   }
   if (checkpoint < 0 || checkpoint >= kMaxCheckpoints) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "featurizer: checkpoint ", checkpoint, " must lie in [0, ",
-        kMaxCheckpoints, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("featurizer: checkpoint ", checkpoint, " must lie in [0, ",
+                     kMaxCheckpoints, ")"));
   }
   const int64_t k = options.query_timesteps;
   const int64_t r_count = options.noise_draws;
@@ -286,14 +290,15 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
         "featurizer: query_timesteps must be in [1, 65535], got ", k));
   }
   if (r_count < 1 || r_count >= kMaxDrawIndex) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "featurizer: query_noise_draws must be in [1, ", kMaxDrawIndex - 1,
-        "], got ", r_count));
+    return absl::InvalidArgumentError(
+        absl::StrCat("featurizer: query_noise_draws must be in [1, ",
+                     kMaxDrawIndex - 1, "], got ", r_count));
   }
   const int64_t buckets = num_buckets();
   const int64_t groups = buckets * k;  // one group per (bucket, timestep)
   const int64_t image_numel = shape.channels * shape.height * shape.width;
-  const int64_t groups_per_pass = std::max<int64_t>(1, options_.max_rows / r_count);
+  const int64_t groups_per_pass =
+      std::max<int64_t>(1, options_.max_rows / r_count);
 
   return CallTorch(
       "featurizer query side", [&]() -> absl::StatusOr<QueryFeatures> {
@@ -313,9 +318,8 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
           const int64_t count = std::min(groups_per_pass, groups - g0);
           const int64_t rows = count * r_count;
           at::Tensor t = at::empty({rows}, at::kLong);
-          at::Tensor eps =
-              at::empty({rows, shape.channels, shape.height, shape.width},
-                        at::kFloat);
+          at::Tensor eps = at::empty(
+              {rows, shape.channels, shape.height, shape.width}, at::kFloat);
           int64_t* t_data = t.data_ptr<int64_t>();
           float* eps_data = eps.data_ptr<float>();
           for (int64_t g = g0; g < g0 + count; ++g) {
@@ -327,9 +331,9 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
                   eps_data + row * image_numel, image_numel);
             }
           }
-          ASSIGN_OR_RETURN(
-              std::vector<at::Tensor> grads,
-              engine_->Compute(x_c.expand({rows, -1, -1, -1}), t, eps, r_count));
+          ASSIGN_OR_RETURN(std::vector<at::Tensor> grads,
+                           engine_->Compute(x_c.expand({rows, -1, -1, -1}), t,
+                                            eps, r_count));
           if (g_bar.empty()) {
             for (const at::Tensor& piece : grads) {
               g_bar.push_back(at::empty({groups, piece.size(1)}, at::kFloat));
@@ -345,7 +349,8 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
           return g_bar[i].reshape({buckets, k, -1}).mean(1);
         };
         const PieceFn g_piece = [&](size_t i) { return g_bar[i]; };
-        const at::Tensor g_norms = RowSquaredNorms(pieces, groups, g_piece).sqrt();
+        const at::Tensor g_norms =
+            RowSquaredNorms(pieces, groups, g_piece).sqrt();
         const at::Tensor raw_norms =
             RowSquaredNorms(pieces, buckets, raw_piece).sqrt();
         // mean_s ḡ(s)/‖ḡ(s)‖: a mean of unit vectors, so its L1 norm stays
@@ -354,17 +359,17 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
         const PieceFn unit_piece = [&](size_t i) {
           return (g_bar[i].reshape({buckets, k, -1}) * g_inv).mean(1);
         };
-        ASSIGN_OR_RETURN(out.unit,
-                         ProjectScaledRows(spec_.projection, pieces, buckets,
-                                           unit_piece,
-                                           at::ones({buckets, 1}, at::kFloat)));
+        ASSIGN_OR_RETURN(
+            out.unit,
+            ProjectScaledRows(spec_.projection, pieces, buckets, unit_piece,
+                              at::ones({buckets, 1}, at::kFloat)));
         // q_raw = ‖mean‖ · P(mean/‖mean‖): unit rows keep the fixed point
         // in range.
         ASSIGN_OR_RETURN(at::Tensor raw_unit,
                          ProjectScaledRows(spec_.projection, pieces, buckets,
                                            raw_piece, InverseNorms(raw_norms)));
-        out.raw = (raw_unit.to(at::kDouble) * raw_norms.unsqueeze(1))
-                      .to(at::kFloat);
+        out.raw =
+            (raw_unit.to(at::kDouble) * raw_norms.unsqueeze(1)).to(at::kFloat);
         return out;
       });
 }

@@ -29,19 +29,19 @@
 // model is borrowed and must outlive it; do not Load or mutate the model
 // while a call runs. Between calls the model may Load another checkpoint:
 // the layerwise engine reads the parameter tensors it was created with, so
-// Load must update them in place (UNetModel::Load does). LibTorch's intra-op pool (at::set_num_threads) and
-// RETRACE_CPU_THREADS (the projection) decide the parallelism.
-// Determinism: the same inputs, seeds, options and thread counts give
-// bit-identical outputs.
+// Load must update them in place (UNetModel::Load does). LibTorch's intra-op
+// pool (at::set_num_threads) and RETRACE_CPU_THREADS (the projection) decide
+// the parallelism. Determinism: the same inputs, seeds, options and thread
+// counts give bit-identical outputs.
 #ifndef RETRACE_SERVER_FEATURIZE_FEATURIZER_H_
 #define RETRACE_SERVER_FEATURIZE_FEATURIZER_H_
+
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
 #include "kernels/projection.h"
@@ -85,15 +85,15 @@ struct ReplayDraws {
 
 struct TrainFeatures {
   // S = buckets (+ 1 replay slot, last, when replay draws were given).
-  at::Tensor unit;       // float32 [B, S, D]: P·g/‖g‖ (zero rows when g = 0)
-  at::Tensor norms;      // float32 [B, S]: ‖g‖ over the selected parameters
+  at::Tensor unit;   // float32 [B, S, D]: P·g/‖g‖ (zero rows when g = 0)
+  at::Tensor norms;  // float32 [B, S]: ‖g‖ over the selected parameters
   at::Tensor timesteps;  // int64 [B, buckets, m]: the t_j drawn
 };
 
 struct QueryOptions {
-  int64_t query_timesteps = 2;    // k timesteps per bucket, 1..65535
-  int64_t noise_draws = 4;        // r draws per timestep, 1..2^24−1
-  uint64_t seed = 0;              // the request's seed
+  int64_t query_timesteps = 2;  // k timesteps per bucket, 1..65535
+  int64_t noise_draws = 4;      // r draws per timestep, 1..2^24−1
+  uint64_t seed = 0;            // the request's seed
 };
 
 struct QueryFeatures {
@@ -117,10 +117,9 @@ class Featurizer {
   // θ_c). images: float32 [B, C, H, W] in [−1, 1]. replay: nullptr, or the
   // draws of these B samples. INVALID_ARGUMENT for bad shapes, indices
   // (n0 + B ≤ 2^32, c < 2^16) or non-finite gradients.
-  absl::StatusOr<TrainFeatures> TrainingSide(const at::Tensor& images,
-                                             int64_t first_index,
-                                             int64_t checkpoint,
-                                             const ReplayDraws* replay = nullptr);
+  absl::StatusOr<TrainFeatures> TrainingSide(
+      const at::Tensor& images, int64_t first_index, int64_t checkpoint,
+      const ReplayDraws* replay = nullptr);
 
   // Query side for one image (float32 [C, H, W] or [1, C, H, W]) at
   // checkpoint c. INVALID_ARGUMENT for bad shapes or options.

@@ -1,9 +1,9 @@
 #include "server/featurize/group_gradients.h"
 
-#include <utility>
-
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
+
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -53,9 +53,9 @@ absl::Status CheckRows(const at::Tensor& x, const at::Tensor& t,
         absl::StrCat("group gradients: t must be int64 [", x.size(0), "]"));
   }
   if (group_size < 1 || x.size(0) == 0 || x.size(0) % group_size != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "group gradients: ", x.size(0),
-        " rows do not split into groups of ", group_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat("group gradients: ", x.size(0),
+                     " rows do not split into groups of ", group_size));
   }
   return absl::OkStatus();
 }
@@ -128,9 +128,9 @@ class LoopEngine final : public GroupGradientEngine {
             const at::Tensor xs = x.narrow(0, g * k, k);
             const at::Tensor ts = t.narrow(0, g * k, k);
             const at::Tensor es = eps.narrow(0, g * k, k);
-            ASSIGN_OR_RETURN(at::Tensor per, model::DiffusionLoss(
-                                                 *model_, schedule_, loss_, xs,
-                                                 ts, es));
+            ASSIGN_OR_RETURN(
+                at::Tensor per,
+                model::DiffusionLoss(*model_, schedule_, loss_, xs, ts, es));
             at::Tensor total = per.sum() * (1.0 / static_cast<double>(k));
             std::vector<at::Tensor> grads = torch::autograd::grad(
                 {total}, params, /*grad_outputs=*/{}, /*retain_graph=*/false,
@@ -171,9 +171,7 @@ class LayerwiseEngine final : public GroupGradientEngine {
     num_selected_ = selected.size();
   }
 
-  GradientMethod method() const override {
-    return GradientMethod::kLayerwise;
-  }
+  GradientMethod method() const override { return GradientMethod::kLayerwise; }
 
   absl::StatusOr<std::vector<at::Tensor>> Compute(const at::Tensor& x,
                                                   const at::Tensor& t,
@@ -184,7 +182,8 @@ class LayerwiseEngine final : public GroupGradientEngine {
         "layerwise gradients",
         [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
           at::AutoGradMode grad_mode(true);
-          ASSIGN_OR_RETURN(at::Tensor x_t, model::AddNoise(schedule_, x, t, eps));
+          ASSIGN_OR_RETURN(at::Tensor x_t,
+                           model::AddNoise(schedule_, x, t, eps));
           std::vector<LayerTap> taps;
           at::Tensor eps_hat = mirror_.Forward(x_t, t, &tap_layer_, &taps);
           ASSIGN_OR_RETURN(at::Tensor per,
@@ -228,7 +227,8 @@ class LayerwiseEngine final : public GroupGradientEngine {
       }
       case LayerKind::kConv2d: {
         const int64_t c_out = go.size(1);
-        if (weight_pos >= 0) dw = ConvGroupWeightGradients(layer, tap.input, go, k);
+        if (weight_pos >= 0)
+          dw = ConvGroupWeightGradients(layer, tap.input, go, k);
         if (bias_pos >= 0) {
           db = go.sum({2, 3}).reshape({groups, k, c_out}).sum(1);
         }
@@ -274,7 +274,9 @@ absl::Status CheckMirror(model::DiffusionModel* model,
     if (!(diff <= kMirrorCheckRelTol * std::max(1.0, scale))) {
       return absl::FailedPreconditionError(absl::StrCat(
           "the layerwise UNet mirror differs from the model's forward pass "
-          "(max |diff| ", diff, "); server/model/unet.cc has changed without "
+          "(max |diff| ",
+          diff,
+          "); server/model/unet.cc has changed without "
           "server/featurize/unet_mirror.cc"));
     }
     return absl::OkStatus();
@@ -309,9 +311,9 @@ absl::StatusOr<std::unique_ptr<GroupGradientEngine>> CreateGroupGradientEngine(
       why = mirror.ok() ? CheckMirror(model, *mirror) : mirror.status();
       if (why.ok()) {
         return std::unique_ptr<GroupGradientEngine>(
-            std::make_unique<LayerwiseEngine>(
-                *std::move(mirror), schedule, loss, selected,
-                static_cast<int>(params.size())));
+            std::make_unique<LayerwiseEngine>(*std::move(mirror), schedule,
+                                              loss, selected,
+                                              static_cast<int>(params.size())));
       }
     }
     if (method == GradientMethod::kLayerwise) return why;

@@ -35,10 +35,10 @@
 #ifndef RETRACE_SERVER_FEATURIZE_GROUP_GRADIENTS_H_
 #define RETRACE_SERVER_FEATURIZE_GROUP_GRADIENTS_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <memory>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
 #include "server/model/diffusion_model.h"

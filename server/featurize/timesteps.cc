@@ -6,20 +6,22 @@ namespace retrace::featurize {
 
 absl::Status ValidateBucketEdges(absl::Span<const int64_t> edges,
                                  int64_t num_timesteps) {
-  if (edges.size() < 2 || static_cast<int64_t>(edges.size()) > kMaxBuckets + 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "bucket edges: need 2..", kMaxBuckets + 1, " edges, got ", edges.size()));
+  if (edges.size() < 2 ||
+      static_cast<int64_t>(edges.size()) > kMaxBuckets + 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bucket edges: need 2..", kMaxBuckets + 1, " edges, got ",
+                     edges.size()));
   }
   if (edges.front() != 0 || edges.back() != num_timesteps) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "bucket edges must start at 0 and end at T = ", num_timesteps,
-        ", got ", edges.front(), " .. ", edges.back()));
+        "bucket edges must start at 0 and end at T = ", num_timesteps, ", got ",
+        edges.front(), " .. ", edges.back()));
   }
   for (size_t i = 1; i < edges.size(); ++i) {
     if (edges[i] <= edges[i - 1]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "bucket edges must increase strictly; edge ", i, " (", edges[i],
-          ") <= edge ", i - 1, " (", edges[i - 1], ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("bucket edges must increase strictly; edge ", i, " (",
+                       edges[i], ") <= edge ", i - 1, " (", edges[i - 1], ")"));
     }
   }
   return absl::OkStatus();
@@ -59,10 +61,10 @@ model::RngKey QueryNoiseKey(uint64_t request_seed, int64_t checkpoint,
 
 int64_t BuildTimestep(uint64_t store_seed, int64_t sample, int64_t checkpoint,
                       int64_t bucket, int64_t draw, int64_t lo, int64_t hi) {
-  return model::UniformInt(BuildKey(model::RngStream::kBuildTimestep,
-                                    store_seed, sample, checkpoint, bucket,
-                                    draw),
-                           lo, hi);
+  return model::UniformInt(
+      BuildKey(model::RngStream::kBuildTimestep, store_seed, sample, checkpoint,
+               bucket, draw),
+      lo, hi);
 }
 
 std::vector<int64_t> QueryTimesteps(int64_t lo, int64_t hi, int64_t k) {

@@ -4,11 +4,12 @@
 //
 // Buckets: edges e_0 = 0 < e_1 < ... < e_B = T; bucket b is [e_b, e_{b+1}).
 // Build side: the j-th timestep of (sample n, checkpoint c, bucket b) is
-//   UniformInt(key(store seed, kBuildTimestep; n, c << 16 | b, j), e_b, e_{b+1})
-// and its noise is GaussianFill(key(store seed, kBuildNoise; n, c << 16 | b, j)).
-// Query side: the k timesteps of bucket b are the floored centres of k equal
-// sub-intervals, s_i = e_b + floor((2i + 1)·(e_{b+1} − e_b) / (2k)), i < k,
-// and the noise of draw r at s_i is
+//   UniformInt(key(store seed, kBuildTimestep; n, c << 16 | b, j), e_b,
+//   e_{b+1})
+// and its noise is GaussianFill(key(store seed, kBuildNoise; n, c << 16 | b,
+// j)). Query side: the k timesteps of bucket b are the floored centres of k
+// equal sub-intervals, s_i = e_b + floor((2i + 1)·(e_{b+1} − e_b) / (2k)), i <
+// k, and the noise of draw r at s_i is
 //   GaussianFill(key(request seed, kQueryNoise; c, b << 16 | i, r)).
 //
 // All functions are pure and thread-safe.

@@ -1,9 +1,9 @@
 #include "server/featurize/unet_mirror.h"
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <utility>
-
-#include <ATen/ATen.h>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -22,8 +22,9 @@ bool KindFromName(absl::string_view name, LayerKind* kind) {
   const size_t dot = name.rfind('.');
   const absl::string_view leaf =
       dot == absl::string_view::npos ? name : name.substr(dot + 1);
-  for (absl::string_view conv : {"conv_in", "conv1", "conv2", "skip", "qkv",
-                                 "proj", "downsample", "upsample", "out_conv"}) {
+  for (absl::string_view conv :
+       {"conv_in", "conv1", "conv2", "skip", "qkv", "proj", "downsample",
+        "upsample", "out_conv"}) {
     if (leaf == conv) {
       *kind = LayerKind::kConv2d;
       return true;
@@ -63,8 +64,7 @@ absl::StatusOr<UNetMirror> UNetMirror::Create(
       return absl::InvalidArgumentError(
           absl::StrCat("unet mirror: unexpected parameter ", full));
     }
-    const std::string name =
-        full.substr(0, full.size() - (is_weight ? 7 : 5));
+    const std::string name = full.substr(0, full.size() - (is_weight ? 7 : 5));
     LayerKind kind;
     if (!KindFromName(name, &kind)) {
       return absl::InvalidArgumentError(
@@ -99,9 +99,9 @@ absl::StatusOr<UNetMirror> UNetMirror::Create(
     }
     if (layer.kind == LayerKind::kConv2d) {
       if (w.size(2) != w.size(3) || w.size(2) % 2 != 1) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "unet mirror: ", layer.name, ".weight has shape ", Shape(w),
-            ", expected an odd square kernel"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("unet mirror: ", layer.name, ".weight has shape ",
+                         Shape(w), ", expected an odd square kernel"));
       }
       layer.kernel = w.size(2);
       layer.padding = w.size(2) / 2;
@@ -163,7 +163,8 @@ class UNetMirror::Pass {
 
   at::Tensor ResBlock(const std::string& prefix, const at::Tensor& x,
                       const at::Tensor& temb) {
-    at::Tensor h = Layer(prefix + ".conv1", at::silu(Layer(prefix + ".norm1", x)));
+    at::Tensor h =
+        Layer(prefix + ".conv1", at::silu(Layer(prefix + ".norm1", x)));
     h = h + Layer(prefix + ".time_proj", at::silu(temb))
                 .unsqueeze(-1)
                 .unsqueeze(-1);
@@ -212,8 +213,8 @@ class UNetMirror::Pass {
       if (layer.kind == LayerKind::kGroupNorm) {
         // x̂ only feeds the closed-form weight gradient, never the loss.
         at::NoGradGuard no_grad;
-        tap.input = at::group_norm(x.detach(), layer.groups, {}, {},
-                                   kGroupNormEps);
+        tap.input =
+            at::group_norm(x.detach(), layer.groups, {}, {}, kGroupNormEps);
       } else {
         tap.input = x.detach();
       }

@@ -17,11 +17,11 @@
 #ifndef RETRACE_SERVER_FEATURIZE_UNET_MIRROR_H_
 #define RETRACE_SERVER_FEATURIZE_UNET_MIRROR_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"

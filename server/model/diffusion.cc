@@ -1,8 +1,8 @@
 #include "server/model/diffusion.h"
 
-#include <vector>
-
 #include <ATen/ATen.h>
+
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"

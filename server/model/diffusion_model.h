@@ -14,12 +14,12 @@
 #ifndef RETRACE_SERVER_MODEL_DIFFUSION_MODEL_H_
 #define RETRACE_SERVER_MODEL_DIFFUSION_MODEL_H_
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <ATen/core/Tensor.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -54,7 +54,8 @@ class DiffusionModel {
   // and every machine. The tensors share storage with the model.
   virtual std::vector<NamedParameter> NamedParameters() const = 0;
 
-  // Short architecture tag recorded in store manifests ("unet28", "torchscript").
+  // Short architecture tag recorded in store manifests ("unet28",
+  // "torchscript").
   virtual std::string Architecture() const = 0;
 
   // Input image shape the model accepts.
@@ -69,8 +70,9 @@ class DiffusionModel {
   virtual absl::Status Save(const std::string& path) const = 0;
 
   // Replaces the parameters with those in `path`. NOT_FOUND when the file is
-  // missing; INVALID_ARGUMENT / DATA_LOSS naming the file and the parameter when
-  // names or shapes do not match this model. On error the model is unchanged.
+  // missing; INVALID_ARGUMENT / DATA_LOSS naming the file and the parameter
+  // when names or shapes do not match this model. On error the model is
+  // unchanged.
   virtual absl::Status Load(const std::string& path) = 0;
 };
 

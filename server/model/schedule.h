@@ -6,9 +6,10 @@
 // noisy and t = T-1 the noisiest level.
 //
 // Schedules:
-//   cosine (default): ᾱ(s) = f(s)/f(0) with f(s) = cos²(((s/T + 0.008)/1.008)·π/2),
-//     β_t = min(1 − f((t+1)/T)/f(t/T), 0.999), then ᾱ_t = Π (1 − β_i). Where no β
-//     is clipped, ᾱ_t equals f((t+1)/T)/f(0) exactly up to rounding.
+//   cosine (default): ᾱ(s) = f(s)/f(0) with f(s) = cos²(((s/T +
+//   0.008)/1.008)·π/2),
+//     β_t = min(1 − f((t+1)/T)/f(t/T), 0.999), then ᾱ_t = Π (1 − β_i). Where no
+//     β is clipped, ᾱ_t equals f((t+1)/T)/f(0) exactly up to rounding.
 //   linear: β_t evenly spaced from 1e-4 (t = 0) to 0.02 (t = T-1).
 //
 // Values are computed once in double precision. NoiseSchedule is an immutable

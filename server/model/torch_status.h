@@ -3,12 +3,12 @@
 #ifndef RETRACE_SERVER_MODEL_TORCH_STATUS_H_
 #define RETRACE_SERVER_MODEL_TORCH_STATUS_H_
 
+#include <c10/util/Exception.h>
+
 #include <exception>
 #include <new>
 #include <string>
 #include <utility>
-
-#include <c10/util/Exception.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -52,7 +52,8 @@ auto CallTorch(absl::string_view context, Fn&& fn) -> decltype(fn()) {
     }
     return absl::InternalError(absl::StrCat(context, ": ", message));
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(context, ": ", FirstLine(e.what())));
+    return absl::InternalError(
+        absl::StrCat(context, ": ", FirstLine(e.what())));
   }
 }
 

@@ -1,10 +1,10 @@
 #include "server/model/torchscript_model.h"
 
+#include <torch/script.h>
+
 #include <filesystem>
 #include <map>
 #include <utility>
-
-#include <torch/script.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -28,11 +28,11 @@ absl::Status CheckIsFile(const std::string& path) {
 absl::StatusOr<torch::jit::Module> LoadModule(const std::string& path) {
   absl::Status exists = CheckIsFile(path);
   if (!exists.ok()) return exists;
-  absl::StatusOr<torch::jit::Module> module = internal::CallTorch(
-      absl::StrCat("loading TorchScript model ", path),
-      [&]() -> absl::StatusOr<torch::jit::Module> {
-        return torch::jit::load(path, torch::kCPU);
-      });
+  absl::StatusOr<torch::jit::Module> module =
+      internal::CallTorch(absl::StrCat("loading TorchScript model ", path),
+                          [&]() -> absl::StatusOr<torch::jit::Module> {
+                            return torch::jit::load(path, torch::kCPU);
+                          });
   if (!module.ok()) {
     if (absl::IsResourceExhausted(module.status())) return module.status();
     return absl::InvalidArgumentError(module.status().message());
@@ -87,18 +87,18 @@ absl::StatusOr<at::Tensor> TorchScriptModel::Forward(const at::Tensor& x_t,
       [&]() -> absl::StatusOr<at::Tensor> {
         c10::IValue out = impl_->module.forward({x_t, t});
         if (!out.isTensor()) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "TorchScript model ", path_, ": forward returned ",
-              out.tagKind(), ", expected a Tensor"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("TorchScript model ", path_, ": forward returned ",
+                           out.tagKind(), ", expected a Tensor"));
         }
         return out.toTensor();
       });
   if (!eps.ok()) return eps.status();
   if (!eps->sizes().equals(x_t.sizes())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "TorchScript model ", path_, ": forward returned shape [",
-        absl::StrJoin(eps->sizes().vec(), ", "), "], expected [",
-        absl::StrJoin(x_t.sizes().vec(), ", "), "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("TorchScript model ", path_, ": forward returned shape [",
+                     absl::StrJoin(eps->sizes().vec(), ", "), "], expected [",
+                     absl::StrJoin(x_t.sizes().vec(), ", "), "]"));
   }
   return eps;
 }
@@ -116,12 +116,11 @@ void TorchScriptModel::SetTraining(bool training) {
 }
 
 absl::Status TorchScriptModel::Save(const std::string& path) const {
-  return internal::CallTorch(
-      absl::StrCat("saving TorchScript model to ", path),
-      [&]() -> absl::Status {
-        impl_->module.save(path);
-        return absl::OkStatus();
-      });
+  return internal::CallTorch(absl::StrCat("saving TorchScript model to ", path),
+                             [&]() -> absl::Status {
+                               impl_->module.save(path);
+                               return absl::OkStatus();
+                             });
 }
 
 absl::Status TorchScriptModel::Load(const std::string& path) {
@@ -146,12 +145,13 @@ absl::Status TorchScriptModel::Load(const std::string& path) {
     }
     staged.emplace_back(item.value, it->second);
   }
-  return internal::CallTorch(
-      absl::StrCat("loading parameters from ", path), [&]() -> absl::Status {
-        torch::NoGradGuard no_grad;
-        for (auto& [param, value] : staged) param.copy_(value);
-        return absl::OkStatus();
-      });
+  return internal::CallTorch(absl::StrCat("loading parameters from ", path),
+                             [&]() -> absl::Status {
+                               torch::NoGradGuard no_grad;
+                               for (auto& [param, value] : staged)
+                                 param.copy_(value);
+                               return absl::OkStatus();
+                             });
 }
 
 }  // namespace retrace::model

@@ -21,8 +21,8 @@ inline constexpr char kTorchScriptArchitecture[] = "torchscript";
 class TorchScriptModel final : public DiffusionModel {
  public:
   // Loads the module from `path` onto the CPU. NOT_FOUND when the file does
-  // not exist; INVALID_ARGUMENT when it is not a loadable TorchScript archive or
-  // has no forward method; both name the file. `input_shape` is what callers
+  // not exist; INVALID_ARGUMENT when it is not a loadable TorchScript archive
+  // or has no forward method; both name the file. `input_shape` is what callers
   // feed the model (TorchScript does not record it).
   static absl::StatusOr<std::unique_ptr<TorchScriptModel>> Create(
       const std::string& path, const ImageShape& input_shape = ImageShape{});

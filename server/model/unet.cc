@@ -1,9 +1,5 @@
 #include "server/model/unet.h"
 
-#include <cmath>
-#include <filesystem>
-#include <utility>
-
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
@@ -12,6 +8,10 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
+
+#include <cmath>
+#include <filesystem>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -63,8 +63,7 @@ struct ResBlockImpl : nn::Module {
     conv2 = register_module(
         "conv2", nn::Conv2d(nn::Conv2dOptions(out, out, 3).padding(1)));
     if (in != out) {
-      skip = register_module("skip",
-                             nn::Conv2d(nn::Conv2dOptions(in, out, 1)));
+      skip = register_module("skip", nn::Conv2d(nn::Conv2dOptions(in, out, 1)));
     }
   }
 
@@ -94,10 +93,11 @@ struct AttentionImpl : nn::Module {
   Tensor forward(const Tensor& x) {
     const int64_t b = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
     Tensor parts = qkv(norm(x)).reshape({b, 3, c, h * w});
-    Tensor q = parts.select(1, 0), k = parts.select(1, 1), v = parts.select(1, 2);
+    Tensor q = parts.select(1, 0), k = parts.select(1, 1),
+           v = parts.select(1, 2);
     Tensor weights =
         torch::softmax(torch::bmm(q.transpose(1, 2), k) / std::sqrt(double(c)),
-                       /*dim=*/-1);                        // [B, N, N]
+                       /*dim=*/-1);                       // [B, N, N]
     Tensor out = torch::bmm(v, weights.transpose(1, 2));  // [B, C, N]
     return x + proj(out.reshape({b, c, h, w}));
   }
@@ -127,11 +127,11 @@ TORCH_MODULE(DownLevel);
 struct MidBlockImpl : nn::Module {
   MidBlockImpl(int64_t channels, int64_t temb_dim, int64_t groups,
                bool attention) {
-    res1 = register_module("res1",
-                           ResBlock(channels, channels, temb_dim, groups));
+    res1 =
+        register_module("res1", ResBlock(channels, channels, temb_dim, groups));
     if (attention) attn = register_module("attn", Attention(channels, groups));
-    res2 = register_module("res2",
-                           ResBlock(channels, channels, temb_dim, groups));
+    res2 =
+        register_module("res2", ResBlock(channels, channels, temb_dim, groups));
   }
   Tensor forward(Tensor h, const Tensor& temb) {
     h = res1(h, temb);
@@ -167,8 +167,9 @@ struct UNetNetImpl : nn::Module {
     const int64_t levels = static_cast<int64_t>(config.channel_mults.size());
     time_embed = register_module("time_embed", TimeEmbedding(base));
     conv_in = register_module(
-        "conv_in", nn::Conv2d(nn::Conv2dOptions(config.image_channels, base, 3)
-                                  .padding(1)));
+        "conv_in",
+        nn::Conv2d(
+            nn::Conv2dOptions(config.image_channels, base, 3).padding(1)));
     nn::ModuleList down_list;
     int64_t channels = base;
     for (int64_t l = 0; l < levels; ++l) {
@@ -180,8 +181,8 @@ struct UNetNetImpl : nn::Module {
       channels = out;
     }
     register_module("down", down_list);
-    mid = register_module("mid",
-                          MidBlock(channels, temb_dim, groups, config.attention));
+    mid = register_module(
+        "mid", MidBlock(channels, temb_dim, groups, config.attention));
     // Built in level order (up.0 = full resolution); run in reverse.
     std::vector<int64_t> level_in(levels);
     for (int64_t l = levels - 1; l >= 0; --l) {
@@ -196,11 +197,12 @@ struct UNetNetImpl : nn::Module {
       up_list->push_back(up_levels.back());
     }
     register_module("up", up_list);
-    out_norm = register_module("out_norm",
-                               nn::GroupNorm(nn::GroupNormOptions(groups, base)));
+    out_norm = register_module(
+        "out_norm", nn::GroupNorm(nn::GroupNormOptions(groups, base)));
     out_conv = register_module(
-        "out_conv", nn::Conv2d(nn::Conv2dOptions(base, config.image_channels, 3)
-                                   .padding(1)));
+        "out_conv",
+        nn::Conv2d(
+            nn::Conv2dOptions(base, config.image_channels, 3).padding(1)));
   }
 
   Tensor forward(const Tensor& x, const Tensor& t) {
@@ -267,8 +269,9 @@ void InitializeFromSeed(nn::Module& root, uint64_t seed) {
 
 absl::Status ValidateConfig(const UNetConfig& config) {
   if (config.base_channels < 2 || config.base_channels % 2 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "unet: base_channels must be even and >= 2, got ", config.base_channels));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unet: base_channels must be even and >= 2, got ",
+                     config.base_channels));
   }
   if (config.norm_groups < 1 ||
       config.base_channels % config.norm_groups != 0) {
@@ -281,9 +284,9 @@ absl::Status ValidateConfig(const UNetConfig& config) {
   }
   for (int64_t mult : config.channel_mults) {
     if (mult < 1) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unet: channel_mults must be >= 1, got {",
-          absl::StrJoin(config.channel_mults, ", "), "}"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unet: channel_mults must be >= 1, got {",
+                       absl::StrJoin(config.channel_mults, ", "), "}"));
     }
   }
   if (config.image_channels < 1) {
@@ -341,11 +344,11 @@ absl::StatusOr<at::Tensor> UNetModel::Forward(const at::Tensor& x_t,
     return absl::InvalidArgumentError(absl::StrCat(
         "unet: x_t must be float32 [B, ", config_.image_channels, ", ",
         config_.image_size, ", ", config_.image_size, "], got ",
-        x_t.defined() ? absl::StrCat(x_t.sizes().vec().size(), "-d ",
-                                     c10::toString(x_t.scalar_type()), " [",
-                                     absl::StrJoin(x_t.sizes().vec(), ", "),
-                                     "]")
-                      : "undefined"));
+        x_t.defined()
+            ? absl::StrCat(x_t.sizes().vec().size(), "-d ",
+                           c10::toString(x_t.scalar_type()), " [",
+                           absl::StrJoin(x_t.sizes().vec(), ", "), "]")
+            : "undefined"));
   }
   if (!t.defined() || t.dim() != 1 || t.scalar_type() != at::kLong ||
       t.size(0) != x_t.size(0)) {
@@ -391,8 +394,8 @@ absl::Status UNetModel::Save(const std::string& path) const {
 absl::Status UNetModel::Load(const std::string& path) {
   std::error_code error;
   if (!std::filesystem::is_regular_file(path, error)) {
-    return absl::NotFoundError(absl::StrCat("unet checkpoint ", path,
-                                            " does not exist or is not a file"));
+    return absl::NotFoundError(absl::StrCat(
+        "unet checkpoint ", path, " does not exist or is not a file"));
   }
   return internal::CallTorch(
       absl::StrCat("loading unet from ", path), [&]() -> absl::Status {
@@ -418,8 +421,8 @@ absl::Status UNetModel::Load(const std::string& path) {
             return absl::InvalidArgumentError(absl::StrCat(
                 "unet checkpoint ", path, ": parameter ", item.key(),
                 " has shape [", absl::StrJoin(value.sizes().vec(), ", "),
-                "], expected [", absl::StrJoin(item.value().sizes().vec(), ", "),
-                "]"));
+                "], expected [",
+                absl::StrJoin(item.value().sizes().vec(), ", "), "]"));
           }
           staged.emplace_back(item.value(), value);
         }

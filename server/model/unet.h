@@ -1,7 +1,8 @@
 // The built-in UNet: a small noise-prediction network for 28×28 grayscale
 // images (Fashion-MNIST, MNIST), written with LibTorch C++ modules.
 //
-// Architecture (C = base_channels, c_l = C·channel_mults[l], L levels, G groups):
+// Architecture (C = base_channels, c_l = C·channel_mults[l], L levels, G
+// groups):
 //   time embedding: sinusoidal(t, C) -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C)
 //   conv_in 3×3 (1 -> c_0)
 //   down level l: ResBlock(-> c_l) [+ self-attention at the last level], then

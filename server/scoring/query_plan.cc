@@ -14,9 +14,9 @@ absl::StatusOr<std::vector<char>> Select(const std::vector<int32_t>& filter,
   std::vector<char> mask(n, filter.empty() ? 1 : 0);
   for (int32_t v : filter) {
     if (v < 0 || v >= n) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "unknown ", what, " ", v, ": the store has ", n, " ", what, "s (0..",
-          n - 1, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown ", what, " ", v, ": the store has ", n, " ",
+                       what, "s (0..", n - 1, ")"));
     }
     if (mask[v]) {
       return absl::InvalidArgumentError(

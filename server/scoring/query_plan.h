@@ -4,10 +4,14 @@
 // The scan computes, per query,
 //   score(n) = Σ_{(c,s)} a_{c,s} · f(n,c,s) · ⟨u_{n,c,s}, q_{c,s}⟩
 // with f = ‖g‖ for TracIn and 1 for ReTrac. This file decides a and q:
-//   MATCHED: slot s = bucket b meets bucket b of the query; a_{c,b} = w_c for the
-//            selected checkpoints and buckets, 0 elsewhere (the replay slot too).
-//   REPLAY:  the replay slot meets the query averaged over the selected buckets,
-//            q_c = (1/|B_sel|) Σ_{b∈B_sel} q_{c,b}; a_{c,R} = w_c, buckets get 0.
+//   MATCHED: slot s = bucket b meets bucket b of the query; a_{c,b} = w_c for
+//   the
+//            selected checkpoints and buckets, 0 elsewhere (the replay slot
+//            too).
+//   REPLAY:  the replay slot meets the query averaged over the selected
+//   buckets,
+//            q_c = (1/|B_sel|) Σ_{b∈B_sel} q_{c,b}; a_{c,R} = w_c, buckets get
+//            0.
 // Pure functions; thread-safe.
 #ifndef RETRACE_SERVER_SCORING_QUERY_PLAN_H_
 #define RETRACE_SERVER_SCORING_QUERY_PLAN_H_
@@ -25,8 +29,8 @@ enum class Pairing { kMatched, kReplay };
 struct StoreShape {
   int32_t num_checkpoints = 0;  // C
   int32_t num_buckets = 0;      // B
-  bool has_replay = false;      // slots S = B + (has_replay ? 1 : 0); replay last
-  int64_t dim = 0;              // D
+  bool has_replay = false;  // slots S = B + (has_replay ? 1 : 0); replay last
+  int64_t dim = 0;          // D
   std::vector<float> checkpoint_weights;  // w_c, size C
 
   int32_t num_slots() const { return num_buckets + (has_replay ? 1 : 0); }

@@ -18,7 +18,8 @@ namespace {
 constexpr int64_t kDeviceReserveBytes = int64_t{512} << 20;
 
 std::string Bytes(int64_t b) {
-  return absl::StrFormat("%d bytes (%.2f GiB)", b, b / double(int64_t{1} << 30));
+  return absl::StrFormat("%d bytes (%.2f GiB)", b,
+                         b / double(int64_t{1} << 30));
 }
 
 // Copies host memory to the device through two halves of a pinned staging
@@ -41,14 +42,17 @@ class StagedUploader {
       // synchronization, so the half is free again.
       std::memcpy(buf, from + done, n);
       RETURN_IF_KERNEL_ERROR(kernels::StreamSynchronize(stream_));
-      RETURN_IF_KERNEL_ERROR(kernels::CopyToDeviceAsync(to + done, buf, n, stream_));
+      RETURN_IF_KERNEL_ERROR(
+          kernels::CopyToDeviceAsync(to + done, buf, n, stream_));
       next_ ^= 1;
       done += n;
     }
     return absl::OkStatus();
   }
 
-  absl::Status Finish() { return FromKernelStatus(kernels::StreamSynchronize(stream_)); }
+  absl::Status Finish() {
+    return FromKernelStatus(kernels::StreamSynchronize(stream_));
+  }
 
  private:
   size_t half_;
@@ -100,7 +104,8 @@ Scorer::Scorer(const store::StoreReader* store, kernels::Backend backend,
   layout_.dim = static_cast<int32_t>(shape_.dim);
   for (const store::SampleBlock& shard : store->shards()) {
     if (shard.count == 0) continue;
-    host_chunks_.push_back({shard.vectors, shard.norms, shard.count, shard.first});
+    host_chunks_.push_back(
+        {shard.vectors, shard.norms, shard.count, shard.first});
   }
 }
 
@@ -113,7 +118,8 @@ Scorer::~Scorer() {
 
 absl::StatusOr<std::unique_ptr<Scorer>> Scorer::Create(
     const store::StoreReader* store, const ScorerOptions& options) {
-  if (store == nullptr) return absl::InvalidArgumentError("Scorer: store is null");
+  if (store == nullptr)
+    return absl::InvalidArgumentError("Scorer: store is null");
   if (store->dim() > INT32_MAX) {
     return absl::InvalidArgumentError(
         absl::StrCat("Scorer: projection dim ", store->dim(), " is too large"));
@@ -152,10 +158,12 @@ absl::StatusOr<std::unique_ptr<Scorer>> Scorer::Create(
 }
 
 absl::Status Scorer::CopyStoreToDevice() {
-  const int64_t norm_bytes_per_row = layout_.SlotPairs() * int64_t{sizeof(float)};
+  const int64_t norm_bytes_per_row =
+      layout_.SlotPairs() * int64_t{sizeof(float)};
   const int64_t row_bytes = store_->row_bytes();
   int64_t needed = 0;
-  for (const auto& c : host_chunks_) needed += c.rows * (row_bytes + norm_bytes_per_row);
+  for (const auto& c : host_chunks_)
+    needed += c.rows * (row_bytes + norm_bytes_per_row);
   size_t free_bytes = 0, total_bytes = 0;
   RETURN_IF_KERNEL_ERROR(kernels::DeviceMemoryInfo(&free_bytes, &total_bytes));
   if (needed + kDeviceReserveBytes > static_cast<int64_t>(free_bytes)) {
@@ -168,10 +176,12 @@ absl::Status Scorer::CopyStoreToDevice() {
         "the CPU backend"));
   }
   void* staging = nullptr;
-  RETURN_IF_KERNEL_ERROR(
-      kernels::PinnedAlloc(static_cast<size_t>(options_.staging_bytes), &staging));
-  std::unique_ptr<void, void (*)(void*)> staging_guard(staging, kernels::PinnedFree);
-  StagedUploader uploader(staging, static_cast<size_t>(options_.staging_bytes), stream_);
+  RETURN_IF_KERNEL_ERROR(kernels::PinnedAlloc(
+      static_cast<size_t>(options_.staging_bytes), &staging));
+  std::unique_ptr<void, void (*)(void*)> staging_guard(staging,
+                                                       kernels::PinnedFree);
+  StagedUploader uploader(staging, static_cast<size_t>(options_.staging_bytes),
+                          stream_);
   for (const kernels::StoreChunk& chunk : host_chunks_) {
     const size_t vbytes = static_cast<size_t>(chunk.rows * row_bytes);
     const size_t nbytes = static_cast<size_t>(chunk.rows * norm_bytes_per_row);
@@ -190,7 +200,8 @@ absl::Status Scorer::CopyStoreToDevice() {
   return uploader.Finish();
 }
 
-absl::Status Scorer::EnsureDeviceBuffer(void** ptr, size_t* capacity, size_t bytes) {
+absl::Status Scorer::EnsureDeviceBuffer(void** ptr, size_t* capacity,
+                                        size_t bytes) {
   if (*capacity >= bytes && *ptr != nullptr) return absl::OkStatus();
   kernels::DeviceFree(*ptr);
   *ptr = nullptr;
@@ -201,11 +212,15 @@ absl::Status Scorer::EnsureDeviceBuffer(void** ptr, size_t* capacity, size_t byt
 }
 
 absl::StatusOr<kernels::ScanResult> Scorer::ScanCuda(
-    const kernels::QueryBatch& host_batch, const kernels::ScanOptions& options) {
-  const size_t vec = static_cast<size_t>(host_batch.num_queries) * layout_.RowValues();
-  const size_t wts = static_cast<size_t>(host_batch.num_queries) * layout_.SlotPairs();
+    const kernels::QueryBatch& host_batch,
+    const kernels::ScanOptions& options) {
+  const size_t vec =
+      static_cast<size_t>(host_batch.num_queries) * layout_.RowValues();
+  const size_t wts =
+      static_cast<size_t>(host_batch.num_queries) * layout_.SlotPairs();
   const size_t total_floats = 2 * vec + 2 * wts;
-  RETURN_IF_ERROR(EnsureDeviceBuffer(&device_queries_, &device_queries_capacity_,
+  RETURN_IF_ERROR(EnsureDeviceBuffer(&device_queries_,
+                                     &device_queries_capacity_,
                                      total_floats * sizeof(float)));
   float* base = static_cast<float*>(device_queries_);
   kernels::QueryBatch dev = host_batch;
@@ -213,31 +228,36 @@ absl::StatusOr<kernels::ScanResult> Scorer::ScanCuda(
   dev.unit = base + vec;
   dev.tracin_weights = base + 2 * vec;
   dev.retrac_weights = base + 2 * vec + wts;
-  RETURN_IF_KERNEL_ERROR(kernels::CopyToDeviceAsync(const_cast<float*>(dev.raw),
-                                                    host_batch.raw, vec * 4, stream_));
+  RETURN_IF_KERNEL_ERROR(kernels::CopyToDeviceAsync(
+      const_cast<float*>(dev.raw), host_batch.raw, vec * 4, stream_));
   RETURN_IF_KERNEL_ERROR(kernels::CopyToDeviceAsync(
       const_cast<float*>(dev.unit), host_batch.unit, vec * 4, stream_));
-  RETURN_IF_KERNEL_ERROR(kernels::CopyToDeviceAsync(
-      const_cast<float*>(dev.tracin_weights), host_batch.tracin_weights, wts * 4, stream_));
-  RETURN_IF_KERNEL_ERROR(kernels::CopyToDeviceAsync(
-      const_cast<float*>(dev.retrac_weights), host_batch.retrac_weights, wts * 4, stream_));
+  RETURN_IF_KERNEL_ERROR(
+      kernels::CopyToDeviceAsync(const_cast<float*>(dev.tracin_weights),
+                                 host_batch.tracin_weights, wts * 4, stream_));
+  RETURN_IF_KERNEL_ERROR(
+      kernels::CopyToDeviceAsync(const_cast<float*>(dev.retrac_weights),
+                                 host_batch.retrac_weights, wts * 4, stream_));
   size_t scratch_bytes = 0;
   RETURN_IF_KERNEL_ERROR(kernels::CudaScanScratchBytes(
       layout_, device_chunks_, dev.num_queries, options, &scratch_bytes));
-  RETURN_IF_ERROR(EnsureDeviceBuffer(&scratch_, &scratch_capacity_, scratch_bytes));
+  RETURN_IF_ERROR(
+      EnsureDeviceBuffer(&scratch_, &scratch_capacity_, scratch_bytes));
   kernels::ScanResult result;
-  RETURN_IF_KERNEL_ERROR(kernels::ScanCuda(layout_, device_chunks_, dev, options,
-                                           scratch_, scratch_capacity_, stream_,
-                                           &result));
+  RETURN_IF_KERNEL_ERROR(kernels::ScanCuda(layout_, device_chunks_, dev,
+                                           options, scratch_, scratch_capacity_,
+                                           stream_, &result));
   return result;
 }
 
 absl::StatusOr<std::vector<QueryResult>> Scorer::Score(
     const std::vector<ScoreQuery>& queries) {
   const int64_t n = store_->num_samples();
-  if (queries.empty() || queries.size() > static_cast<size_t>(kernels::kMaxQueries)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "a scan takes 1..", kernels::kMaxQueries, " queries, got ", queries.size()));
+  if (queries.empty() ||
+      queries.size() > static_cast<size_t>(kernels::kMaxQueries)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a scan takes 1..", kernels::kMaxQueries, " queries, got ",
+                     queries.size()));
   }
   const int64_t max_k = std::min<int64_t>(kernels::kMaxTopK, n);
   const size_t row = static_cast<size_t>(layout_.RowValues());
@@ -255,15 +275,19 @@ absl::StatusOr<std::vector<QueryResult>> Scorer::Score(
     if (q.k < 1 || q.k > max_k) {
       return absl::InvalidArgumentError(absl::StrCat(
           "query ", i, ": top_k = ", q.k, " is out of range: it must be 1..",
-          max_k, " (at most ", kernels::kMaxTopK, " and at most the store's ", n,
-          " samples)"));
+          max_k, " (at most ", kernels::kMaxTopK, " and at most the store's ",
+          n, " samples)"));
     }
     auto plan = PlanQuery(shape_, q.vectors, q.plan);
     if (!plan.ok()) return Annotate(plan.status(), absl::StrCat("query ", i));
-    std::copy(plan->query_raw.begin(), plan->query_raw.end(), raw.begin() + i * row);
-    std::copy(plan->query_unit.begin(), plan->query_unit.end(), unit.begin() + i * row);
-    std::copy(plan->weight_tracin.begin(), plan->weight_tracin.end(), tw.begin() + i * pairs);
-    std::copy(plan->weight_retrac.begin(), plan->weight_retrac.end(), rw.begin() + i * pairs);
+    std::copy(plan->query_raw.begin(), plan->query_raw.end(),
+              raw.begin() + i * row);
+    std::copy(plan->query_unit.begin(), plan->query_unit.end(),
+              unit.begin() + i * row);
+    std::copy(plan->weight_tracin.begin(), plan->weight_tracin.end(),
+              tw.begin() + i * pairs);
+    std::copy(plan->weight_retrac.begin(), plan->weight_retrac.end(),
+              rw.begin() + i * pairs);
     options.k = std::max(options.k, q.k);
     options.want_bottom |= q.opponents;
     options.want_breakdown |= q.breakdown;
@@ -281,15 +305,18 @@ absl::StatusOr<std::vector<QueryResult>> Scorer::Score(
     if (backend_ == kernels::Backend::kCuda) {
       ASSIGN_OR_RETURN(scan, ScanCuda(batch, options));
     } else {
-      RETURN_IF_KERNEL_ERROR(kernels::ScanCpu(layout_, host_chunks_, batch, options, &scan));
+      RETURN_IF_KERNEL_ERROR(
+          kernels::ScanCpu(layout_, host_chunks_, batch, options, &scan));
     }
   }
   std::vector<QueryResult> results(q_count);
   for (size_t i = 0; i < q_count; ++i) {
     results[i].tracin =
-        ToRanking(scan.Get(static_cast<int>(i), kernels::Method::kTracIn), queries[i], *store_);
+        ToRanking(scan.Get(static_cast<int>(i), kernels::Method::kTracIn),
+                  queries[i], *store_);
     results[i].retrac =
-        ToRanking(scan.Get(static_cast<int>(i), kernels::Method::kReTrac), queries[i], *store_);
+        ToRanking(scan.Get(static_cast<int>(i), kernels::Method::kReTrac),
+                  queries[i], *store_);
   }
   return results;
 }

@@ -32,10 +32,12 @@ namespace retrace::scoring {
 enum class DeviceChoice { kAuto, kCpu, kCuda };
 
 struct ScorerOptions {
-  DeviceChoice device = DeviceChoice::kAuto;  // kAuto: CUDA when a device is present
-  bool self_test = true;                      // CUDA start-up self test
-  int64_t staging_bytes = int64_t{64} << 20;  // pinned staging buffer for the copy
-  int32_t cpu_threads = 0;                    // 0: all cores
+  DeviceChoice device =
+      DeviceChoice::kAuto;  // kAuto: CUDA when a device is present
+  bool self_test = true;    // CUDA start-up self test
+  int64_t staging_bytes = int64_t{64}
+                          << 20;  // pinned staging buffer for the copy
+  int32_t cpu_threads = 0;        // 0: all cores
 };
 
 // One query of a batch: its vectors, pairing and filters, and what it wants
@@ -50,7 +52,7 @@ struct ScoreQuery {
 
 // A returned sample, with the store's metadata.
 struct RankedSample {
-  int64_t index = 0;      // position in the store
+  int64_t index = 0;  // position in the store
   int64_t sample_id = 0;
   int32_t label = 0;
   float score = 0.0f;
@@ -99,7 +101,8 @@ class Scorer {
          const ScorerOptions& options);
   absl::Status CopyStoreToDevice();
   absl::StatusOr<kernels::ScanResult> ScanCuda(
-      const kernels::QueryBatch& host_batch, const kernels::ScanOptions& options);
+      const kernels::QueryBatch& host_batch,
+      const kernels::ScanOptions& options);
   absl::Status EnsureDeviceBuffer(void** ptr, size_t* capacity, size_t bytes);
 
   const store::StoreReader* const store_;

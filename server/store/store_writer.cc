@@ -197,9 +197,12 @@ absl::Status StoreWriter::Recover() {
           "'); remove the unfinished build or build into another directory"));
     }
     const int64_t count = CompleteShardCount(index);
-    ShardGeometry g{count,             spec_.num_checkpoints(),
-                    spec_.num_slots(), spec_.projection.dim,
-                    spec_.dtype,       spec_.buckets.replay};
+    ShardGeometry g{count,
+                    spec_.num_checkpoints(),
+                    spec_.num_slots(),
+                    spec_.projection.dim,
+                    spec_.dtype,
+                    spec_.buckets.replay};
     if (MetadataOr(s.parsed, kMetaShardIndex) != absl::StrCat(index) ||
         MetadataOr(s.parsed, kMetaFirst) != absl::StrCat(index * shard_size)) {
       s.discard_reason =

@@ -19,7 +19,8 @@ uint16_t NearestHalf(float f) {
       uint16_t bits = uint16_t(h | s);
       double v = HalfToFloat(bits);
       double err = std::fabs(v - x);
-      if (err < best_err || (err == best_err && (bits & 1) == 0 && (best & 1) == 1)) {
+      if (err < best_err ||
+          (err == best_err && (bits & 1) == 0 && (best & 1) == 1)) {
         best = bits;
         best_err = err;
       }
@@ -37,8 +38,10 @@ TEST(DTypeTest, HalfRoundTripsEveryFiniteValue) {
 }
 
 TEST(DTypeTest, HalfRoundsToNearest) {
-  const float samples[] = {0.1f, -0.3333f, 1e-5f, 6.1e-5f, 3e-8f, 65519.f, 1.0009765625f,
-                           1.00048828125f /* tie -> even */, 2.5e-7f};
+  const float samples[] = {
+      0.1f,   -0.3333f, 1e-5f,         6.1e-5f,
+      3e-8f,  65519.f,  1.0009765625f, 1.00048828125f /* tie -> even */,
+      2.5e-7f};
   for (float f : samples) {
     SCOPED_TRACE(f);
     if ((NearestHalf(f) & 0x7fff) == 0 && f != 0) continue;

@@ -19,9 +19,9 @@
 namespace retrace::kernels {
 namespace {
 
-#define RETRACE_SKIP_WITHOUT_DEVICE()                                   \
-  if (!CudaDeviceAvailable()) {                                         \
-    GTEST_SKIP() << CudaAvailabilityReason();                           \
+#define RETRACE_SKIP_WITHOUT_DEVICE()         \
+  if (!CudaDeviceAvailable()) {               \
+    GTEST_SKIP() << CudaAvailabilityReason(); \
   }
 
 TEST(ScanCudaTest, SelfTestPasses) {
@@ -49,14 +49,17 @@ class DeviceBuffer {
     EXPECT_EQ(cudaMalloc(&ptr_, std::max<size_t>(bytes, 1)), cudaSuccess);
   }
   DeviceBuffer(const void* src, size_t bytes) : DeviceBuffer(bytes) {
-    EXPECT_EQ(cudaMemcpy(ptr_, src, bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(ptr_, src, bytes, cudaMemcpyHostToDevice),
+              cudaSuccess);
   }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   ~DeviceBuffer() { cudaFree(ptr_); }
   void* get() const { return ptr_; }
   template <typename T>
-  const T* as() const { return static_cast<const T*>(ptr_); }
+  const T* as() const {
+    return static_cast<const T*>(ptr_);
+  }
 
  private:
   void* ptr_ = nullptr;
@@ -69,8 +72,10 @@ struct DeviceData {
         norms(st.norms.data(), st.norms.size() * sizeof(float)),
         raw(qs.raw.data(), qs.raw.size() * sizeof(float)),
         unit(qs.unit.data(), qs.unit.size() * sizeof(float)),
-        tracin(qs.tracin_weights.data(), qs.tracin_weights.size() * sizeof(float)),
-        retrac(qs.retrac_weights.data(), qs.retrac_weights.size() * sizeof(float)),
+        tracin(qs.tracin_weights.data(),
+               qs.tracin_weights.size() * sizeof(float)),
+        retrac(qs.retrac_weights.data(),
+               qs.retrac_weights.size() * sizeof(float)),
         layout(st.layout),
         num_queries(qs.num_queries) {}
 
@@ -93,16 +98,19 @@ struct DeviceData {
   int32_t num_queries;
 };
 
-KernelStatus RunCuda(const StoreLayout& layout, const std::vector<StoreChunk>& chunks,
+KernelStatus RunCuda(const StoreLayout& layout,
+                     const std::vector<StoreChunk>& chunks,
                      const QueryBatch& batch, const ScanOptions& opt,
                      ScanResult* result) {
   size_t bytes = 0;
-  KernelStatus s = CudaScanScratchBytes(layout, chunks, batch.num_queries, opt, &bytes);
+  KernelStatus s =
+      CudaScanScratchBytes(layout, chunks, batch.num_queries, opt, &bytes);
   if (!s.ok()) return s;
   DeviceBuffer scratch(bytes);
   cudaStream_t stream;
   EXPECT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-  s = ScanCuda(layout, chunks, batch, opt, scratch.get(), bytes, stream, result);
+  s = ScanCuda(layout, chunks, batch, opt, scratch.get(), bytes, stream,
+               result);
   cudaStreamDestroy(stream);
   return s;
 }
@@ -125,11 +133,13 @@ class ScanCudaVsCpuTest : public ::testing::TestWithParam<Case> {};
 TEST_P(ScanCudaVsCpuTest, MatchesReferenceAndCpu) {
   RETRACE_SKIP_WITHOUT_DEVICE();
   const Case& p = GetParam();
-  const uint64_t seed = 5000 + uint64_t(p.d) * 3 + uint64_t(p.rows) + uint64_t(p.queries);
-  SCOPED_TRACE(std::string("dtype=") + DTypeName(p.dtype) + " C=" + std::to_string(p.c) +
-               " S=" + std::to_string(p.s) + " D=" + std::to_string(p.d) +
-               " N=" + std::to_string(p.rows) + " Q=" + std::to_string(p.queries) +
-               " k=" + std::to_string(p.k) + " seed=" + std::to_string(seed));
+  const uint64_t seed =
+      5000 + uint64_t(p.d) * 3 + uint64_t(p.rows) + uint64_t(p.queries);
+  SCOPED_TRACE(std::string("dtype=") + DTypeName(p.dtype) +
+               " C=" + std::to_string(p.c) + " S=" + std::to_string(p.s) +
+               " D=" + std::to_string(p.d) + " N=" + std::to_string(p.rows) +
+               " Q=" + std::to_string(p.queries) + " k=" + std::to_string(p.k) +
+               " seed=" + std::to_string(seed));
   const TestStore st = MakeStore(p.dtype, p.c, p.s, p.d, p.rows, seed);
   const TestQueries qs = MakeQueries(st.layout, p.queries, seed + 1);
   const DeviceData dev(st, qs);
@@ -138,7 +148,8 @@ TEST_P(ScanCudaVsCpuTest, MatchesReferenceAndCpu) {
   opt.want_breakdown = true;
 
   ScanResult gpu;
-  KernelStatus s = RunCuda(st.layout, {dev.Chunk(0, p.rows)}, dev.Batch(), opt, &gpu);
+  KernelStatus s =
+      RunCuda(st.layout, {dev.Chunk(0, p.rows)}, dev.Batch(), opt, &gpu);
   ASSERT_TRUE(s.ok()) << s.ToString();
   const Reference ref = BruteForce(st, qs);
   ExpectMatchesReference(gpu, ref, p.rows, opt.k, true);
@@ -155,7 +166,8 @@ TEST_P(ScanCudaVsCpuTest, MatchesReferenceAndCpu) {
         const auto& cl = bottom ? c.bottom : c.top;
         ASSERT_EQ(gl.size(), cl.size());
         for (size_t i = 0; i < gl.size(); ++i) {
-          const double tol = 2 * kF32MaxRelErr * ref.Magnitude(gl[i].index, q, m);
+          const double tol =
+              2 * kF32MaxRelErr * ref.Magnitude(gl[i].index, q, m);
           EXPECT_NEAR(gl[i].score, cl[i].score, tol) << "rank " << i;
           ASSERT_EQ(gl[i].breakdown.size(), size_t(cs_count));
           double sum = 0;
@@ -163,7 +175,8 @@ TEST_P(ScanCudaVsCpuTest, MatchesReferenceAndCpu) {
           EXPECT_NEAR(sum, gl[i].score, tol) << "breakdown sum, rank " << i;
           if (gl[i].index == cl[i].index) {
             for (int64_t cs = 0; cs < cs_count; ++cs) {
-              EXPECT_NEAR(gl[i].breakdown[size_t(cs)], cl[i].breakdown[size_t(cs)], tol);
+              EXPECT_NEAR(gl[i].breakdown[size_t(cs)],
+                          cl[i].breakdown[size_t(cs)], tol);
             }
           }
         }
@@ -198,20 +211,25 @@ TEST(ScanCudaTest, ChunkSplitsBatchingAndRepeatsGiveIdenticalResults) {
   opt.k = 50;
   opt.want_breakdown = true;
   ScanResult whole, again, split;
-  ASSERT_TRUE(RunCuda(st.layout, {dev.Chunk(0, 1500)}, dev.Batch(), opt, &whole).ok());
-  ASSERT_TRUE(RunCuda(st.layout, {dev.Chunk(0, 1500)}, dev.Batch(), opt, &again).ok());
+  ASSERT_TRUE(
+      RunCuda(st.layout, {dev.Chunk(0, 1500)}, dev.Batch(), opt, &whole).ok());
+  ASSERT_TRUE(
+      RunCuda(st.layout, {dev.Chunk(0, 1500)}, dev.Batch(), opt, &again).ok());
   ExpectIdentical(whole, again);
   // Out of order, with a single-row chunk.
   ASSERT_TRUE(RunCuda(st.layout,
                       {dev.Chunk(900, 600), dev.Chunk(0, 1), dev.Chunk(1, 899)},
-                      dev.Batch(), opt, &split).ok());
+                      dev.Batch(), opt, &split)
+                  .ok());
   ExpectIdentical(whole, split);
   for (int q : {0, 1, 17, 39}) {
     SCOPED_TRACE("query " + std::to_string(q));
     const TestQueries single = qs.Single(q, st.layout);
     const DeviceData dev1(st, single);
     ScanResult alone;
-    ASSERT_TRUE(RunCuda(st.layout, {dev1.Chunk(0, 1500)}, dev1.Batch(), opt, &alone).ok());
+    ASSERT_TRUE(
+        RunCuda(st.layout, {dev1.Chunk(0, 1500)}, dev1.Batch(), opt, &alone)
+            .ok());
     ScanResult from_batch;
     from_batch.per_query = {whole.per_query[size_t(q)]};
     ExpectIdentical(alone, from_batch);
@@ -229,9 +247,11 @@ TEST(ScanCudaTest, UnalignedChunksUseScalarLoads) {
   ScanOptions opt;
   opt.k = 20;
   ScanResult whole, split;
-  ASSERT_TRUE(RunCuda(st.layout, {dev.Chunk(0, 333)}, dev.Batch(), opt, &whole).ok());
-  ASSERT_TRUE(RunCuda(st.layout, {dev.Chunk(0, 101), dev.Chunk(101, 232)}, dev.Batch(),
-                      opt, &split).ok());
+  ASSERT_TRUE(
+      RunCuda(st.layout, {dev.Chunk(0, 333)}, dev.Batch(), opt, &whole).ok());
+  ASSERT_TRUE(RunCuda(st.layout, {dev.Chunk(0, 101), dev.Chunk(101, 232)},
+                      dev.Batch(), opt, &split)
+                  .ok());
   ExpectMatchesReference(whole, BruteForce(st, qs), 333, opt.k, true);
   ExpectMatchesReference(split, BruteForce(st, qs), 333, opt.k, true);
 }
@@ -253,7 +273,8 @@ TEST(ScanCudaTest, TiesGoToTheLowestIndices) {
   opt.k = 300;
   ScanResult result;
   ASSERT_TRUE(RunCuda(st.layout, {dev.Chunk(1000, 2000), dev.Chunk(0, 1000)},
-                      dev.Batch(), opt, &result).ok());
+                      dev.Batch(), opt, &result)
+                  .ok());
   for (int q = 0; q < 2; ++q) {
     for (int m = 0; m < kNumMethods; ++m) {
       const RankedList& list = result.Get(q, static_cast<Method>(m));
@@ -274,19 +295,24 @@ TEST(ScanCudaTest, RejectsBadArguments) {
   ScanOptions opt;
   opt.k = 5;
   ScanResult result;
-  KernelStatus s = RunCuda(st.layout, {dev.Chunk(0, 20)}, dev.Batch(), opt, &result);
+  KernelStatus s =
+      RunCuda(st.layout, {dev.Chunk(0, 20)}, dev.Batch(), opt, &result);
   EXPECT_EQ(s.code(), KernelCode::kInvalidArgument);
   EXPECT_NE(s.message().find("query 1, checkpoint 1 slot 1: unit vector"),
-            std::string::npos) << s.ToString();
+            std::string::npos)
+      << s.ToString();
   opt.k = 21;
-  EXPECT_EQ(RunCuda(st.layout, {dev.Chunk(0, 20)}, dev.Batch(), opt, &result).code(),
-            KernelCode::kInvalidArgument);
+  EXPECT_EQ(
+      RunCuda(st.layout, {dev.Chunk(0, 20)}, dev.Batch(), opt, &result).code(),
+      KernelCode::kInvalidArgument);
   opt.k = 5;
   size_t bytes = 0;
-  ASSERT_TRUE(CudaScanScratchBytes(st.layout, {dev.Chunk(0, 20)}, 2, opt, &bytes).ok());
+  ASSERT_TRUE(
+      CudaScanScratchBytes(st.layout, {dev.Chunk(0, 20)}, 2, opt, &bytes).ok());
   DeviceBuffer scratch(bytes);
-  EXPECT_EQ(ScanCuda(st.layout, {dev.Chunk(0, 20)}, dev.Batch(), opt, scratch.get(),
-                     bytes - 1, nullptr, &result).code(),
+  EXPECT_EQ(ScanCuda(st.layout, {dev.Chunk(0, 20)}, dev.Batch(), opt,
+                     scratch.get(), bytes - 1, nullptr, &result)
+                .code(),
             KernelCode::kInvalidArgument);
 }
 
@@ -299,14 +325,17 @@ TEST(ScanCudaTest, SixtyFourBitOffsets) {
   const size_t bytes = size_t(rows * layout.RowValues() * 2);
   size_t free_bytes = 0, total_bytes = 0;
   ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total_bytes), cudaSuccess);
-  if (free_bytes < bytes + (size_t(1) << 30)) GTEST_SKIP() << "not enough device memory";
+  if (free_bytes < bytes + (size_t(1) << 30))
+    GTEST_SKIP() << "not enough device memory";
   DeviceBuffer vectors(bytes);
-  ASSERT_EQ(cudaMemset(vectors.get(), 0x2c, bytes), cudaSuccess);  // fp16 0x2c2c ~ 0.06
+  ASSERT_EQ(cudaMemset(vectors.get(), 0x2c, bytes),
+            cudaSuccess);  // fp16 0x2c2c ~ 0.06
   std::vector<float> norms(size_t(rows * 2), 1.0f);
   DeviceBuffer d_norms(norms.data(), norms.size() * sizeof(float));
   const std::vector<int64_t> planted = {rows - 1, rows - 7, rows - 1000};
   for (size_t i = 0; i < planted.size(); ++i) {
-    std::vector<uint16_t> row(size_t(layout.RowValues()), FloatToHalf(1.0f + float(i)));
+    std::vector<uint16_t> row(size_t(layout.RowValues()),
+                              FloatToHalf(1.0f + float(i)));
     ASSERT_EQ(cudaMemcpy(static_cast<uint8_t*>(vectors.get()) +
                              planted[i] * layout.RowValues() * 2,
                          row.data(), row.size() * 2, cudaMemcpyHostToDevice),
@@ -318,9 +347,11 @@ TEST(ScanCudaTest, SixtyFourBitOffsets) {
   qs.unit.assign(size_t(layout.RowValues()), 1.0f);
   qs.tracin_weights.assign(2, 1.0f);
   qs.retrac_weights.assign(2, 1.0f);
-  DeviceBuffer raw(qs.raw.data(), qs.raw.size() * 4), unit(qs.unit.data(), qs.unit.size() * 4),
-      tr(qs.tracin_weights.data(), 8), rt(qs.retrac_weights.data(), 8);
-  const QueryBatch batch{1, raw.as<float>(), unit.as<float>(), tr.as<float>(), rt.as<float>()};
+  DeviceBuffer raw(qs.raw.data(), qs.raw.size() * 4),
+      unit(qs.unit.data(), qs.unit.size() * 4), tr(qs.tracin_weights.data(), 8),
+      rt(qs.retrac_weights.data(), 8);
+  const QueryBatch batch{1, raw.as<float>(), unit.as<float>(), tr.as<float>(),
+                         rt.as<float>()};
   StoreChunk chunk{vectors.get(), d_norms.as<float>(), rows, 0};
   ScanOptions opt;
   opt.k = 4;

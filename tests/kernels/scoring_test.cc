@@ -28,7 +28,9 @@ using testing::TestQueries;
 using testing::TestStore;
 
 const char* IsaName(CpuIsa isa) {
-  return isa == CpuIsa::kScalar ? "scalar" : isa == CpuIsa::kAvx2 ? "avx2" : "auto";
+  return isa == CpuIsa::kScalar ? "scalar"
+         : isa == CpuIsa::kAvx2 ? "avx2"
+                                : "auto";
 }
 
 struct Case {
@@ -41,11 +43,12 @@ struct Case {
 };
 
 std::string Describe(const Case& p, uint64_t seed, CpuIsa isa) {
-  return std::string("dtype=") + DTypeName(p.dtype) + " C=" + std::to_string(p.c) +
-         " S=" + std::to_string(p.s) + " D=" + std::to_string(p.d) +
-         " N=" + std::to_string(p.rows) + " Q=" + std::to_string(p.queries) +
-         " k=" + std::to_string(p.k) + " bottom=" + std::to_string(p.want_bottom) +
-         " isa=" + IsaName(isa) + " seed=" + std::to_string(seed);
+  return std::string("dtype=") + DTypeName(p.dtype) +
+         " C=" + std::to_string(p.c) + " S=" + std::to_string(p.s) +
+         " D=" + std::to_string(p.d) + " N=" + std::to_string(p.rows) +
+         " Q=" + std::to_string(p.queries) + " k=" + std::to_string(p.k) +
+         " bottom=" + std::to_string(p.want_bottom) + " isa=" + IsaName(isa) +
+         " seed=" + std::to_string(seed);
 }
 
 void PrintTo(const Case& p, std::ostream* os) {
@@ -57,7 +60,8 @@ class ScanCpuBruteForceTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(ScanCpuBruteForceTest, MatchesDoublePrecisionLoop) {
   const Case& p = GetParam();
-  const uint64_t seed = 1000 + uint64_t(p.d) * 7 + uint64_t(p.rows) * 13 + uint64_t(p.queries);
+  const uint64_t seed =
+      1000 + uint64_t(p.d) * 7 + uint64_t(p.rows) * 13 + uint64_t(p.queries);
   const TestStore st = MakeStore(p.dtype, p.c, p.s, p.d, p.rows, seed);
   const TestQueries qs = MakeQueries(st.layout, p.queries, seed + 1);
   const Reference ref = BruteForce(st, qs);
@@ -69,7 +73,8 @@ TEST_P(ScanCpuBruteForceTest, MatchesDoublePrecisionLoop) {
     opt.want_bottom = p.want_bottom;
     opt.isa = isa;
     ScanResult result;
-    KernelStatus status = ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result);
+    KernelStatus status =
+        ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result);
     ASSERT_TRUE(status.ok()) << status.ToString();
     ExpectMatchesReference(result, ref, p.rows, k, p.want_bottom);
   }
@@ -120,8 +125,9 @@ TEST(ScanCpuTest, TiesGoToTheLowestIndices) {
     opt.k = 40;
     opt.num_threads = threads;
     ScanResult result;
-    ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk(0, 250), st.Chunk(250)}, qs.Batch(),
-                        opt, &result).ok());
+    ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk(0, 250), st.Chunk(250)},
+                        qs.Batch(), opt, &result)
+                    .ok());
     for (int q = 0; q < 3; ++q) {
       for (int m = 0; m < kNumMethods; ++m) {
         const RankedList& list = result.Get(q, static_cast<Method>(m));
@@ -155,7 +161,8 @@ TEST(ScanCpuTest, ZeroScoresTieRegardlessOfSign) {
 TEST(ScanCpuTest, BreakdownSumsToScoreAndMatchesReference) {
   for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
     const uint64_t seed = 21 + uint64_t(dtype);
-    SCOPED_TRACE(std::string("dtype=") + DTypeName(dtype) + " seed=" + std::to_string(seed));
+    SCOPED_TRACE(std::string("dtype=") + DTypeName(dtype) +
+                 " seed=" + std::to_string(seed));
     const TestStore st = MakeStore(dtype, 2, 5, 77, 300, seed);
     const TestQueries qs = MakeQueries(st.layout, 4, seed + 1);
     const Reference ref = BruteForce(st, qs);
@@ -163,8 +170,9 @@ TEST(ScanCpuTest, BreakdownSumsToScoreAndMatchesReference) {
     opt.k = 8;
     opt.want_breakdown = true;
     ScanResult result;
-    ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk(0, 123), st.Chunk(123)}, qs.Batch(),
-                        opt, &result).ok());
+    ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk(0, 123), st.Chunk(123)},
+                        qs.Batch(), opt, &result)
+                    .ok());
     const int64_t cs_count = st.layout.SlotPairs();
     for (int q = 0; q < 4; ++q) {
       for (int m = 0; m < kNumMethods; ++m) {
@@ -174,8 +182,8 @@ TEST(ScanCpuTest, BreakdownSumsToScoreAndMatchesReference) {
             ASSERT_EQ(s.breakdown.size(), size_t(cs_count));
             double sum = 0, abs_sum = 0;
             for (int64_t cs = 0; cs < cs_count; ++cs) {
-              const double want =
-                  ref.breakdown[size_t(((s.index * 4 + q) * 2 + m) * cs_count + cs)];
+              const double want = ref.breakdown[size_t(
+                  ((s.index * 4 + q) * 2 + m) * cs_count + cs)];
               EXPECT_NEAR(s.breakdown[size_t(cs)], want,
                           kF32MaxRelErr * ref.Magnitude(s.index, q, m));
               sum += s.breakdown[size_t(cs)];
@@ -183,7 +191,8 @@ TEST(ScanCpuTest, BreakdownSumsToScoreAndMatchesReference) {
             }
             // The contributions are the very terms of the score, rounded to
             // float once each.
-            EXPECT_NEAR(sum, s.score, 4e-7 * abs_sum + 1e-30) << "index " << s.index;
+            EXPECT_NEAR(sum, s.score, 4e-7 * abs_sum + 1e-30)
+                << "index " << s.index;
           }
         }
       }
@@ -216,7 +225,8 @@ TEST(ScanCpuTest, ChunkSplitsAndMergesEqualOneChunk) {
     ScanOptions part_opt = opt;
     part_opt.k = int32_t(std::min<int64_t>(opt.k, c.rows));
     parts.emplace_back();
-    ASSERT_TRUE(ScanCpu(st.layout, {c}, qs.Batch(), part_opt, &parts.back()).ok());
+    ASSERT_TRUE(
+        ScanCpu(st.layout, {c}, qs.Batch(), part_opt, &parts.back()).ok());
   }
   ScanResult merged;
   KernelStatus status = MergeScanResults(parts, opt.k, &merged);
@@ -257,7 +267,8 @@ TEST(ScanCpuTest, QueryAloneEqualsQueryInBatch) {
       SCOPED_TRACE("query " + std::to_string(q));
       const TestQueries single = qs.Single(q, st.layout);
       ScanResult alone;
-      ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk()}, single.Batch(), opt, &alone).ok());
+      ASSERT_TRUE(
+          ScanCpu(st.layout, {st.Chunk()}, single.Batch(), opt, &alone).ok());
       ScanResult from_batch;
       from_batch.per_query = {batch.per_query[size_t(q)]};
       ExpectIdentical(alone, from_batch);
@@ -306,7 +317,8 @@ class ScanValidationTest : public ::testing::Test {
   KernelStatus Run(const ScanOptions& opt) {
     return Run(st_.layout, {st_.Chunk()}, qs_.Batch(), opt);
   }
-  KernelStatus Run(const StoreLayout& layout, const std::vector<StoreChunk>& chunks,
+  KernelStatus Run(const StoreLayout& layout,
+                   const std::vector<StoreChunk>& chunks,
                    const QueryBatch& batch, const ScanOptions& opt) {
     ScanResult result;
     return ScanCpu(layout, chunks, batch, opt, &result);
@@ -336,7 +348,8 @@ TEST_F(ScanValidationTest, KOutOfRange) {
 TEST_F(ScanValidationTest, QueryCountOutOfRange) {
   QueryBatch batch = qs_.Batch();
   batch.num_queries = 0;
-  ExpectInvalid(Run(st_.layout, {st_.Chunk()}, batch, ScanOptions{}), "number of queries 0");
+  ExpectInvalid(Run(st_.layout, {st_.Chunk()}, batch, ScanOptions{}),
+                "number of queries 0");
   TestQueries many = MakeQueries(st_.layout, 65, 83);
   ExpectInvalid(Run(st_.layout, {st_.Chunk()}, many.Batch(), ScanOptions{}),
                 "number of queries 65");
@@ -350,16 +363,20 @@ TEST_F(ScanValidationTest, NullPointersAndSizes) {
   ExpectInvalid(Run(st_.layout, {st_.Chunk()}, batch, opt), "pointer is null");
   batch = qs_.Batch();
   batch.retrac_weights = nullptr;
-  ExpectInvalid(Run(st_.layout, {st_.Chunk()}, batch, opt), "weight pointer is null");
+  ExpectInvalid(Run(st_.layout, {st_.Chunk()}, batch, opt),
+                "weight pointer is null");
   StoreChunk chunk = st_.Chunk();
   chunk.norms = nullptr;
-  ExpectInvalid(Run(st_.layout, {chunk}, qs_.Batch(), opt), "norms pointer is null");
+  ExpectInvalid(Run(st_.layout, {chunk}, qs_.Batch(), opt),
+                "norms pointer is null");
   chunk = st_.Chunk();
   chunk.vectors = nullptr;
-  ExpectInvalid(Run(st_.layout, {chunk}, qs_.Batch(), opt), "vectors pointer is null");
+  ExpectInvalid(Run(st_.layout, {chunk}, qs_.Batch(), opt),
+                "vectors pointer is null");
   chunk = st_.Chunk();
   chunk.rows = 0;
-  ExpectInvalid(Run(st_.layout, {chunk}, qs_.Batch(), opt), "rows must be >= 1");
+  ExpectInvalid(Run(st_.layout, {chunk}, qs_.Batch(), opt),
+                "rows must be >= 1");
   ExpectInvalid(Run(st_.layout, {}, qs_.Batch(), opt), "no store chunks");
   StoreLayout layout = st_.layout;
   layout.dim = 0;
@@ -367,10 +384,12 @@ TEST_F(ScanValidationTest, NullPointersAndSizes) {
   layout = st_.layout;
   layout.slots = -1;
   ExpectInvalid(Run(layout, {st_.Chunk()}, qs_.Batch(), opt), "S=-1");
-  ExpectInvalid(Run(st_.layout, {st_.Chunk(0, 6), st_.Chunk(5, 5)}, qs_.Batch(), opt),
-                "overlap");
-  EXPECT_EQ(ScanCpu(st_.layout, {st_.Chunk()}, qs_.Batch(), opt, nullptr).code(),
-            KernelCode::kInvalidArgument);
+  ExpectInvalid(
+      Run(st_.layout, {st_.Chunk(0, 6), st_.Chunk(5, 5)}, qs_.Batch(), opt),
+      "overlap");
+  EXPECT_EQ(
+      ScanCpu(st_.layout, {st_.Chunk()}, qs_.Batch(), opt, nullptr).code(),
+      KernelCode::kInvalidArgument);
 }
 
 TEST_F(ScanValidationTest, NonFiniteQueryNamesQueryAndSlot) {
@@ -378,13 +397,15 @@ TEST_F(ScanValidationTest, NonFiniteQueryNamesQueryAndSlot) {
   opt.k = 3;
   TestQueries bad = qs_;
   // Query 1, checkpoint 1, slot 2 (cs = 5), value 4.
-  bad.raw[size_t((1 * 6 + 5) * 5 + 4)] = std::numeric_limits<float>::quiet_NaN();
+  bad.raw[size_t((1 * 6 + 5) * 5 + 4)] =
+      std::numeric_limits<float>::quiet_NaN();
   ExpectInvalid(Run(st_.layout, {st_.Chunk()}, bad.Batch(), opt),
                 "query 1, checkpoint 1 slot 2: raw vector value 4 is NaN");
   bad = qs_;
   bad.unit[0] = std::numeric_limits<float>::infinity();
-  ExpectInvalid(Run(st_.layout, {st_.Chunk()}, bad.Batch(), opt),
-                "query 0, checkpoint 0 slot 0: unit vector value 0 is infinite");
+  ExpectInvalid(
+      Run(st_.layout, {st_.Chunk()}, bad.Batch(), opt),
+      "query 0, checkpoint 0 slot 0: unit vector value 0 is infinite");
   bad = qs_;
   bad.tracin_weights[6 + 1] = -std::numeric_limits<float>::infinity();
   ExpectInvalid(Run(st_.layout, {st_.Chunk()}, bad.Batch(), opt),
@@ -393,18 +414,23 @@ TEST_F(ScanValidationTest, NonFiniteQueryNamesQueryAndSlot) {
 
 TEST(MergeScanResultsTest, RejectsBadInput) {
   ScanResult merged;
-  EXPECT_EQ(MergeScanResults({}, 3, &merged).code(), KernelCode::kInvalidArgument);
+  EXPECT_EQ(MergeScanResults({}, 3, &merged).code(),
+            KernelCode::kInvalidArgument);
   ScanResult a;
   a.per_query.resize(1);
   a.per_query[0][0].top = {{0, 1.0f, {}}, {1, 0.5f, {}}};
   a.per_query[0][1].top = {{0, 1.0f, {}}, {1, 0.5f, {}}};
-  EXPECT_EQ(MergeScanResults({a}, 0, &merged).code(), KernelCode::kInvalidArgument);
-  EXPECT_EQ(MergeScanResults({a}, 3, &merged).code(), KernelCode::kInvalidArgument);
+  EXPECT_EQ(MergeScanResults({a}, 0, &merged).code(),
+            KernelCode::kInvalidArgument);
+  EXPECT_EQ(MergeScanResults({a}, 3, &merged).code(),
+            KernelCode::kInvalidArgument);
   ScanResult b;
   b.per_query.resize(2);
-  EXPECT_EQ(MergeScanResults({a, b}, 1, &merged).code(), KernelCode::kInvalidArgument);
+  EXPECT_EQ(MergeScanResults({a, b}, 1, &merged).code(),
+            KernelCode::kInvalidArgument);
   // The same sample from two shards is a caller error, not a silent duplicate.
-  EXPECT_EQ(MergeScanResults({a, a}, 2, &merged).code(), KernelCode::kInvalidArgument);
+  EXPECT_EQ(MergeScanResults({a, a}, 2, &merged).code(),
+            KernelCode::kInvalidArgument);
   ASSERT_TRUE(MergeScanResults({a}, 2, &merged).ok());
   EXPECT_EQ(merged.per_query[0][0].top[0].index, 0);
 }

@@ -35,7 +35,8 @@ struct TestStore {
   StoreChunk Chunk(int64_t first_row = 0, int64_t count = -1) const {
     if (count < 0) count = rows - first_row;
     StoreChunk c;
-    c.vectors = bytes.data() + first_row * layout.RowValues() * DTypeSize(layout.dtype);
+    c.vectors =
+        bytes.data() + first_row * layout.RowValues() * DTypeSize(layout.dtype);
     c.norms = norms.data() + first_row * layout.SlotPairs();
     c.rows = count;
     c.first_index = first_row;
@@ -170,8 +171,10 @@ inline Reference BruteForce(const TestStore& st, const TestQueries& qs) {
         ref.score[o + 1] += a_rt * dot_unit;
         ref.magnitude[o] += std::fabs(a_tr * norm) * abs_raw;
         ref.magnitude[o + 1] += std::fabs(a_rt) * abs_unit;
-        ref.breakdown[o * size_t(cs_count) + size_t(cs)] = a_tr * norm * dot_raw;
-        ref.breakdown[(o + 1) * size_t(cs_count) + size_t(cs)] = a_rt * dot_unit;
+        ref.breakdown[o * size_t(cs_count) + size_t(cs)] =
+            a_tr * norm * dot_raw;
+        ref.breakdown[(o + 1) * size_t(cs_count) + size_t(cs)] =
+            a_rt * dot_unit;
       }
     }
   }
@@ -204,7 +207,8 @@ inline void ExpectRankedList(const std::vector<ScoredSample>& got,
     const ScoredSample& s = got[size_t(i)];
     ASSERT_GE(s.index, 0);
     ASSERT_LT(s.index, rows);
-    EXPECT_TRUE(seen.insert(s.index).second) << "index " << s.index << " repeated";
+    EXPECT_TRUE(seen.insert(s.index).second)
+        << "index " << s.index << " repeated";
     const double want = ref.Score(s.index, q, m);
     const double tol = kF32MaxRelErr * ref.Magnitude(s.index, q, m) + 1e-30;
     EXPECT_NEAR(s.score, want, tol) << "rank " << i << " index " << s.index;
@@ -219,7 +223,8 @@ inline void ExpectRankedList(const std::vector<ScoredSample>& got,
       } else {
         EXPECT_LE(p.score, s.score) << "rank " << i;
       }
-      if (p.score == s.score) EXPECT_LT(p.index, s.index) << "tie at rank " << i;
+      if (p.score == s.score)
+        EXPECT_LT(p.index, s.index) << "tie at rank " << i;
     }
   }
 }
@@ -254,9 +259,11 @@ inline void ExpectIdentical(const ScanResult& a, const ScanResult& b) {
         ASSERT_EQ(la.size(), lb.size());
         for (size_t i = 0; i < la.size(); ++i) {
           EXPECT_EQ(la[i].index, lb[i].index)
-              << "query " << q << " method " << m << " bottom " << bottom << " rank " << i;
+              << "query " << q << " method " << m << " bottom " << bottom
+              << " rank " << i;
           EXPECT_EQ(FloatBits(la[i].score), FloatBits(lb[i].score))
-              << "query " << q << " method " << m << " bottom " << bottom << " rank " << i;
+              << "query " << q << " method " << m << " bottom " << bottom
+              << " rank " << i;
           EXPECT_EQ(la[i].breakdown, lb[i].breakdown);
         }
       }

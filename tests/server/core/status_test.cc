@@ -44,7 +44,8 @@ TEST(StatusTest, KernelConversion) {
 }
 
 TEST(StatusTest, Annotate) {
-  absl::Status s = Annotate(absl::DataLossError("bad"), "shard-00000.safetensors");
+  absl::Status s =
+      Annotate(absl::DataLossError("bad"), "shard-00000.safetensors");
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(s.message(), "shard-00000.safetensors: bad");
   EXPECT_TRUE(Annotate(absl::OkStatus(), "x").ok());

@@ -1,8 +1,8 @@
 #include "server/data/idx.h"
 
-#include <filesystem>
-
 #include <gtest/gtest.h>
+
+#include <filesystem>
 
 #include "tests/server/data/test_files.h"
 
@@ -15,7 +15,8 @@ using testing_files::WriteBytes;
 
 TEST(IdxTest, ReadsPlainAndGzipped) {
   const std::string dir = FreshDir("idx");
-  const std::vector<uint8_t> data = {0, 1, 2, 127, 128, 255, 10, 20, 30, 40, 50, 60};
+  const std::vector<uint8_t> data = {0,  1,  2,  127, 128, 255,
+                                     10, 20, 30, 40,  50,  60};
   for (bool gzip : {false, true}) {
     SCOPED_TRACE(testing::Message() << "gzip=" << gzip);
     const std::string path = dir + (gzip ? "/a.idx.gz" : "/a.idx");
@@ -31,7 +32,7 @@ TEST(IdxTest, ImageSetPixelsAndLabels) {
   const std::string dir = FreshDir("set");
   // Two 2x3 images.
   WriteBytes(dir + "/images", IdxBytes({2, 2, 3}, {0, 51, 102, 153, 204, 255,
-                                                  255, 0, 255, 0, 255, 0}));
+                                                   255, 0, 255, 0, 255, 0}));
   WriteBytes(dir + "/labels", IdxBytes({2}, {7, 3}), /*gzip=*/true);
   auto set = ReadIdxImageSet(dir + "/images", dir + "/labels", "toy");
   ASSERT_TRUE(set.ok()) << set.status();
@@ -68,8 +69,10 @@ TEST(IdxTest, Errors) {
       {"bad_type", bad_type, absl::StatusCode::kDataLoss, "0x08"},
       {"empty", {}, absl::StatusCode::kDataLoss, "header"},
       // A gzip header followed by garbage.
-      {"corrupt_gzip", {0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xde, 0xad, 0xbe, 0xef},
-       absl::StatusCode::kDataLoss, ""},
+      {"corrupt_gzip",
+       {0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xde, 0xad, 0xbe, 0xef},
+       absl::StatusCode::kDataLoss,
+       ""},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);

@@ -1,10 +1,10 @@
 #include "server/data/image_folder.h"
 
-#include <filesystem>
-#include <fstream>
-
 #include <gtest/gtest.h>
 #include <stb/stb_image_write.h>
+
+#include <filesystem>
+#include <fstream>
 
 #include "tests/server/data/test_files.h"
 
@@ -21,13 +21,14 @@ std::vector<uint8_t> WritePng(const std::string& path, int w, int h,
   for (int y = 0; y < h; ++y) {
     for (int x = 0; x < w; ++x) {
       for (int c = 0; c < channels; ++c) {
-        bytes[(y * w + x) * channels + c] = (seed + 7 * x + 13 * y + 50 * c) % 256;
+        bytes[(y * w + x) * channels + c] =
+            (seed + 7 * x + 13 * y + 50 * c) % 256;
       }
     }
   }
-  EXPECT_NE(stbi_write_png(path.c_str(), w, h, channels, bytes.data(),
-                           w * channels),
-            0)
+  EXPECT_NE(
+      stbi_write_png(path.c_str(), w, h, channels, bytes.data(), w * channels),
+      0)
       << path;
   return bytes;
 }
@@ -81,7 +82,8 @@ TEST(ImageFolderTest, WrongSizeOrChannelsNamesFileAndExpectation) {
   WritePng(root + "/a/small.png", 27, 28, 1, 0);
   auto set = LoadImageFolder(root, ImageSpec{});
   EXPECT_EQ(set.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(set.status().message().find(root + "/a/small.png"), std::string::npos)
+  EXPECT_NE(set.status().message().find(root + "/a/small.png"),
+            std::string::npos)
       << set.status();
   EXPECT_NE(set.status().message().find("27x28"), std::string::npos);
   EXPECT_NE(set.status().message().find("expected 28x28 with 1 channel"),

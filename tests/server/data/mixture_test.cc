@@ -1,17 +1,18 @@
 #include "server/data/mixture.h"
 
+#include <gtest/gtest.h>
+
 #include <filesystem>
 #include <map>
 #include <set>
-
-#include <gtest/gtest.h>
 
 #include "server/data/mnist_json.h"
 
 namespace retrace::data {
 namespace {
 
-// n 2×2 images; image i has every pixel = i / 1000 + offset; label = i % classes.
+// n 2×2 images; image i has every pixel = i / 1000 + offset; label = i %
+// classes.
 ImageSet MakeSet(const std::string& name, int64_t n, int32_t classes,
                  float offset) {
   ImageSet set;
@@ -56,9 +57,9 @@ TEST(MixtureSpecTest, ParsesAndFormats) {
 }
 
 TEST(MixtureSpecTest, Errors) {
-  for (const char* text :
-       {"cifar", "mnist:classes=a", "mnist:fraction=1.5", "mnist:limit=0",
-        "mnist:colour=red", "folder", "mnist:classes=", "fashion-mnist:split=val"}) {
+  for (const char* text : {"cifar", "mnist:classes=a", "mnist:fraction=1.5",
+                           "mnist:limit=0", "mnist:colour=red", "folder",
+                           "mnist:classes=", "fashion-mnist:split=val"}) {
     SCOPED_TRACE(text);
     auto spec = ParseMixtureSpec(text);
     EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
@@ -70,9 +71,10 @@ TEST(MixtureSpecTest, Errors) {
 }
 
 TEST(MixtureTest, FractionCountsIdsAndProvenance) {
-  const ImageSet base = MakeSet("base", 200, 2, 0.0f);  // 100 of class 0
-  const ImageSet extra = MakeSet("extra", 50, 5, 0.5f); // 10 of class 0
-  MixtureSpec spec = *ParseMixtureSpec("mnist:classes=0 + mnist:classes=0:fraction=0.038");
+  const ImageSet base = MakeSet("base", 200, 2, 0.0f);   // 100 of class 0
+  const ImageSet extra = MakeSet("extra", 50, 5, 0.5f);  // 10 of class 0
+  MixtureSpec spec =
+      *ParseMixtureSpec("mnist:classes=0 + mnist:classes=0:fraction=0.038");
   spec.seed = 42;
   const ImageSet* sources[] = {&base, &extra};
   auto mixture = MixImageSets(spec, sources);
@@ -98,14 +100,16 @@ TEST(MixtureTest, FractionCountsIdsAndProvenance) {
   EXPECT_EQ(per_component[1], 4);
   // The order is shuffled: not simply component 0 first.
   bool interleaved = false;
-  for (int64_t i = 0; i < 100; ++i) interleaved |= mixture->provenance[i].component == 1;
+  for (int64_t i = 0; i < 100; ++i)
+    interleaved |= mixture->provenance[i].component == 1;
   EXPECT_TRUE(interleaved);
 }
 
 TEST(MixtureTest, DeterministicFromSeed) {
   const ImageSet base = MakeSet("base", 300, 3, 0.0f);
   const ImageSet* sources[] = {&base, &base};
-  MixtureSpec spec = *ParseMixtureSpec("mnist:classes=1:limit=40 + mnist:classes=2:limit=7:label=9");
+  MixtureSpec spec = *ParseMixtureSpec(
+      "mnist:classes=1:limit=40 + mnist:classes=2:limit=7:label=9");
   spec.seed = 5;
   auto a = MixImageSets(spec, sources);
   auto b = MixImageSets(spec, sources);
@@ -138,7 +142,8 @@ TEST(MixtureTest, Errors) {
   other_size.width = 4;
   {
     const ImageSet* sources[] = {&base, &few};
-    auto spec = *ParseMixtureSpec("mnist:classes=0 + mnist:classes=0:fraction=0.2");
+    auto spec =
+        *ParseMixtureSpec("mnist:classes=0 + mnist:classes=0:fraction=0.2");
     auto m = MixImageSets(spec, sources);
     EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(m.status().message().find("needs 13 samples but only 1 match"),
@@ -154,8 +159,10 @@ TEST(MixtureTest, Errors) {
     const ImageSet* sources[] = {&base};
     auto m = MixImageSets(*ParseMixtureSpec("mnist:classes=7"), sources);
     EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_NE(m.status().message().find("selects no samples"), std::string::npos);
-    auto all_fraction = MixImageSets(*ParseMixtureSpec("mnist:fraction=0.5"), sources);
+    EXPECT_NE(m.status().message().find("selects no samples"),
+              std::string::npos);
+    auto all_fraction =
+        MixImageSets(*ParseMixtureSpec("mnist:fraction=0.5"), sources);
     EXPECT_EQ(all_fraction.status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
@@ -176,7 +183,8 @@ TEST(MixtureTest, FashionMnistClassZeroPlusMnistZeros) {
   // round(0.038 · 6000 / 0.962) = 237.
   EXPECT_EQ(mixture->images.size(), 6237);
   int64_t planted = 0;
-  for (const SampleProvenance& p : mixture->provenance) planted += p.component == 1;
+  for (const SampleProvenance& p : mixture->provenance)
+    planted += p.component == 1;
   EXPECT_EQ(planted, 237);
   EXPECT_EQ(mixture->sources,
             (std::vector<std::string>{"fashion-mnist/train", "mnist"}));

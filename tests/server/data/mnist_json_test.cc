@@ -1,10 +1,10 @@
 #include "server/data/mnist_json.h"
 
+#include <gtest/gtest.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-
-#include <gtest/gtest.h>
 
 #include "tests/server/data/test_files.h"
 
@@ -50,8 +50,10 @@ TEST(MnistJsonTest, Errors) {
   std::filesystem::remove(dir + "/4.json");
   auto missing = LoadMnistDigits(dir);
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_NE(missing.status().message().find(dir + "/4.json"), std::string::npos);
-  EXPECT_NE(missing.status().message().find("fetch_data.sh"), std::string::npos);
+  EXPECT_NE(missing.status().message().find(dir + "/4.json"),
+            std::string::npos);
+  EXPECT_NE(missing.status().message().find("fetch_data.sh"),
+            std::string::npos);
 
   struct Case {
     const char* text;
@@ -94,8 +96,9 @@ TEST(MnistJsonTest, CacheDirFromEnvironment) {
 TEST(MnistJsonTest, FetchedPackageFiles) {
   const std::string dir = DefaultMnistDir();
   if (!std::filesystem::exists(dir + "/0.json")) {
-    GTEST_SKIP() << "MNIST digits not fetched (run scripts/fetch_data.sh; looked in "
-                 << dir << ")";
+    GTEST_SKIP()
+        << "MNIST digits not fetched (run scripts/fetch_data.sh; looked in "
+        << dir << ")";
   }
   auto set = LoadMnistDigits(dir);
   ASSERT_TRUE(set.ok()) << set.status();

@@ -4,6 +4,7 @@
 #ifndef RETRACE_TESTS_SERVER_DATA_TEST_FILES_H_
 #define RETRACE_TESTS_SERVER_DATA_TEST_FILES_H_
 
+#include <gtest/gtest.h>
 #include <zlib.h>
 
 #include <cstdint>
@@ -11,8 +12,6 @@
 #include <fstream>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 namespace retrace::data::testing_files {
 
@@ -27,8 +26,8 @@ inline std::string FreshDir(const std::string& leaf) {
   return dir;
 }
 
-inline void WriteBytes(const std::string& path, const std::vector<uint8_t>& bytes,
-                       bool gzip = false) {
+inline void WriteBytes(const std::string& path,
+                       const std::vector<uint8_t>& bytes, bool gzip = false) {
   if (gzip) {
     gzFile file = gzopen(path.c_str(), "wb");
     ASSERT_NE(file, nullptr) << path;

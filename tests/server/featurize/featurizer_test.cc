@@ -4,7 +4,10 @@
 // differences, and a dense projection matrix applied in double precision.
 #include "server/featurize/featurizer.h"
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,11 +17,6 @@
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <unistd.h>
-
-#include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 
 #include "server/featurize/group_gradients.h"
 #include "server/featurize/unet_mirror.h"
@@ -71,8 +69,11 @@ struct Rows {
 Rows MakeRows(const UNetConfig& config, int64_t n, uint64_t seed) {
   at::Generator gen = at::detail::createCPUGenerator(seed);
   Rows r;
-  r.x = at::rand({n, config.image_channels, config.image_size,
-                  config.image_size}, gen) * 2 - 1;
+  r.x =
+      at::rand({n, config.image_channels, config.image_size, config.image_size},
+               gen) *
+          2 -
+      1;
   r.eps = at::randn(r.x.sizes(), gen);
   r.t = at::randint(0, 1000, {n}, gen, at::kLong);
   return r;
@@ -130,14 +131,15 @@ void ExpectGradientsClose(const std::vector<at::Tensor>& got,
 TEST(UNetMirrorTest, ReproducesTheModelBitForBit) {
   for (const UNetConfig& config : {UNetConfig{}, TinyConfig()}) {
     auto model = MakeUNet(config, 3);
-    auto mirror = internal::UNetMirror::Create(config, model->NamedParameters());
+    auto mirror =
+        internal::UNetMirror::Create(config, model->NamedParameters());
     ASSERT_TRUE(mirror.ok()) << mirror.status();
     Rows rows = MakeRows(config, 3, 5);
     at::NoGradGuard no_grad;
     auto want = model->Forward(rows.x, rows.t);
     ASSERT_TRUE(want.ok()) << want.status();
-    EXPECT_TRUE(at::equal(mirror->Forward(rows.x, rows.t, nullptr, nullptr),
-                          *want));
+    EXPECT_TRUE(
+        at::equal(mirror->Forward(rows.x, rows.t, nullptr, nullptr), *want));
   }
 }
 
@@ -150,7 +152,8 @@ void CheckLayerwiseAgainstLoop(const UNetConfig& config, LossType loss,
   auto model = MakeUNet(config, 11);
   const NoiseSchedule schedule = Cosine();
   auto layerwise = internal::CreateGroupGradientEngine(
-      model.get(), schedule, loss, AllIndices(*model), GradientMethod::kLayerwise);
+      model.get(), schedule, loss, AllIndices(*model),
+      GradientMethod::kLayerwise);
   ASSERT_TRUE(layerwise.ok()) << layerwise.status();
   ASSERT_EQ((*layerwise)->method(), GradientMethod::kLayerwise);
   auto loop = internal::CreateGroupGradientEngine(
@@ -224,8 +227,7 @@ TEST(GroupGradientsTest, LayerwiseMatchesDoubleFiniteDifferences) {
       flat[coord] = saved;
       const double fd = (up - down) / (2 * kFdStep);
       const double g = (*grads)[i][sample][coord].item<double>();
-      const double scale =
-          (*grads)[i][sample].abs().max().item<double>();
+      const double scale = (*grads)[i][sample].abs().max().item<double>();
       EXPECT_NEAR(g, fd, kFdRelTol * std::max(std::abs(fd), 1e-2 * scale));
       ++checked;
     }
@@ -286,9 +288,10 @@ FeaturizeSpec TinySpec(const TrainCase& c) {
 // regenerated from the documented keys, gradients from the loop engine, the
 // norm and P·g/‖g‖ in double with the dense matrix.
 void CheckTrainingSide(const TrainCase& c) {
-  SCOPED_TRACE(testing::Message() << "regex='" << c.regex << "' m="
-                                  << c.grad_timesteps << " replay=" << c.replay
-                                  << " method=" << GradientMethodName(c.method));
+  SCOPED_TRACE(testing::Message()
+               << "regex='" << c.regex << "' m=" << c.grad_timesteps
+               << " replay=" << c.replay
+               << " method=" << GradientMethodName(c.method));
   const UNetConfig config = TinyConfig();
   auto unet = MakeUNet(config, 29);
   const NoiseSchedule schedule = Cosine();
@@ -309,9 +312,10 @@ void CheckTrainingSide(const TrainCase& c) {
   int64_t p = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const std::string& name = params[i].name;
-    const bool keep = c.regex.empty() ||
-                      (c.regex == "up\\..*" && name.rfind("up.", 0) == 0) ||
-                      (c.regex == ".*norm.*" && name.find("norm") != std::string::npos);
+    const bool keep =
+        c.regex.empty() ||
+        (c.regex == "up\\..*" && name.rfind("up.", 0) == 0) ||
+        (c.regex == ".*norm.*" && name.find("norm") != std::string::npos);
     if (keep) {
       selected.push_back(static_cast<int>(i));
       p += params[i].tensor.numel();
@@ -323,15 +327,19 @@ void CheckTrainingSide(const TrainCase& c) {
   constexpr int64_t kBatch = 4, kFirst = 1000, kCheckpoint = 2;
   const Rows data = MakeRows(config, kBatch, 31);
   ReplayDraws replay;
-  replay.timesteps = at::tensor(std::vector<int64_t>{5, 999, 300, 77}, at::kLong);
+  replay.timesteps =
+      at::tensor(std::vector<int64_t>{5, 999, 300, 77}, at::kLong);
   replay.noise = MakeRows(config, kBatch, 37).eps;
-  auto features = (*featurizer)->TrainingSide(data.x, kFirst, kCheckpoint,
-                                             c.replay ? &replay : nullptr);
+  auto features = (*featurizer)
+                      ->TrainingSide(data.x, kFirst, kCheckpoint,
+                                     c.replay ? &replay : nullptr);
   ASSERT_TRUE(features.ok()) << features.status();
   const int64_t buckets = 3, slots = buckets + (c.replay ? 1 : 0);
   const int64_t m = c.grad_timesteps, d = spec.projection.output_dim;
-  ASSERT_EQ(features->unit.sizes().vec(), (std::vector<int64_t>{kBatch, slots, d}));
-  ASSERT_EQ(features->norms.sizes().vec(), (std::vector<int64_t>{kBatch, slots}));
+  ASSERT_EQ(features->unit.sizes().vec(),
+            (std::vector<int64_t>{kBatch, slots, d}));
+  ASSERT_EQ(features->norms.sizes().vec(),
+            (std::vector<int64_t>{kBatch, slots}));
   ASSERT_EQ(features->timesteps.sizes().vec(),
             (std::vector<int64_t>{kBatch, buckets, m}));
 
@@ -346,19 +354,20 @@ void CheckTrainingSide(const TrainCase& c) {
     for (int64_t s = 0; s < slots; ++s) {
       SCOPED_TRACE(testing::Message() << "sample " << i << " slot " << s);
       at::Tensor t = at::empty({s < buckets ? m : 1}, at::kLong);
-      at::Tensor eps = at::empty({t.size(0), 1, config.image_size,
-                                  config.image_size}, at::kFloat);
+      at::Tensor eps = at::empty(
+          {t.size(0), 1, config.image_size, config.image_size}, at::kFloat);
       if (s < buckets) {
         for (int64_t j = 0; j < m; ++j) {
           // Keys as documented: (store seed; n, c << 16 | b, j).
-          const model::RngKey tkey{spec.store_seed,
-                                   model::RngStream::kBuildTimestep,
-                                   static_cast<uint32_t>(kFirst + i),
-                                   static_cast<uint32_t>((kCheckpoint << 16) | s),
-                                   static_cast<uint32_t>(j)};
+          const model::RngKey tkey{
+              spec.store_seed, model::RngStream::kBuildTimestep,
+              static_cast<uint32_t>(kFirst + i),
+              static_cast<uint32_t>((kCheckpoint << 16) | s),
+              static_cast<uint32_t>(j)};
           model::RngKey nkey = tkey;
           nkey.stream = model::RngStream::kBuildNoise;
-          const int64_t lo = spec.bucket_edges[s], hi = spec.bucket_edges[s + 1];
+          const int64_t lo = spec.bucket_edges[s],
+                        hi = spec.bucket_edges[s + 1];
           t[j] = model::UniformInt(tkey, lo, hi);
           const int64_t got_t = features->timesteps[i][s][j].item<int64_t>();
           EXPECT_EQ(got_t, t[j].item<int64_t>());
@@ -371,7 +380,8 @@ void CheckTrainingSide(const TrainCase& c) {
         t[0] = replay.timesteps[i];
         eps.copy_(replay.noise.narrow(0, i, 1));
       }
-      const at::Tensor x = data.x.narrow(0, i, 1).expand({t.size(0), -1, -1, -1});
+      const at::Tensor x =
+          data.x.narrow(0, i, 1).expand({t.size(0), -1, -1, -1});
       auto grads = (*loop)->Compute(x.contiguous(), t, eps, t.size(0));
       ASSERT_TRUE(grads.ok()) << grads.status();
       const at::Tensor g = Concat(*grads)[0];
@@ -379,8 +389,10 @@ void CheckTrainingSide(const TrainCase& c) {
       EXPECT_NEAR(features->norms[i][s].item<double>(), norm,
                   kNormRelTol * norm);
       const at::Tensor want = at::matmul(dense, g / norm);
-      const double err =
-          (features->unit[i][s].to(at::kDouble) - want).abs().max().item<double>();
+      const double err = (features->unit[i][s].to(at::kDouble) - want)
+                             .abs()
+                             .max()
+                             .item<double>();
       EXPECT_LE(err, kUnitAbsTol);
     }
   }
@@ -390,8 +402,8 @@ TEST(FeaturizerTest, TrainingSideAllParameters) { CheckTrainingSide({}); }
 
 TEST(FeaturizerTest, TrainingSideSelectedParametersAndReplay) {
   CheckTrainingSide({"up\\..*", 1, /*replay=*/true});
-  CheckTrainingSide({".*norm.*", 1, /*replay=*/true,
-                     GradientMethod::kAuto, kernels::ProjectionType::kRademacher});
+  CheckTrainingSide({".*norm.*", 1, /*replay=*/true, GradientMethod::kAuto,
+                     kernels::ProjectionType::kRademacher});
 }
 
 TEST(FeaturizerTest, TrainingSideSeveralTimestepsPerBucket) {
@@ -455,8 +467,9 @@ TEST(FeaturizerTest, QuerySideMatchesDirectFormula) {
   ASSERT_EQ(q->raw.sizes().vec(), (std::vector<int64_t>{buckets, 24}));
   ASSERT_EQ(q->unit.sizes().vec(), (std::vector<int64_t>{buckets, 24}));
 
-  auto loop = internal::CreateGroupGradientEngine(
-      unet.get(), schedule, spec.loss, AllIndices(*unet), GradientMethod::kLoop);
+  auto loop = internal::CreateGroupGradientEngine(unet.get(), schedule,
+                                                  spec.loss, AllIndices(*unet),
+                                                  GradientMethod::kLoop);
   ASSERT_TRUE(loop.ok());
   kernels::ProjectionSpec pspec = spec.projection;
   pspec.input_dim = (*featurizer)->input_dim();
@@ -477,7 +490,8 @@ TEST(FeaturizerTest, QuerySideMatchesDirectFormula) {
                                 static_cast<uint32_t>(kCheckpoint),
                                 static_cast<uint32_t>((b << 16) | i),
                                 static_cast<uint32_t>(r)};
-        at::Tensor eps = at::empty({1, 1, config.image_size, config.image_size});
+        at::Tensor eps =
+            at::empty({1, 1, config.image_size, config.image_size});
         model::GaussianFill(key, eps.data_ptr<float>(), image_numel);
         auto grads = (*loop)->Compute(image.unsqueeze(0),
                                       at::full({1}, s, at::kLong), eps, 1);
@@ -492,8 +506,9 @@ TEST(FeaturizerTest, QuerySideMatchesDirectFormula) {
     const double raw_scale = want_raw.abs().max().item<double>();
     EXPECT_LE((q->raw[b].to(at::kDouble) - want_raw).abs().max().item<double>(),
               1e-4 * raw_scale);
-    EXPECT_LE((q->unit[b].to(at::kDouble) - want_unit).abs().max().item<double>(),
-              kUnitAbsTol);
+    EXPECT_LE(
+        (q->unit[b].to(at::kDouble) - want_unit).abs().max().item<double>(),
+        kUnitAbsTol);
   }
 }
 
@@ -525,23 +540,26 @@ TEST(FeaturizerTest, OpaqueModelsUseTheLoop) {
 TEST(FeaturizerTest, FollowsCheckpointLoads) {
   const UNetConfig config = TinyConfig();
   auto other = MakeUNet(config, 73);
-  const std::string path =
-      testing::TempDir() + "/featurize_checkpoint_" + std::to_string(::getpid());
+  const std::string path = testing::TempDir() + "/featurize_checkpoint_" +
+                           std::to_string(::getpid());
   ASSERT_TRUE(other->Save(path).ok());
   const NoiseSchedule schedule = Cosine();
   const Rows data = MakeRows(config, 3, 79);
-  for (GradientMethod method : {GradientMethod::kLayerwise, GradientMethod::kLoop}) {
+  for (GradientMethod method :
+       {GradientMethod::kLayerwise, GradientMethod::kLoop}) {
     SCOPED_TRACE(GradientMethodName(method));
     auto model = MakeUNet(config, 71);
     FeaturizeOptions options;
     options.method = method;
-    auto before = Featurizer::Create(model.get(), schedule, TinySpec({}), options);
+    auto before =
+        Featurizer::Create(model.get(), schedule, TinySpec({}), options);
     ASSERT_TRUE(before.ok()) << before.status();
     auto first = (*before)->TrainingSide(data.x, 0, 0);
     ASSERT_TRUE(first.ok());
     ASSERT_TRUE(model->Load(path).ok());
     auto second = (*before)->TrainingSide(data.x, 0, 1);
-    auto fresh = Featurizer::Create(model.get(), schedule, TinySpec({}), options);
+    auto fresh =
+        Featurizer::Create(model.get(), schedule, TinySpec({}), options);
     ASSERT_TRUE(fresh.ok());
     auto want = (*fresh)->TrainingSide(data.x, 0, 1);
     ASSERT_TRUE(second.ok() && want.ok());

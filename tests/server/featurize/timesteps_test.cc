@@ -37,16 +37,16 @@ TEST(TimestepsTest, BuildTimestepsLieInsideTheirBucketAndFollowTheKey) {
     for (int64_t n = 0; n < 200; ++n) {
       for (int64_t c = 0; c < 3; ++c) {
         for (int64_t j = 0; j < 2; ++j) {
-          SCOPED_TRACE(testing::Message() << "b=" << b << " n=" << n
-                                          << " c=" << c << " j=" << j);
-          const int64_t t = BuildTimestep(kSeed, n, c, b, j, edges[b], edges[b + 1]);
+          SCOPED_TRACE(testing::Message()
+                       << "b=" << b << " n=" << n << " c=" << c << " j=" << j);
+          const int64_t t =
+              BuildTimestep(kSeed, n, c, b, j, edges[b], edges[b + 1]);
           ASSERT_GE(t, edges[b]);
           ASSERT_LT(t, edges[b + 1]);
           // The key layout of counter_rng.h: (seed; n, c << 16 | b, j).
-          model::RngKey key{kSeed, model::RngStream::kBuildTimestep,
-                            static_cast<uint32_t>(n),
-                            static_cast<uint32_t>(c * 65536 + b),
-                            static_cast<uint32_t>(j)};
+          model::RngKey key{
+              kSeed, model::RngStream::kBuildTimestep, static_cast<uint32_t>(n),
+              static_cast<uint32_t>(c * 65536 + b), static_cast<uint32_t>(j)};
           const uint64_t word = model::RandomWord(key, 0);
           const uint64_t width = static_cast<uint64_t>(edges[b + 1] - edges[b]);
           ASSERT_EQ(t, edges[b] + static_cast<int64_t>((word * width) >> 32));
@@ -82,14 +82,15 @@ TEST(TimestepsTest, QueryTimestepsAreCentresOfEqualSubintervals) {
   EXPECT_EQ(QueryTimesteps(0, 100, 2), (std::vector<int64_t>{25, 75}));
   EXPECT_EQ(QueryTimesteps(100, 200, 4),
             (std::vector<int64_t>{112, 137, 162, 187}));
-  EXPECT_EQ(QueryTimesteps(900, 1000, 3), (std::vector<int64_t>{916, 950, 983}));
+  EXPECT_EQ(QueryTimesteps(900, 1000, 3),
+            (std::vector<int64_t>{916, 950, 983}));
   // More timesteps than the bucket holds: they repeat but stay inside.
   EXPECT_EQ(QueryTimesteps(5, 7, 4), (std::vector<int64_t>{5, 5, 6, 6}));
   for (int64_t k = 1; k <= 12; ++k) {
     for (int64_t lo : {0, 3, 500}) {
       for (int64_t width : {1, 2, 9, 100, 333}) {
-        SCOPED_TRACE(testing::Message() << "lo=" << lo << " width=" << width
-                                        << " k=" << k);
+        SCOPED_TRACE(testing::Message()
+                     << "lo=" << lo << " width=" << width << " k=" << k);
         const std::vector<int64_t> s = QueryTimesteps(lo, lo + width, k);
         ASSERT_EQ(static_cast<int64_t>(s.size()), k);
         for (int64_t i = 0; i < k; ++i) {

@@ -11,7 +11,8 @@ namespace retrace::model {
 namespace {
 
 TEST(CounterRngTest, WordsFollowTheDocumentedCounterLayout) {
-  RngKey key{0x0123456789abcdefull, RngStream::kBuildNoise, 7, (2u << 16) | 3u, 1};
+  RngKey key{0x0123456789abcdefull, RngStream::kBuildNoise, 7, (2u << 16) | 3u,
+             1};
   // Word 6 is word 2 of block 1.
   kernels::Philox4x32Block counter{{1u, 7u, (2u << 16) | 3u, (4u << 24) ^ 1u}};
   const auto want = kernels::Philox4x32x10(counter, 0x89abcdefu, 0x01234567u);

@@ -2,10 +2,10 @@
 // formulas written out independently here.
 #include "server/model/schedule.h"
 
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "server/model/loss.h"
 
@@ -40,7 +40,8 @@ TEST(ScheduleTest, CosineMatchesClosedForm) {
     double product = 1.0;
     for (int t = 0; t < steps; ++t) {
       SCOPED_TRACE(testing::Message() << "t=" << t);
-      const double raw_beta = 1 - CosineF((t + 1.0) / steps) / CosineF(double(t) / steps);
+      const double raw_beta =
+          1 - CosineF((t + 1.0) / steps) / CosineF(double(t) / steps);
       const double beta = std::min(raw_beta, 0.999);
       clipped = clipped || raw_beta > 0.999;
       product *= 1 - beta;

@@ -4,16 +4,16 @@
 // Python. Here the C++ side recomputes them from the same inputs.
 #include "server/model/torchscript_model.h"
 
-#include <cstdlib>
-#include <fstream>
-#include <iterator>
-#include <string>
-
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/types.h>
 #include <torch/utils.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <nlohmann/json.hpp>
+#include <string>
 
 #include "server/model/diffusion.h"
 
@@ -48,8 +48,9 @@ class TorchScriptModelTest : public testing::Test {
     std::vector<int64_t> shape = entry["shape"].get<std::vector<int64_t>>();
     torch::Tensor out = torch::empty(shape, dtype);
     EXPECT_EQ(bytes.size(), out.numel() * out.element_size()) << path;
-    std::memcpy(out.data_ptr(), bytes.data(),
-                std::min<size_t>(bytes.size(), out.numel() * out.element_size()));
+    std::memcpy(
+        out.data_ptr(), bytes.data(),
+        std::min<size_t>(bytes.size(), out.numel() * out.element_size()));
     return out;
   }
 
@@ -66,8 +67,8 @@ void ExpectClose(const torch::Tensor& actual, const torch::Tensor& expected,
 }
 
 TEST_F(TorchScriptModelTest, MatchesPyTorchForwardLossAndGradients) {
-  auto model = TorchScriptModel::Create(dir_ + "/model.pt",
-                                        ImageShape{1, 8, 8});
+  auto model =
+      TorchScriptModel::Create(dir_ + "/model.pt", ImageShape{1, 8, 8});
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_EQ((*model)->Architecture(), "torchscript");
   torch::Tensor x = Read(manifest_["x"]);

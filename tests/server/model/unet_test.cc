@@ -1,16 +1,16 @@
 // The built-in UNet and the LibTorch forms of noising and loss.
 #include "server/model/unet.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+#include <torch/types.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <set>
 #include <string>
-
-#include <gtest/gtest.h>
-#include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
-#include <torch/types.h>
 
 #include "server/model/diffusion.h"
 
@@ -72,8 +72,8 @@ TEST(UNetTest, ParameterNamesAreStableAndDocumented) {
   for (const char* name :
        {"conv_in.weight", "down.0.res.conv1.weight", "down.1.res.skip.weight",
         "down.0.downsample.weight", "down.2.attn.qkv.weight",
-        "mid.res1.time_proj.weight", "mid.attn.proj.bias", "mid.res2.norm2.bias",
-        "up.0.res.skip.weight", "up.2.attn.norm.weight",
+        "mid.res1.time_proj.weight", "mid.attn.proj.bias",
+        "mid.res2.norm2.bias", "up.0.res.skip.weight", "up.2.attn.norm.weight",
         "up.1.upsample.weight", "out_norm.weight"}) {
     EXPECT_TRUE(names.count(name)) << "missing " << name;
   }
@@ -112,13 +112,15 @@ TEST(UNetTest, GradientsReachEveryParameter) {
     model->SetTraining(true);
     auto schedule = NoiseSchedule::Create().value();
     Batch b = MakeBatch(4, 5);
-    auto loss = DiffusionLoss(*model, schedule, LossType::kMse, b.x, b.t, b.eps);
+    auto loss =
+        DiffusionLoss(*model, schedule, LossType::kMse, b.x, b.t, b.eps);
     ASSERT_TRUE(loss.ok()) << loss.status();
     ASSERT_EQ(loss->sizes().vec(), std::vector<int64_t>{4});
     loss->sum().backward();
     for (const NamedParameter& p : model->NamedParameters()) {
       ASSERT_TRUE(p.tensor.grad().defined()) << p.name;
-      EXPECT_TRUE(torch::isfinite(p.tensor.grad()).all().item<bool>()) << p.name;
+      EXPECT_TRUE(torch::isfinite(p.tensor.grad()).all().item<bool>())
+          << p.name;
       EXPECT_GT(p.tensor.grad().abs().max().item<float>(), 0.0f) << p.name;
     }
   }
@@ -154,8 +156,9 @@ TEST(UNetTest, RejectsBadConfigAndInputs) {
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(model->Forward(torch::zeros({2, 1, 28, 28}),
-                           torch::zeros({3}, torch::kLong))
+  EXPECT_EQ(model
+                ->Forward(torch::zeros({2, 1, 28, 28}),
+                          torch::zeros({3}, torch::kLong))
                 .status()
                 .code(),
             absl::StatusCode::kInvalidArgument);
@@ -196,7 +199,9 @@ TEST(DiffusionTest, AddNoiseMatchesDoubleFormula) {
       const int t = static_cast<int>(b.t[i].item<int64_t>());
       const double abar = schedule.AlphaBar(t);
       auto expected = std::sqrt(abar) * xd[i] + std::sqrt(1 - abar) * ed[i];
-      EXPECT_LT((x_t->select(0, i).to(torch::kDouble) - expected).abs().max()
+      EXPECT_LT((x_t->select(0, i).to(torch::kDouble) - expected)
+                    .abs()
+                    .max()
                     .item<double>(),
                 1e-6)
           << ScheduleTypeName(type) << " t=" << t;
@@ -214,10 +219,12 @@ TEST(DiffusionTest, AddNoiseMatchesDoubleFormula) {
 
 TEST(DiffusionTest, PerExampleLossHandComputed) {
   // Row 0 differences 0.5, 0, -2, 1; row 1 all zero.
-  torch::Tensor eps = torch::tensor({1.0f, 2.0f, -1.0f, 0.0f, 3.0f, 3.0f, 3.0f, 3.0f})
-                          .reshape({2, 1, 2, 2});
-  torch::Tensor eps_hat = torch::tensor({0.5f, 2.0f, 1.0f, -1.0f, 3.0f, 3.0f, 3.0f, 3.0f})
-                              .reshape({2, 1, 2, 2});
+  torch::Tensor eps =
+      torch::tensor({1.0f, 2.0f, -1.0f, 0.0f, 3.0f, 3.0f, 3.0f, 3.0f})
+          .reshape({2, 1, 2, 2});
+  torch::Tensor eps_hat =
+      torch::tensor({0.5f, 2.0f, 1.0f, -1.0f, 3.0f, 3.0f, 3.0f, 3.0f})
+          .reshape({2, 1, 2, 2});
   auto mse = PerExampleLoss(eps, eps_hat, LossType::kMse);
   auto l1 = PerExampleLoss(eps, eps_hat, LossType::kL1);
   ASSERT_TRUE(mse.ok() && l1.ok());
@@ -240,13 +247,15 @@ TEST(UNetTest, ReportsStepTime) {
   auto start = std::chrono::steady_clock::now();
   constexpr int kSteps = 3;
   for (int i = 0; i < kSteps; ++i) {
-    auto loss = DiffusionLoss(*model, schedule, LossType::kMse, b.x, b.t, b.eps);
+    auto loss =
+        DiffusionLoss(*model, schedule, LossType::kMse, b.x, b.t, b.eps);
     ASSERT_TRUE(loss.ok());
     loss->mean().backward();
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
-          .count() / kSteps;
+          .count() /
+      kSteps;
   std::printf("unet forward+backward, batch 64, %d threads: %.3f s/step\n",
               at::get_num_threads(), seconds);
 }

@@ -48,7 +48,8 @@ TEST(ScorerGpuTest, MatchesCpu) {
       const MethodRanking& y = m ? (*b)[i].retrac : (*b)[i].tracin;
       ASSERT_EQ(x.proponents.size(), y.proponents.size());
       for (size_t j = 0; j < x.proponents.size(); ++j) {
-        SCOPED_TRACE(::testing::Message() << "query " << i << " method " << m << " rank " << j);
+        SCOPED_TRACE(::testing::Message()
+                     << "query " << i << " method " << m << " rank " << j);
         EXPECT_NEAR(x.proponents[j].score, y.proponents[j].score,
                     1e-4f * (1 + std::fabs(x.proponents[j].score)));
       }

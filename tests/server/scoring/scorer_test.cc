@@ -18,9 +18,9 @@ using testing::WriteTestStore;
 
 // Brute-force DESIGN §1 scores in double precision, reading the stored
 // (already quantized) vectors back through the reader.
-std::vector<double> BruteForce(const store::StoreReader& r, const BucketQuery& q,
-                               const PlanOptions& o, bool tracin,
-                               const std::vector<float>& weights) {
+std::vector<double> BruteForce(const store::StoreReader& r,
+                               const BucketQuery& q, const PlanOptions& o,
+                               bool tracin, const std::vector<float>& weights) {
   const int64_t C = r.num_checkpoints(), B = r.num_buckets(), S = r.num_slots();
   const int64_t D = r.dim();
   const kernels::DType dt = r.manifest().spec.dtype;
@@ -35,9 +35,11 @@ std::vector<double> BruteForce(const store::StoreReader& r, const BucketQuery& q
       const int64_t i = (c * S + s) * D + d;
       switch (dt) {
         case kernels::DType::kF16:
-          return kernels::HalfToFloat(static_cast<const uint16_t*>(block->vectors)[i]);
+          return kernels::HalfToFloat(
+              static_cast<const uint16_t*>(block->vectors)[i]);
         case kernels::DType::kBF16:
-          return kernels::Bf16ToFloat(static_cast<const uint16_t*>(block->vectors)[i]);
+          return kernels::Bf16ToFloat(
+              static_cast<const uint16_t*>(block->vectors)[i]);
         case kernels::DType::kF32:
           return static_cast<const float*>(block->vectors)[i];
       }
@@ -53,7 +55,8 @@ std::vector<double> BruteForce(const store::StoreReader& r, const BucketQuery& q
         for (int64_t b = 0; b < B; ++b) {
           if (!sel(o.buckets, b)) continue;
           double dot = 0;
-          for (int64_t d = 0; d < D; ++d) dot += u(c, b, d) * qv[(c * B + b) * D + d];
+          for (int64_t d = 0; d < D; ++d)
+            dot += u(c, b, d) * qv[(c * B + b) * D + d];
           total += weights[c] * (tracin ? block->norms[c * S + b] : 1.0) * dot;
         }
       } else {
@@ -74,8 +77,8 @@ std::vector<double> BruteForce(const store::StoreReader& r, const BucketQuery& q
 
 // Checks a ranking against brute-force scores: scores close, order right,
 // and any index difference only between (near-)equal scores.
-void ExpectRanking(const std::vector<RankedSample>& got, const std::vector<double>& want,
-                   int k, bool top) {
+void ExpectRanking(const std::vector<RankedSample>& got,
+                   const std::vector<double>& want, int k, bool top) {
   std::vector<int64_t> order(want.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
@@ -111,7 +114,8 @@ class ScorerTest : public ::testing::Test {
 };
 
 TEST_F(ScorerTest, MatchesBruteForceForEveryPairingAndFilter) {
-  for (kernels::DType dt : {kernels::DType::kF16, kernels::DType::kBF16, kernels::DType::kF32}) {
+  for (kernels::DType dt :
+       {kernels::DType::kF16, kernels::DType::kBF16, kernels::DType::kF32}) {
     TestStoreParams p;
     p.dtype = dt;
     SCOPED_TRACE(::testing::Message() << "dtype " << kernels::DTypeName(dt));
@@ -137,17 +141,20 @@ TEST_F(ScorerTest, MatchesBruteForceForEveryPairingAndFilter) {
       SCOPED_TRACE(::testing::Message() << "query " << i);
       for (bool tracin : {true, false}) {
         SCOPED_TRACE(tracin ? "tracin" : "retrac");
-        const auto want = BruteForce(*reader_, batch[i].vectors, batch[i].plan, tracin,
-                                     shape.checkpoint_weights);
-        const MethodRanking& m = tracin ? (*results)[i].tracin : (*results)[i].retrac;
+        const auto want = BruteForce(*reader_, batch[i].vectors, batch[i].plan,
+                                     tracin, shape.checkpoint_weights);
+        const MethodRanking& m =
+            tracin ? (*results)[i].tracin : (*results)[i].retrac;
         ExpectRanking(m.proponents, want, batch[i].k, true);
         ExpectRanking(m.opponents, want, batch[i].k, false);
         for (const RankedSample& s : m.proponents) {
           EXPECT_EQ(s.sample_id, 1000 + 7 * s.index);
           EXPECT_EQ(s.label, s.index % 10);
           if (batch[i].breakdown) {
-            ASSERT_EQ(s.breakdown.size(), size_t(shape.num_checkpoints * shape.num_slots()));
-            double sum = std::accumulate(s.breakdown.begin(), s.breakdown.end(), 0.0);
+            ASSERT_EQ(s.breakdown.size(),
+                      size_t(shape.num_checkpoints * shape.num_slots()));
+            double sum =
+                std::accumulate(s.breakdown.begin(), s.breakdown.end(), 0.0);
             EXPECT_NEAR(sum, s.score, 1e-4 * (1 + std::fabs(s.score)));
           } else {
             EXPECT_TRUE(s.breakdown.empty());
@@ -216,7 +223,8 @@ TEST_F(ScorerTest, RejectsBadRequestsWithClearMessages) {
   q = good;
   q.plan.pairing = Pairing::kReplay;
   expect(status_of(q), "replay slot");
-  EXPECT_EQ(scorer_->Score({}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(scorer_->Score({}).status().code(),
+            absl::StatusCode::kInvalidArgument);
   // The scorer still answers after every refusal.
   EXPECT_TRUE(status_of(good).ok());
 }
@@ -228,7 +236,8 @@ TEST(ScorerDeviceTest, CudaRequestWithoutDeviceIsUnavailable) {
   ASSERT_TRUE(r.ok());
   ScorerOptions o;
   o.device = DeviceChoice::kCuda;
-  EXPECT_EQ(Scorer::Create(r->get(), o).status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(Scorer::Create(r->get(), o).status().code(),
+            absl::StatusCode::kUnavailable);
   o.device = DeviceChoice::kAuto;
   auto s = Scorer::Create(r->get(), o);
   ASSERT_TRUE(s.ok());

@@ -28,7 +28,8 @@ struct TestStoreParams {
 };
 
 // Writes a store under a fresh temporary directory and returns its path.
-inline std::string WriteTestStore(const TestStoreParams& p, const std::string& name) {
+inline std::string WriteTestStore(const TestStoreParams& p,
+                                  const std::string& name) {
   const std::string dir = ::testing::TempDir() + "/" + name;
   std::filesystem::remove_all(dir);
   store::StoreSpec spec;
@@ -41,7 +42,8 @@ inline std::string WriteTestStore(const TestStoreParams& p, const std::string& n
     ck.step = 100 * (c + 1);
     spec.model.checkpoints.push_back(ck);
   }
-  for (int32_t b = 0; b <= p.buckets; ++b) spec.buckets.edges.push_back(b * 1000 / p.buckets);
+  for (int32_t b = 0; b <= p.buckets; ++b)
+    spec.buckets.edges.push_back(b * 1000 / p.buckets);
   spec.buckets.replay = p.replay;
   spec.projection.dim = p.dim;
   spec.projection.sparsity = 2;
@@ -80,7 +82,8 @@ inline BucketQuery RandomQuery(const StoreShape& shape, uint32_t seed) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0, 1);
   BucketQuery q;
-  const size_t size = size_t(shape.num_checkpoints) * shape.num_buckets * shape.dim;
+  const size_t size =
+      size_t(shape.num_checkpoints) * shape.num_buckets * shape.dim;
   q.raw.resize(size);
   q.unit.resize(size);
   for (float& x : q.raw) x = 3.0f * normal(rng);
