@@ -16,10 +16,10 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "jobs/file_util.h"
 #include "jobs/progress.h"
 #include "jobs/run_dir.h"
 #include "nlohmann/json.hpp"
+#include "server/core/file_util.h"
 #include "server/core/status.h"
 #include "server/featurize/featurizer.h"
 #include "server/featurize/timesteps.h"
@@ -28,7 +28,6 @@
 #include "server/model/schedule.h"
 #include "server/model/torch_status.h"
 #include "server/model/unet.h"
-#include "server/store/file_util.h"
 #include "server/store/layout.h"
 #include "server/store/safetensors.h"
 #include "server/store/store_parts.h"
@@ -338,8 +337,7 @@ absl::Status ReadShardNorms(const std::string& dir, int64_t index,
                             int64_t expected_count, int64_t values_per_sample,
                             std::vector<float>* out) {
   const std::string path = absl::StrCat(dir, "/", store::ShardFileName(index));
-  ASSIGN_OR_RETURN(std::unique_ptr<store::MappedFile> map,
-                   store::MappedFile::Open(path));
+  ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map, MappedFile::Open(path));
   ASSIGN_OR_RETURN(
       store::SafetensorsHeader header,
       store::ParseSafetensorsHeader(map->data(), map->size(), path));
@@ -422,7 +420,7 @@ absl::StatusOr<std::string> PartsSpecText(const store::StoreSpec& spec,
 absl::Status WritePartsSpec(const std::string& dir, int64_t part_index,
                             const std::string& text) {
   const std::string path = absl::StrCat(dir, "/", kPartsSpecFile);
-  absl::StatusOr<std::string> existing = store::ReadSmallFile(path);
+  absl::StatusOr<std::string> existing = ReadFile(path);
   if (existing.ok()) {
     if (*existing == text) return absl::OkStatus();
     return absl::FailedPreconditionError(absl::StrCat(
@@ -431,8 +429,7 @@ absl::Status WritePartsSpec(const std::string& dir, int64_t part_index,
         "use another output directory or remove the old build"));
   }
   if (!absl::IsNotFound(existing.status())) return existing.status();
-  const std::string temp =
-      absl::StrCat(path, ".", part_index, store::kTempSuffix);
+  const std::string temp = absl::StrCat(path, ".", part_index, kTempSuffix);
   {
     std::ofstream out(temp, std::ios::binary | std::ios::trunc);
     out << text;
@@ -449,7 +446,7 @@ absl::Status WritePartsSpec(const std::string& dir, int64_t part_index,
 bool IsPartsSpecFile(const std::string& name) {
   return name == kPartsSpecFile ||
          (absl::StartsWith(name, absl::StrCat(kPartsSpecFile, ".")) &&
-          absl::EndsWith(name, store::kTempSuffix));
+          absl::EndsWith(name, kTempSuffix));
 }
 
 // ---- The build -------------------------------------------------------------
@@ -818,7 +815,7 @@ absl::StatusOr<StoreBuildResult> BuildStore(
 
 absl::StatusOr<store::Manifest> JoinStore(const std::string& dir) {
   const std::string spec_path = absl::StrCat(dir, "/", kPartsSpecFile);
-  ASSIGN_OR_RETURN(const std::string text, store::ReadSmallFile(spec_path));
+  ASSIGN_OR_RETURN(const std::string text, ReadFile(spec_path));
   const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!j.is_object() || j.value("format", "") != kPartsSpecFormat ||
       !j.contains("spec") || !j.contains("num_samples") ||
@@ -856,12 +853,11 @@ absl::StatusOr<store::Manifest> JoinStore(const std::string& dir) {
   }
   // The store is complete; the spec file and its temporaries go, so that the
   // directory equals a whole-store build.
-  ASSIGN_OR_RETURN(const std::vector<std::string> names,
-                   store::ListDirectory(dir));
+  ASSIGN_OR_RETURN(const std::vector<std::string> names, ListDirectory(dir));
   for (const std::string& name : names) {
-    if (IsPartsSpecFile(name)) RETURN_IF_ERROR(store::RemoveFile(dir, name));
+    if (IsPartsSpecFile(name)) RETURN_IF_ERROR(RemoveFile(dir, name));
   }
-  RETURN_IF_ERROR(store::SyncDirectory(dir));
+  RETURN_IF_ERROR(SyncDirectory(dir));
   return manifest;
 }
 

@@ -10,7 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "jobs/file_util.h"
+#include "server/core/file_util.h"
 #include "server/core/sha256.h"
 #include "server/model/replay.h"
 

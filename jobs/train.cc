@@ -16,8 +16,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "jobs/batch_order.h"
-#include "jobs/file_util.h"
 #include "jobs/progress.h"
+#include "server/core/file_util.h"
 #include "server/core/logging.h"
 #include "server/core/sha256.h"
 #include "server/core/status.h"
@@ -308,8 +308,10 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
   }));
 
   RETURN_IF_ERROR(EnsureWritableDirectory(options.run_dir));
-  ASSIGN_OR_RETURN(std::unique_ptr<DirectoryLock> lock,
-                   DirectoryLock::Acquire(options.run_dir));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<DirectoryLock> lock,
+      DirectoryLock::Acquire(options.run_dir, DirectoryLock::Mode::kExclusive,
+                             "another training job"));
   ASSIGN_OR_RETURN(const int64_t start_step, PrepareRunDirectory(s));
 
   TrainResult result;

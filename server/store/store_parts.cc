@@ -11,10 +11,10 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/core/file_util.h"
 #include "server/core/logging.h"
 #include "server/core/sha256.h"
 #include "server/core/status.h"
-#include "server/store/file_util.h"
 #include "server/store/layout.h"
 #include "server/store/norm_stats.h"
 #include "server/store/safetensors.h"
@@ -517,7 +517,8 @@ absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
   ASSIGN_OR_RETURN(const std::string spec_sha256, spec.Sha256());
   // Exclusive: no part may still be writing into this directory.
   ASSIGN_OR_RETURN(std::unique_ptr<DirectoryLock> lock,
-                   DirectoryLock::Acquire(dir));
+                   DirectoryLock::Acquire(dir, DirectoryLock::Mode::kExclusive,
+                                          kStoreLockHolderExclusive));
   ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(dir));
 
   std::map<int64_t, std::string> record_files;
@@ -557,7 +558,7 @@ absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
           " has not finished (or its files were not copied here)"));
     }
     ASSIGN_OR_RETURN(std::string text,
-                     ReadSmallFile(absl::StrCat(dir, "/", it->second)));
+                     ReadFile(absl::StrCat(dir, "/", it->second)));
     JoinedPart part;
     part.file = it->second;
     ASSIGN_OR_RETURN(part.record, PartRecord::Parse(text, part.file));

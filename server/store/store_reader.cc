@@ -9,7 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "server/core/sha256.h"
 #include "server/core/status.h"
-#include "server/store/file_util.h"
+#include "server/core/file_util.h"
 #include "server/store/layout.h"
 #include "server/store/safetensors.h"
 
@@ -38,7 +38,7 @@ int64_t StoreReader::total_vector_bytes() const {
 absl::StatusOr<std::unique_ptr<StoreReader>> StoreReader::Open(
     const std::string& dir, const Options& options) {
   const std::string manifest_path = absl::StrCat(dir, "/", kManifestFileName);
-  absl::StatusOr<std::string> text = ReadSmallFile(manifest_path);
+  absl::StatusOr<std::string> text = ReadFile(manifest_path);
   if (absl::IsNotFound(text.status())) {
     return absl::NotFoundError(absl::StrCat(
         manifest_path,

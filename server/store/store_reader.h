@@ -38,9 +38,11 @@
 #include "kernels/dtype.h"
 #include "server/store/manifest.h"
 
-namespace retrace::store {
+namespace retrace {
+class MappedFile;  // server/core/file_util.h
+}  // namespace retrace
 
-class MappedFile;
+namespace retrace::store {
 
 // A run of consecutive samples inside one shard; all pointers point into the
 // shard's mapping and are already offset to the block's first sample.

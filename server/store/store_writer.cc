@@ -91,10 +91,13 @@ absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::CreateImpl(
   // Parts share the directory; each excludes only its own twin. The
   // directory lock comes first so that a join, which holds it exclusively
   // while it removes lock files, cannot race with a part creating one.
-  ASSIGN_OR_RETURN(std::unique_ptr<DirectoryLock> lock,
-                   DirectoryLock::Acquire(
-                       dir, part == nullptr ? DirectoryLock::Mode::kExclusive
-                                            : DirectoryLock::Mode::kShared));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<DirectoryLock> lock,
+      part == nullptr
+          ? DirectoryLock::Acquire(dir, DirectoryLock::Mode::kExclusive,
+                                   kStoreLockHolderExclusive)
+          : DirectoryLock::Acquire(dir, DirectoryLock::Mode::kShared,
+                                   kStoreLockHolderShared));
   std::unique_ptr<FileLock> part_lock;
   if (part != nullptr) {
     ASSIGN_OR_RETURN(

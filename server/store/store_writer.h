@@ -49,10 +49,17 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "nlohmann/json.hpp"
-#include "server/store/file_util.h"
+#include "server/core/file_util.h"
 #include "server/store/manifest.h"
 
 namespace retrace::store {
+
+// Who holds a store directory's lock, as lock conflicts report it: whole-store
+// builds and joins lock exclusively, the writers of a build in parts shared.
+inline constexpr char kStoreLockHolderExclusive[] =
+    "another store build (or a part of one)";
+inline constexpr char kStoreLockHolderShared[] =
+    "another store build (a whole-store build or a join)";
 
 struct PartRange;
 

@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "jobs/file_util.h"
+#include "server/core/file_util.h"
 #include "server/core/sha256.h"
 #include "server/model/diffusion.h"
 #include "server/model/replay.h"

@@ -1,9 +1,9 @@
-// Small POSIX file helpers for the store: atomic writes and read-only maps.
-//
-// Internal to retrace_store. Errors are absl::Status values whose message
-// starts with the path involved.
-#ifndef RETRACE_SERVER_STORE_FILE_UTIL_H_
-#define RETRACE_SERVER_STORE_FILE_UTIL_H_
+// Small POSIX file helpers shared by the store and the offline jobs: atomic
+// writes, whole-file reads, directory listing, read-only maps and advisory
+// locks. Errors are absl::Status values whose message names the path.
+// Thread-safe (no shared state); each lock object belongs to one owner.
+#ifndef RETRACE_SERVER_CORE_FILE_UTIL_H_
+#define RETRACE_SERVER_CORE_FILE_UTIL_H_
 
 #include <cstdint>
 #include <memory>
@@ -16,7 +16,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
-namespace retrace::store {
+namespace retrace {
 
 // Suffix of the temporary file that WriteFileAtomically renames into place.
 inline constexpr char kTempSuffix[] = ".tmp";
@@ -29,8 +29,22 @@ absl::Status WriteFileAtomically(const std::string& dir,
                                  const std::string& name,
                                  absl::Span<const absl::string_view> pieces);
 
-// Reads a whole (small) file. NotFound when it does not exist.
-absl::StatusOr<std::string> ReadSmallFile(const std::string& path);
+// Writes `bytes` to path + kTempSuffix and commits it as `path` (the same
+// guarantees as above).
+absl::Status WriteFileAtomically(const std::string& path,
+                                 absl::string_view bytes);
+
+// Makes `path` durable under its final name: fsyncs `temp_path`, renames it
+// over `path`, then fsyncs the directory so the rename survives a crash. For
+// files written by other libraries (e.g. LibTorch's save) to a temporary name.
+absl::Status CommitFile(const std::string& temp_path, const std::string& path);
+
+// Reads a whole file into memory. NotFound when it does not exist.
+absl::StatusOr<std::string> ReadFile(const std::string& path);
+
+// Creates `dir` (and parents) if needed and checks that files can be created
+// in it. PermissionDenied / FailedPrecondition say which directory and why.
+absl::Status EnsureWritableDirectory(const std::string& dir);
 
 // Names of the entries of `dir` (without "." and ".."), sorted.
 absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir);
@@ -65,19 +79,22 @@ class MappedFile {
   int64_t size_;
 };
 
-// An advisory lock (flock) on a directory, released on destruction. A
-// whole-store build and a join hold it exclusively, so that nothing else
-// builds into the directory at once; the writers of a build in parts each
-// hold it shared (and their own part's FileLock exclusively), so that parts
-// run side by side but never next to a whole-store build or a join.
+// An advisory lock (flock) on a directory, released on destruction, so that
+// two jobs never write into one directory at once. The store uses both modes:
+// a whole-store build and a join hold it exclusively; the writers of a build
+// in parts each hold it shared (and their own part's FileLock exclusively),
+// so that parts run side by side but never next to a whole-store build or a
+// join.
 class DirectoryLock {
  public:
   enum class Mode { kExclusive, kShared };
 
   // FailedPrecondition when a conflicting lock is held by another process or
-  // object.
+  // object; its message is "<dir>: <holder> holds this directory", where
+  // `holder` describes who the conflicting owner would be.
   static absl::StatusOr<std::unique_ptr<DirectoryLock>> Acquire(
-      const std::string& dir, Mode mode = Mode::kExclusive);
+      const std::string& dir, Mode mode = Mode::kExclusive,
+      absl::string_view holder = "another job");
   ~DirectoryLock();
   DirectoryLock(const DirectoryLock&) = delete;
   DirectoryLock& operator=(const DirectoryLock&) = delete;
@@ -104,6 +121,6 @@ class FileLock {
   int fd_;
 };
 
-}  // namespace retrace::store
+}  // namespace retrace
 
-#endif  // RETRACE_SERVER_STORE_FILE_UTIL_H_
+#endif  // RETRACE_SERVER_CORE_FILE_UTIL_H_

@@ -1,4 +1,4 @@
-#include "server/store/file_util.h"
+#include "server/core/file_util.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -10,11 +10,12 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 
-namespace retrace::store {
+namespace retrace {
 namespace {
 
 absl::Status ErrnoError(const std::string& path, absl::string_view what,
@@ -99,7 +100,54 @@ absl::Status WriteFileAtomically(const std::string& dir,
   return SyncDirectory(dir);
 }
 
-absl::StatusOr<std::string> ReadSmallFile(const std::string& path) {
+namespace {
+
+std::string ParentDirectory(const std::string& path) {
+  const std::string parent = std::filesystem::path(path).parent_path().string();
+  return parent.empty() ? "." : parent;
+}
+
+}  // namespace
+
+absl::Status WriteFileAtomically(const std::string& path,
+                                 absl::string_view bytes) {
+  const absl::string_view pieces[] = {bytes};
+  return WriteFileAtomically(ParentDirectory(path),
+                             std::filesystem::path(path).filename().string(),
+                             pieces);
+}
+
+absl::Status CommitFile(const std::string& temp_path, const std::string& path) {
+  {
+    int fd = ::open(temp_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ErrnoError(temp_path, "open", errno);
+    FdCloser closer(fd);
+    if (::fsync(fd) != 0) return ErrnoError(temp_path, "fsync", errno);
+  }
+  if (::rename(temp_path.c_str(), path.c_str()) != 0) {
+    return ErrnoError(path, absl::StrCat("rename from ", temp_path), errno);
+  }
+  return SyncDirectory(ParentDirectory(path));
+}
+
+absl::Status EnsureWritableDirectory(const std::string& dir) {
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("cannot create directory ", dir, ": ", error.message()));
+  }
+  if (!std::filesystem::is_directory(dir, error)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(dir, " exists but is not a directory"));
+  }
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+    return ErrnoError(dir, "cannot write into directory", errno);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return ErrnoError(path, "open", errno);
   FdCloser closer(fd);
@@ -164,7 +212,7 @@ MappedFile::~MappedFile() {
 }
 
 absl::StatusOr<std::unique_ptr<DirectoryLock>> DirectoryLock::Acquire(
-    const std::string& dir, Mode mode) {
+    const std::string& dir, Mode mode, absl::string_view holder) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return ErrnoError(dir, "open directory", errno);
   const int operation = mode == Mode::kExclusive ? LOCK_EX : LOCK_SH;
@@ -172,12 +220,8 @@ absl::StatusOr<std::unique_ptr<DirectoryLock>> DirectoryLock::Acquire(
     int err = errno;
     ::close(fd);
     if (err == EWOULDBLOCK) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          dir,
-          mode == Mode::kExclusive
-              ? ": another store build (or a part of one) holds this directory"
-              : ": another store build (a whole-store build or a join) holds "
-                "this directory"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir, ": ", holder, " holds this directory"));
     }
     return ErrnoError(dir, "lock directory", err);
   }
@@ -204,4 +248,4 @@ absl::StatusOr<std::unique_ptr<FileLock>> FileLock::Acquire(
 
 FileLock::~FileLock() { ::close(fd_); }
 
-}  // namespace retrace::store
+}  // namespace retrace
