@@ -42,7 +42,7 @@ std::string PathIn(const std::string& dir, absl::string_view name) {
 }
 
 // Everything one training call works with.
-struct Session {
+struct TrainingCall {
   const TrainConfig& config;
   const TrainOptions& options;
   const data::ImageSet& images;
@@ -54,7 +54,7 @@ struct Session {
   std::vector<float> losses;  // losses[s] = mean batch loss of step s
 };
 
-absl::Status SaveTrainState(Session& s, int64_t steps_done) {
+absl::Status SaveTrainState(TrainingCall& s, int64_t steps_done) {
   const std::string path = PathIn(s.options.run_dir, kTrainStateFile);
   const std::string temp_path = path + kTempSuffix;
   RETURN_IF_ERROR(
@@ -77,7 +77,7 @@ absl::Status SaveTrainState(Session& s, int64_t steps_done) {
 }
 
 // Restores weights and Adam state; returns the step the state was saved at.
-absl::StatusOr<int64_t> LoadTrainState(Session& s, const std::string& path) {
+absl::StatusOr<int64_t> LoadTrainState(TrainingCall& s, const std::string& path) {
   return CallTorch(
       absl::StrCat("reading ", path), [&]() -> absl::StatusOr<int64_t> {
         torch::serialize::InputArchive archive;
@@ -127,7 +127,7 @@ absl::StatusOr<int64_t> LoadTrainState(Session& s, const std::string& path) {
       });
 }
 
-absl::StatusOr<CheckpointInfo> DescribeCheckpoint(const Session& s,
+absl::StatusOr<CheckpointInfo> DescribeCheckpoint(const TrainingCall& s,
                                                   int64_t step) {
   CheckpointInfo info;
   info.file = CheckpointFileName(step);
@@ -138,7 +138,7 @@ absl::StatusOr<CheckpointInfo> DescribeCheckpoint(const Session& s,
   return info;
 }
 
-absl::Status WriteReplayLog(Session& s, const std::vector<int64_t>& steps) {
+absl::Status WriteReplayLog(TrainingCall& s, const std::vector<int64_t>& steps) {
   ASSIGN_OR_RETURN(BatchOrder order,
                    BatchOrder::Create(s.config.run_seed, s.images.size(),
                                       s.config.batch_size));
@@ -154,7 +154,7 @@ absl::Status WriteReplayLog(Session& s, const std::vector<int64_t>& steps) {
 // Order matters for crash safety: everything a resume needs from this step
 // (checkpoint, replay log, losses) is durable before train-state.pt moves
 // forward, and run.json, which readers trust, comes last.
-absl::Status SaveProgress(Session& s, int64_t steps_done, bool checkpoint) {
+absl::Status SaveProgress(TrainingCall& s, int64_t steps_done, bool checkpoint) {
   const std::string& dir = s.options.run_dir;
   if (checkpoint) {
     const std::string path = PathIn(dir, CheckpointFileName(steps_done));
@@ -178,7 +178,7 @@ absl::Status SaveProgress(Session& s, int64_t steps_done, bool checkpoint) {
 }
 
 // Decides between a fresh start and a resume; returns the first step to run.
-absl::StatusOr<int64_t> PrepareRunDirectory(Session& s) {
+absl::StatusOr<int64_t> PrepareRunDirectory(TrainingCall& s) {
   const std::string& dir = s.options.run_dir;
   const std::string run_json = PathIn(dir, kRunJsonFile);
   absl::StatusOr<std::string> text = ReadFile(run_json);
@@ -269,7 +269,7 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
   }
   if (options.threads > 0) at::set_num_threads(options.threads);
 
-  Session s{config, options, images, {}, {}, {}, nullptr, nullptr, {}};
+  TrainingCall s{config, options, images, {}, {}, {}, nullptr, nullptr, {}};
   s.sample_ids.assign(sample_ids.begin(), sample_ids.end());
   if (s.sample_ids.empty()) {
     for (int64_t n = 0; n < images.size(); ++n) s.sample_ids.push_back(n);
