@@ -77,7 +77,8 @@ absl::Status SaveTrainState(TrainingCall& s, int64_t steps_done) {
 }
 
 // Restores weights and Adam state; returns the step the state was saved at.
-absl::StatusOr<int64_t> LoadTrainState(TrainingCall& s, const std::string& path) {
+absl::StatusOr<int64_t> LoadTrainState(TrainingCall& s,
+                                       const std::string& path) {
   return CallTorch(
       absl::StrCat("reading ", path), [&]() -> absl::StatusOr<int64_t> {
         torch::serialize::InputArchive archive;
@@ -138,7 +139,8 @@ absl::StatusOr<CheckpointInfo> DescribeCheckpoint(const TrainingCall& s,
   return info;
 }
 
-absl::Status WriteReplayLog(TrainingCall& s, const std::vector<int64_t>& steps) {
+absl::Status WriteReplayLog(TrainingCall& s,
+                            const std::vector<int64_t>& steps) {
   ASSIGN_OR_RETURN(BatchOrder order,
                    BatchOrder::Create(s.config.run_seed, s.images.size(),
                                       s.config.batch_size));
@@ -154,7 +156,8 @@ absl::Status WriteReplayLog(TrainingCall& s, const std::vector<int64_t>& steps) 
 // Order matters for crash safety: everything a resume needs from this step
 // (checkpoint, replay log, losses) is durable before train-state.pt moves
 // forward, and run.json, which readers trust, comes last.
-absl::Status SaveProgress(TrainingCall& s, int64_t steps_done, bool checkpoint) {
+absl::Status SaveProgress(TrainingCall& s, int64_t steps_done,
+                          bool checkpoint) {
   const std::string& dir = s.options.run_dir;
   if (checkpoint) {
     const std::string path = PathIn(dir, CheckpointFileName(steps_done));

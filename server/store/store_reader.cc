@@ -7,9 +7,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "server/core/file_util.h"
 #include "server/core/sha256.h"
 #include "server/core/status.h"
-#include "server/core/file_util.h"
 #include "server/store/layout.h"
 #include "server/store/safetensors.h"
 
