@@ -120,20 +120,6 @@ class SampleProgress {
 
 // ---- Spec ------------------------------------------------------------------
 
-store::ScheduleType ToStore(model::ScheduleType type) {
-  return type == model::ScheduleType::kLinear ? store::ScheduleType::kLinear
-                                              : store::ScheduleType::kCosine;
-}
-store::LossType ToStore(model::LossType type) {
-  return type == model::LossType::kL1 ? store::LossType::kL1
-                                      : store::LossType::kMse;
-}
-store::ProjectionType ToStore(kernels::ProjectionType type) {
-  return type == kernels::ProjectionType::kRademacher
-             ? store::ProjectionType::kRademacher
-             : store::ProjectionType::kSjlt;
-}
-
 absl::Status ValidateInputs(const StoreBuildConfig& config,
                             const data::ImageSet& images,
                             absl::Span<const int64_t> sample_ids,
@@ -618,14 +604,14 @@ absl::StatusOr<StoreBuildResult> BuildStore(
     spec.model.checkpoints.push_back(sc);
     weights.push_back(c.weight);
   }
-  spec.noise_schedule.type = ToStore(run.config.schedule);
+  spec.noise_schedule.type = run.config.schedule;
   spec.noise_schedule.timesteps = run.config.num_timesteps;
   spec.noise_schedule.beta_start = model::NoiseSchedule::kLinearBetaStart;
   spec.noise_schedule.beta_end = model::NoiseSchedule::kLinearBetaEnd;
-  spec.loss = ToStore(run.config.loss);
+  spec.loss = run.config.loss;
   spec.buckets.edges = edges;
   spec.buckets.replay = replay;
-  spec.projection.type = ToStore(config.projection);
+  spec.projection.type = config.projection;
   spec.projection.dim = dim;
   spec.projection.sparsity = config.sparsity;
   spec.projection.seed = config.projection_seed;

@@ -142,16 +142,6 @@ std::string Dump(const json& j, int indent) { return j.dump(indent); }
 
 }  // namespace
 
-const char* ScheduleTypeName(ScheduleType type) {
-  return type == ScheduleType::kCosine ? "cosine" : "linear";
-}
-const char* LossTypeName(LossType type) {
-  return type == LossType::kMse ? "mse" : "l1";
-}
-const char* ProjectionTypeName(ProjectionType type) {
-  return type == ProjectionType::kSjlt ? "sjlt" : "rademacher";
-}
-
 bool CheckpointInfo::operator==(const CheckpointInfo& o) const {
   return file == o.file && sha256 == o.sha256 && weight == o.weight &&
          step == o.step;
@@ -285,16 +275,17 @@ void StoreSpec::ToJson(json* out) const {
   }
   j["model"] = {{"architecture", model.architecture},
                 {"checkpoints", std::move(checkpoints)}};
-  json schedule = {{"type", ScheduleTypeName(noise_schedule.type)},
-                   {"timesteps", noise_schedule.timesteps}};
+  json schedule = {
+      {"type", std::string(model::ScheduleTypeName(noise_schedule.type))},
+      {"timesteps", noise_schedule.timesteps}};
   if (noise_schedule.type == ScheduleType::kLinear) {
     schedule["beta_start"] = noise_schedule.beta_start;
     schedule["beta_end"] = noise_schedule.beta_end;
   }
   j["noise_schedule"] = std::move(schedule);
-  j["loss"] = LossTypeName(loss);
+  j["loss"] = std::string(model::LossTypeName(loss));
   j["buckets"] = {{"edges", buckets.edges}, {"replay", buckets.replay}};
-  j["projection"] = {{"type", ProjectionTypeName(projection.type)},
+  j["projection"] = {{"type", kernels::ProjectionTypeName(projection.type)},
                      {"dim", projection.dim},
                      {"sparsity", projection.sparsity},
                      {"seed", projection.seed},

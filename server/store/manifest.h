@@ -19,7 +19,10 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "kernels/dtype.h"
+#include "kernels/projection.h"
 #include "nlohmann/json.hpp"
+#include "server/model/loss.h"
+#include "server/model/schedule.h"
 
 namespace retrace::store {
 
@@ -27,14 +30,13 @@ inline constexpr char kFormatName[] = "retrace-store";
 inline constexpr int64_t kFormatVersion = 1;
 inline constexpr char kManifestFileName[] = "manifest.json";
 
-enum class ScheduleType { kCosine, kLinear };
-enum class LossType { kMse, kL1 };
-enum class ProjectionType { kSjlt, kRademacher };
-
-// "cosine"/"linear", "mse"/"l1", "sjlt"/"rademacher".
-const char* ScheduleTypeName(ScheduleType type);
-const char* LossTypeName(LossType type);
-const char* ProjectionTypeName(ProjectionType type);
+// The manifest records the types that the model and the projection define;
+// their manifest spellings are "cosine"/"linear", "mse"/"l1" and
+// "sjlt"/"rademacher" (model::ScheduleTypeName, model::LossTypeName,
+// kernels::ProjectionTypeName).
+using kernels::ProjectionType;
+using model::LossType;
+using model::ScheduleType;
 
 struct CheckpointInfo {
   std::string file;     // as the build found it (path or name)
