@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/ratio_reporter.h"
 #include "kernels/device.h"
 #include "server/featurize/featurizer.h"
 #include "server/featurize/group_gradients.h"
@@ -141,38 +142,6 @@ void RunTraining(benchmark::State& state, bool adam) {
   state.SetItemsProcessed(state.iterations() * kBatch);
 }
 
-class RecordingReporter : public benchmark::ConsoleReporter {
- public:
-  RecordingReporter() : ConsoleReporter(OO_Tabular) {}
-  void ReportRuns(const std::vector<Run>& runs) override {
-    for (const Run& run : runs) {
-      if (run.run_type != Run::RT_Iteration || run.iterations <= 0) continue;
-      std::string name = run.benchmark_name();
-      name = name.substr(0, name.find("/min_time"));
-      name = name.substr(0, name.find("/real_time"));
-      seconds_[name] = run.real_accumulated_time / double(run.iterations);
-    }
-    ConsoleReporter::ReportRuns(runs);
-  }
-  double Seconds(const std::string& name) const {
-    auto it = seconds_.find(name);
-    return it == seconds_.end() ? -1 : it->second;
-  }
-
- private:
-  std::map<std::string, double> seconds_;
-};
-
-void PrintRatio(const RecordingReporter& r, const char* name,
-                const std::string& slow, const std::string& fast) {
-  const double s = r.Seconds(slow), f = r.Seconds(fast);
-  if (s <= 0 || f <= 0) {
-    std::printf("# %s not measured (filtered out or failed)\n", name);
-    return;
-  }
-  std::printf("RATIO %s %.2f\n", name, s / f);
-}
-
 }  // namespace
 }  // namespace retrace::featurize
 
@@ -198,16 +167,16 @@ int main(int argc, char** argv) {
   reg("featurize/training_side", RunTrainingSide);
   reg("train/fwd_bwd", [](benchmark::State& s) { RunTraining(s, false); });
   reg("train/step", [](benchmark::State& s) { RunTraining(s, true); });
-  RecordingReporter reporter;
+  retrace::bench::RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
-  PrintRatio(reporter, "featurize_vs_loop", "featurize/loop",
-             "featurize/layerwise");
-  PrintRatio(reporter, "featurize_vs_training", "train/step",
-             "featurize/training_side");
-  PrintRatio(reporter, "featurize_grads_vs_training", "train/step",
-             "featurize/layerwise");
-  PrintRatio(reporter, "featurize_vs_fwd_bwd", "train/fwd_bwd",
-             "featurize/training_side");
+  reporter.PrintRatio("featurize_vs_loop", "featurize/loop",
+                      "featurize/layerwise");
+  reporter.PrintRatio("featurize_vs_training", "train/step",
+                      "featurize/training_side");
+  reporter.PrintRatio("featurize_grads_vs_training", "train/step",
+                      "featurize/layerwise");
+  reporter.PrintRatio("featurize_vs_fwd_bwd", "train/fwd_bwd",
+                      "featurize/training_side");
   benchmark::Shutdown();
   return 0;
 }

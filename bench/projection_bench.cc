@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/ratio_reporter.h"
 #include "kernels/device.h"
 #include "kernels/projection.h"
 
@@ -138,46 +139,6 @@ void RunProjection(benchmark::State& state, const Config& c) {
 
 // Console output as usual, plus each run's real time per iteration (seconds)
 // by name, for the ratios.
-class RecordingReporter : public benchmark::ConsoleReporter {
- public:
-  // Plain text: the output is kept in files and searched for RATIO lines.
-  RecordingReporter() : ConsoleReporter(OO_Tabular) {}
-  void ReportRuns(const std::vector<Run>& runs) override {
-    for (const Run& run : runs) {
-      // Errored runs (SkipWithError) report no iterations.
-      if (run.run_type != Run::RT_Iteration || run.iterations <= 0) continue;
-      seconds_[run.benchmark_name()] =
-          run.real_accumulated_time / double(run.iterations);
-    }
-    ConsoleReporter::ReportRuns(runs);
-  }
-  const std::map<std::string, double>& seconds() const { return seconds_; }
-
- private:
-  std::map<std::string, double> seconds_;
-};
-
-// Seconds per iteration of the run registered as Name(c) (Google Benchmark
-// appends options such as "/min_time:0.300/real_time"); < 0 when absent.
-double Seconds(const RecordingReporter& r, const Config& c) {
-  const std::string name = Name(c);
-  for (const auto& [run_name, seconds] : r.seconds()) {
-    if (run_name == name || run_name.rfind(name + "/", 0) == 0) return seconds;
-  }
-  return -1;
-}
-
-void PrintRatio(const RecordingReporter& r, const char* ratio_name,
-                const Config& dense, const Config& sjlt) {
-  const double d = Seconds(r, dense);
-  const double s = Seconds(r, sjlt);
-  if (d <= 0 || s <= 0) {
-    std::printf("# %s not measured (filtered out or failed)\n", ratio_name);
-    return;
-  }
-  std::printf("RATIO %s %.2f\n", ratio_name, d / s);
-}
-
 }  // namespace
 }  // namespace retrace::kernels
 
@@ -221,16 +182,15 @@ int main(int argc, char** argv) {
     }
   }
 
-  RecordingReporter reporter;
+  retrace::bench::RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   std::fflush(stdout);
   for (Backend backend : backends) {
     const Config dense{backend, ProjectionType::kRademacher, 10000000, 1};
     const Config sjlt{backend, ProjectionType::kSjlt, 10000000, 1};
-    PrintRatio(reporter,
-               backend == Backend::kCpu ? "sjlt_vs_dense_p1e7"
-                                        : "sjlt_vs_dense_p1e7_cuda",
-               dense, sjlt);
+    reporter.PrintRatio(backend == Backend::kCpu ? "sjlt_vs_dense_p1e7"
+                                                 : "sjlt_vs_dense_p1e7_cuda",
+                        Name(dense), Name(sjlt));
   }
   benchmark::Shutdown();
   return 0;
