@@ -13,9 +13,9 @@
 #include "absl/strings/str_format.h"
 #include "server/core/file_util.h"
 #include "server/core/logging.h"
-#include "server/core/sha256.h"
 #include "server/core/status.h"
 #include "server/store/layout.h"
+#include "server/store/listed_shard.h"
 #include "server/store/norm_stats.h"
 #include "server/store/safetensors.h"
 #include "server/store/shard_metadata.h"
@@ -430,21 +430,10 @@ absl::Status VerifyShard(const std::string& dir, const StoreSpec& spec,
   const ShardInfo& info = part.record.shards[size_t(k)];
   const std::string path = absl::StrCat(dir, "/", info.file);
   const std::string field = absl::StrCat(part.file, " shards[", k, "]");
-  absl::StatusOr<std::unique_ptr<MappedFile>> map = MappedFile::Open(path);
-  if (absl::IsNotFound(map.status())) {
-    return absl::NotFoundError(
-        absl::StrCat(path, ": missing (listed in ", field, ")"));
-  }
-  if (!map.ok()) return map.status();
-  const MappedFile& file = **map;
-  retrace::Sha256 hash;
-  hash.Update(file.data(), size_t(file.size()));
-  const std::string actual = hash.HexDigest();
-  if (actual != info.sha256) {
-    return absl::DataLossError(
-        absl::StrCat(path, ": checksum mismatch: ", field, ".sha256 expects ",
-                     info.sha256, ", the file has ", actual));
-  }
+  ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map,
+                   MapListedShard(path, field));
+  const MappedFile& file = *map;
+  RETURN_IF_ERROR(VerifyShardChecksum(file, field, info.sha256));
   ASSIGN_OR_RETURN(SafetensorsHeader header,
                    ParseSafetensorsHeader(file.data(), file.size(), path));
   const int64_t shard_index = info.first / spec.samples_per_shard;

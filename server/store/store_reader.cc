@@ -8,9 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "server/core/file_util.h"
-#include "server/core/sha256.h"
 #include "server/core/status.h"
 #include "server/store/layout.h"
+#include "server/store/listed_shard.h"
 #include "server/store/safetensors.h"
 
 namespace retrace::store {
@@ -60,24 +60,13 @@ absl::Status StoreReader::OpenShard(int64_t index, const Options& options) {
   const std::string path = absl::StrCat(dir_, "/", info.file);
   const std::string field =
       absl::StrCat(kManifestFileName, " shards[", index, "]");
-  absl::StatusOr<std::unique_ptr<MappedFile>> map = MappedFile::Open(path);
-  if (absl::IsNotFound(map.status())) {
-    return absl::NotFoundError(
-        absl::StrCat(path, ": missing (listed in ", field, ")"));
-  }
-  if (!map.ok()) return map.status();
-  const MappedFile& file = **map;
+  ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map,
+                   MapListedShard(path, field));
+  const MappedFile& file = *map;
   ASSIGN_OR_RETURN(SafetensorsHeader header,
                    ParseSafetensorsHeader(file.data(), file.size(), path));
   if (options.verify_checksums) {
-    retrace::Sha256 hash;
-    hash.Update(file.data(), size_t(file.size()));
-    const std::string actual = hash.HexDigest();
-    if (actual != info.sha256) {
-      return absl::DataLossError(
-          absl::StrCat(path, ": checksum mismatch: ", field, ".sha256 expects ",
-                       info.sha256, ", the file has ", actual));
-    }
+    RETURN_IF_ERROR(VerifyShardChecksum(file, field, info.sha256));
   }
 
   const StoreSpec& spec = manifest_.spec;
@@ -153,7 +142,7 @@ absl::Status StoreReader::OpenShard(int64_t index, const Options& options) {
       block.train_timesteps = reinterpret_cast<const int32_t*>(p);
     }
   }
-  maps_.push_back(std::move(*map));
+  maps_.push_back(std::move(map));
   shards_.push_back(block);
   return absl::OkStatus();
 }
