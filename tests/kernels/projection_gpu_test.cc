@@ -14,6 +14,7 @@
 
 #include "kernels/device.h"
 #include "kernels/projection.h"
+#include "tests/kernels/projection_test_util.h"
 
 #ifdef RETRACE_HAVE_CUDA
 #include <cuda_runtime.h>
@@ -76,13 +77,7 @@ struct Result {
   KernelStatus status;
 };
 
-std::vector<float> RandomInput(int64_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> x(n);
-  for (float& v : x) v = normal(rng);
-  return x;
-}
+using testing::RandomInput;
 
 // Lays out piece `pc` of x ([batch, p]) with its row stride.
 std::vector<float> PieceBuffer(const std::vector<float>& x, int64_t batch,

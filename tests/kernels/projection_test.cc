@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels/philox.h"
+#include "tests/kernels/projection_test_util.h"
 
 namespace retrace::kernels {
 namespace {
@@ -150,13 +151,7 @@ std::vector<Piece> RandomSplit(int64_t p, std::mt19937_64& rng,
   return pieces;
 }
 
-std::vector<float> RandomInput(int64_t n, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> x(n);
-  for (float& v : x) v = normal(rng);
-  return x;
-}
+using testing::RandomInput;
 
 bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() &&
