@@ -11,6 +11,7 @@ packages=(
   prometheus-cpp-dev libcli11-dev libtomlplusplus-dev libstb-dev
   libtorch-dev libopenblas0-pthread python3 python3-numpy python3-torch zlib1g-dev
   dataset-fashion-mnist fonts-dejavu-core
+  prometheus docker-compose python3-grpcio python3-protobuf openssl
 )
 
 missing=()
