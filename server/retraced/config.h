@@ -1,0 +1,56 @@
+// retraced's configuration: command-line flags (CLI11) and an optional TOML
+// file (toml++) given with --config. The file's keys are the long flag names
+// without the dashes' prefix ("max-batch = 16", "store = \"/srv/store\"");
+// flags given on the command line override the file.
+#ifndef RETRACE_SERVER_RETRACED_CONFIG_H_
+#define RETRACE_SERVER_RETRACED_CONFIG_H_
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <string>
+
+namespace retrace::retraced {
+
+struct ServerConfig {
+  // What to serve.
+  std::string store_dir;
+  std::string run_dir;  // empty: precomputed query vectors only
+  std::string fashion_mnist_dir;
+  std::string mnist_dir;
+  bool thumbnails = true;
+  bool verify_checksums = true;
+  // Where.
+  std::string listen = "0.0.0.0:50051";
+  int metrics_port = 9464;  // 0: any free port; -1: no metrics endpoint
+  std::string metrics_host = "0.0.0.0";
+  std::string port_file;  // written with the bound gRPC port once listening
+  // Resources.
+  std::string device = "auto";  // auto, cpu, cuda
+  int workers = 1;              // concurrent query featurizations
+  int threads = 0;              // LibTorch and scan threads; 0: all cores
+  // Batching and limits.
+  int max_batch = 32;
+  int64_t max_queue_delay_us = 2000;
+  int max_queue = 256;
+  int max_concurrent = 64;
+  int64_t max_message_bytes = int64_t{64} << 20;
+  // Security.
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
+  std::string token_file;
+  // Shutdown.
+  double drain_timeout_s = 30;
+};
+
+// Parses argv (and the --config file). Returns the exit code when the
+// process should stop: 0 after --help, 2 for a usage error (the message,
+// naming the flag or the file and key, goes to `err`); nullopt to go on.
+std::optional<int> ParseServerConfig(int argc, const char* const* argv,
+                                     ServerConfig* config, std::ostream& out,
+                                     std::ostream& err);
+
+}  // namespace retrace::retraced
+
+#endif  // RETRACE_SERVER_RETRACED_CONFIG_H_

@@ -1,0 +1,168 @@
+#include "server/service/model_featurizer.h"
+
+#include <torch/torch.h>
+
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "jobs/run_dir.h"
+#include "server/core/status.h"
+#include "server/featurize/featurizer.h"
+#include "server/model/schedule.h"
+#include "server/model/torch_status.h"
+#include "server/model/unet.h"
+
+namespace retrace::service {
+
+struct ModelQueryFeaturizer::Worker {
+  // One model and featurizer per checkpoint, index c.
+  std::vector<std::unique_ptr<model::UNetModel>> models;
+  std::vector<std::unique_ptr<featurize::Featurizer>> featurizers;
+};
+
+ModelQueryFeaturizer::ModelQueryFeaturizer() = default;
+ModelQueryFeaturizer::~ModelQueryFeaturizer() = default;
+
+absl::StatusOr<std::unique_ptr<ModelQueryFeaturizer>>
+ModelQueryFeaturizer::Create(const store::Manifest& manifest,
+                             const std::string& run_dir, int workers) {
+  if (workers < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("featurizer workers must be >= 1, got ", workers));
+  }
+  const store::StoreSpec& spec = manifest.spec;
+  if (spec.model.architecture != model::kUNetArchitecture) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the store's model is '", spec.model.architecture,
+        "'; retraced featurizes queries with the built-in '",
+        model::kUNetArchitecture, "' only"));
+  }
+  ASSIGN_OR_RETURN(const jobs::RunManifest run,
+                   jobs::LoadRun(run_dir, /*verify_checksums=*/true));
+  if (run.checkpoints.size() != spec.model.checkpoints.size()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        run_dir, " has ", run.checkpoints.size(), " checkpoints; the store ",
+        manifest.store_id, " was built from ", spec.model.checkpoints.size()));
+  }
+  for (size_t c = 0; c < run.checkpoints.size(); ++c) {
+    if (run.checkpoints[c].sha256 != spec.model.checkpoints[c].sha256) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          run_dir, "/", run.checkpoints[c].file, " (checkpoint ", c,
+          ") has sha256 ", run.checkpoints[c].sha256, "; the store was built "
+          "from ", spec.model.checkpoints[c].sha256, " (is this the store's run?)"));
+    }
+  }
+  if (!spec.dataset.contains("store_seed") ||
+      !spec.dataset["store_seed"].is_number_unsigned()) {
+    return absl::FailedPreconditionError(
+        "the store's manifest has no dataset.store_seed");
+  }
+
+  ASSIGN_OR_RETURN(const model::NoiseSchedule schedule,
+                   model::NoiseSchedule::Create(spec.noise_schedule.type,
+                                                spec.noise_schedule.timesteps));
+  featurize::FeaturizeSpec fspec;
+  fspec.bucket_edges = spec.buckets.edges;
+  fspec.grad_timesteps = spec.grad_timesteps;
+  fspec.store_seed = spec.dataset["store_seed"].get<uint64_t>();
+  fspec.projection.type = spec.projection.type;
+  fspec.projection.output_dim = spec.projection.dim;
+  fspec.projection.sparsity = spec.projection.sparsity;
+  fspec.projection.seed = spec.projection.seed;
+  fspec.projection.input_dim = spec.projection.input_dim;
+  fspec.param_regex = spec.projection.param_regex;
+  fspec.loss = spec.loss;
+
+  model::UNetConfig unet;
+  unet.base_channels = run.config.model.base_channels;
+  unet.channel_mults = run.config.model.channel_mults;
+  unet.attention = run.config.model.attention;
+  unet.norm_groups = run.config.model.norm_groups;
+  unet.image_channels = run.dataset.channels;
+  unet.image_size = run.dataset.height;
+
+  std::unique_ptr<ModelQueryFeaturizer> f(new ModelQueryFeaturizer());
+  f->image_shape_ = {run.dataset.channels, run.dataset.height,
+                     run.dataset.width};
+  f->dim_ = spec.projection.dim;
+  for (int w = 0; w < workers; ++w) {
+    auto worker = std::make_unique<Worker>();
+    for (const jobs::CheckpointInfo& c : run.checkpoints) {
+      ASSIGN_OR_RETURN(std::unique_ptr<model::UNetModel> net,
+                       model::UNetModel::Create(unet, run.config.run_seed));
+      RETURN_IF_ERROR(net->Load(absl::StrCat(run_dir, "/", c.file)));
+      ASSIGN_OR_RETURN(
+          std::unique_ptr<featurize::Featurizer> featurizer,
+          featurize::Featurizer::Create(net.get(), schedule, fspec));
+      worker->models.push_back(std::move(net));
+      worker->featurizers.push_back(std::move(featurizer));
+    }
+    f->free_.push_back(worker.get());
+    f->workers_.push_back(std::move(worker));
+  }
+  return f;
+}
+
+std::vector<int64_t> ModelQueryFeaturizer::image_shape() const {
+  return image_shape_;
+}
+
+absl::StatusOr<scoring::BucketQuery> ModelQueryFeaturizer::Featurize(
+    const QueryImage& image, const QueryFeatureOptions& options) {
+  if (std::vector<int64_t>{image.channels, image.height, image.width} !=
+          image_shape_ ||
+      static_cast<int64_t>(image.pixels.size()) !=
+          image.channels * image.height * image.width) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "query image of shape [", image.channels, ", ", image.height, ", ",
+        image.width, "]; the model takes [", image_shape_[0], ", ",
+        image_shape_[1], ", ", image_shape_[2], "]"));
+  }
+  Worker* worker = nullptr;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    worker_freed_.wait(lock, [&] { return !free_.empty(); });
+    worker = free_.back();
+    free_.pop_back();
+  }
+  auto run = [&]() -> absl::StatusOr<scoring::BucketQuery> {
+    return model::internal::CallTorch(
+        "featurizing the query", [&]() -> absl::StatusOr<scoring::BucketQuery> {
+          const at::Tensor pixels =
+              torch::from_blob(const_cast<float*>(image.pixels.data()),
+                               {image.channels, image.height, image.width},
+                               torch::kFloat32)
+                  .clone();
+          featurize::QueryOptions q;
+          q.query_timesteps = options.query_timesteps;
+          q.noise_draws = options.noise_draws;
+          q.seed = options.seed;
+          const int64_t num_c =
+              static_cast<int64_t>(worker->featurizers.size());
+          scoring::BucketQuery out;
+          for (int64_t c = 0; c < num_c; ++c) {
+            ASSIGN_OR_RETURN(
+                featurize::QueryFeatures features,
+                worker->featurizers[static_cast<size_t>(c)]->QuerySide(pixels,
+                                                                       c, q));
+            const at::Tensor raw = features.raw.contiguous();
+            const at::Tensor unit = features.unit.contiguous();
+            out.raw.insert(out.raw.end(), raw.data_ptr<float>(),
+                           raw.data_ptr<float>() + raw.numel());
+            out.unit.insert(out.unit.end(), unit.data_ptr<float>(),
+                            unit.data_ptr<float>() + unit.numel());
+          }
+          return out;
+        });
+  };
+  absl::StatusOr<scoring::BucketQuery> result = run();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(worker);
+  }
+  worker_freed_.notify_one();
+  return result;
+}
+
+}  // namespace retrace::service

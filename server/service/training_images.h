@@ -1,0 +1,58 @@
+// The training images behind a store, for thumbnails and label names in
+// responses. Optional: a server without them answers every request except
+// those that ask for thumbnails.
+#ifndef RETRACE_SERVER_SERVICE_TRAINING_IMAGES_H_
+#define RETRACE_SERVER_SERVICE_TRAINING_IMAGES_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "server/data/image_set.h"
+#include "server/data/mixture.h"
+#include "server/store/store_reader.h"
+
+namespace retrace::service {
+
+class TrainingImages {
+ public:
+  virtual ~TrainingImages() = default;
+  // PNG bytes of store sample `index` (8-bit, gray or RGB as the data is).
+  // OutOfRange for an index outside the store. Thread-safe.
+  virtual absl::StatusOr<std::string> ThumbnailPng(int64_t index) const = 0;
+  // Class name of `label`, or "" when the data has none. Thread-safe.
+  virtual std::string LabelName(int32_t label) const = 0;
+};
+
+// Training images held in memory, in store order (store index n is image n).
+class ImageSetTrainingImages final : public TrainingImages {
+ public:
+  // Checks that the set matches the store sample by sample (count and sample
+  // ids); FailedPrecondition naming the first difference otherwise.
+  static absl::StatusOr<std::unique_ptr<ImageSetTrainingImages>> Create(
+      data::ImageSet images, const std::vector<int64_t>& sample_ids,
+      const store::StoreReader& store);
+
+  absl::StatusOr<std::string> ThumbnailPng(int64_t index) const override;
+  std::string LabelName(int32_t label) const override;
+
+ private:
+  explicit ImageSetTrainingImages(data::ImageSet images)
+      : images_(std::move(images)) {}
+  const data::ImageSet images_;
+};
+
+// Rebuilds the training set that the store names in its manifest
+// (dataset.name: a mixture spec; dataset.seed) from `locations`, and checks
+// it against the store. Errors of the data readers pass through, annotated.
+absl::StatusOr<std::unique_ptr<TrainingImages>> LoadTrainingImages(
+    const store::StoreReader& store, const data::DataLocations& locations);
+
+// Encodes [channels, height, width] floats in [-1, 1] as an 8-bit PNG.
+absl::StatusOr<std::string> EncodePng(const float* pixels, int64_t channels,
+                                      int64_t height, int64_t width);
+
+}  // namespace retrace::service
+
+#endif  // RETRACE_SERVER_SERVICE_TRAINING_IMAGES_H_
