@@ -249,6 +249,7 @@ absl::StatusOr<Mixture> MixImageSets(
     }
     for (int64_t n : pool) chosen.emplace_back(static_cast<int32_t>(i), n);
     mixture.sources.push_back(sources[i]->name);
+    mixture.source_class_names.push_back(sources[i]->class_names);
   }
   if (spec.shuffle) {
     SplitMix64 rng(spec.seed);

@@ -77,6 +77,8 @@ struct Mixture {
   std::vector<int64_t> sample_ids;           // one per image
   std::vector<SampleProvenance> provenance;  // one per image
   std::vector<std::string> sources;          // ImageSet::name per component
+  // ImageSet::class_names per component (indexed by the source label).
+  std::vector<std::vector<std::string>> source_class_names;
 };
 
 // Mixes already-loaded sources: sources[i] is the data of spec.components[i]

@@ -3,14 +3,15 @@
 // waits for SIGTERM or SIGINT and drains. Everything else lives in the
 // libraries; docs/operations.md describes the flags and the lifecycle.
 #include <ATen/Parallel.h>
-#include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <fstream>
-#include <future>
 #include <iostream>
 #include <memory>
-#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -32,6 +33,10 @@
 
 namespace retrace::retraced {
 namespace {
+
+// The write end of the signal pipe: the one global, because a signal
+// handler can reach nothing else.
+int g_signal_pipe = -1;
 
 scoring::DeviceChoice Device(const std::string& name) {
   if (name == "cpu") return scoring::DeviceChoice::kCpu;
@@ -119,20 +124,22 @@ absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
 }
 
 int Run(const ServerConfig& config) {
-  // Signals are taken by one thread with sigwait; every other thread
-  // inherits the mask, so none is interrupted.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::promise<int> stop;
-  std::future<int> stopped = stop.get_future();
-  std::thread([&signals, stop = std::move(stop)]() mutable {
-    int signal = 0;
-    sigwait(&signals, &signal);
-    stop.set_value(signal);
-  }).detach();
+  // SIGTERM and SIGINT only write to a pipe (whichever thread takes them);
+  // the main thread reads it once serving.
+  int pipe_fds[2];
+  if (pipe(pipe_fds) != 0) {
+    std::cerr << "retraced: pipe: " << std::strerror(errno) << "\n";
+    return 1;
+  }
+  g_signal_pipe = pipe_fds[1];
+  struct sigaction action {};
+  action.sa_handler = [](int signal) {
+    const char byte = static_cast<char>(signal);
+    [[maybe_unused]] ssize_t n = write(g_signal_pipe, &byte, 1);
+  };
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
 
   if (config.threads > 0) at::set_num_threads(config.threads);
 
@@ -200,8 +207,10 @@ int Run(const ServerConfig& config) {
   metrics.SetReady(true);
   RETRACE_LOG(INFO) << "serving";
 
-  const int signal = stopped.get();
-  RETRACE_LOG(INFO) << "signal " << signal << ": draining (up to "
+  char signal = 0;
+  while (read(pipe_fds[0], &signal, 1) < 0 && errno == EINTR) {
+  }
+  RETRACE_LOG(INFO) << "signal " << int{signal} << ": draining (up to "
                     << config.drain_timeout_s << " s)";
   metrics.SetReady(false);
   (*server)->Shutdown(absl::Seconds(config.drain_timeout_s));

@@ -211,7 +211,7 @@ absl::Status AttributionEngine::FillSample(const scoring::RankedSample& ranked,
   out->set_label(ranked.label);
   out->set_score(ranked.score);
   if (parts_.images != nullptr) {
-    out->set_label_name(parts_.images->LabelName(ranked.label));
+    out->set_label_name(parts_.images->LabelName(ranked.index));
   }
   const int32_t slots = parts_.shape.num_slots();
   for (size_t i = 0; i < ranked.breakdown.size(); ++i) {
@@ -405,7 +405,7 @@ absl::StatusOr<v1::SelfInfluenceResponse> AttributionEngine::SelfInfluence(
     s->set_label(block.labels[0]);
     s->set_score(block.self_influence[column]);
     if (parts_.images != nullptr) {
-      s->set_label_name(parts_.images->LabelName(block.labels[0]));
+      s->set_label_name(parts_.images->LabelName(index));
     }
   }
   if (end < n) {

@@ -53,9 +53,10 @@ absl::StatusOr<std::string> EncodePng(const float* pixels, int64_t channels,
 }
 
 absl::StatusOr<std::unique_ptr<ImageSetTrainingImages>>
-ImageSetTrainingImages::Create(data::ImageSet images,
-                               const std::vector<int64_t>& sample_ids,
+ImageSetTrainingImages::Create(data::Mixture mixture,
                                const store::StoreReader& store) {
+  const data::ImageSet& images = mixture.images;
+  const std::vector<int64_t>& sample_ids = mixture.sample_ids;
   if (images.size() != store.num_samples() ||
       static_cast<int64_t>(sample_ids.size()) != store.num_samples()) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -74,24 +75,40 @@ ImageSetTrainingImages::Create(data::ImageSet images,
     }
   }
   return std::unique_ptr<ImageSetTrainingImages>(
-      new ImageSetTrainingImages(std::move(images)));
+      new ImageSetTrainingImages(std::move(mixture)));
 }
 
 absl::StatusOr<std::string> ImageSetTrainingImages::ThumbnailPng(
     int64_t index) const {
-  if (index < 0 || index >= images_.size()) {
+  const data::ImageSet& images = mixture_.images;
+  if (index < 0 || index >= images.size()) {
     return absl::OutOfRangeError(absl::StrCat(
-        "sample ", index, " is outside the store (", images_.size(), ")"));
+        "sample ", index, " is outside the store (", images.size(), ")"));
   }
-  return EncodePng(images_.Image(index).data(), images_.channels,
-                   images_.height, images_.width);
+  return EncodePng(images.Image(index).data(), images.channels, images.height,
+                   images.width);
 }
 
-std::string ImageSetTrainingImages::LabelName(int32_t label) const {
-  if (label < 0 || label >= static_cast<int32_t>(images_.class_names.size())) {
+std::string ImageSetTrainingImages::LabelName(int64_t index) const {
+  if (index < 0 || index >= static_cast<int64_t>(mixture_.provenance.size())) {
     return "";
   }
-  return images_.class_names[static_cast<size_t>(label)];
+  const data::SampleProvenance& p =
+      mixture_.provenance[static_cast<size_t>(index)];
+  const size_t component = static_cast<size_t>(p.component);
+  if (component >= mixture_.source_class_names.size()) return "";
+  const std::vector<std::string>& names =
+      mixture_.source_class_names[component];
+  const std::string name =
+      p.source_label >= 0 && p.source_label < static_cast<int32_t>(names.size())
+          ? names[static_cast<size_t>(p.source_label)]
+          : std::to_string(p.source_label);
+  // A single-source set needs no prefix; a mixture names the source too.
+  bool mixed = false;
+  for (const std::string& s : mixture_.sources) {
+    mixed |= s != mixture_.sources.front();
+  }
+  return mixed ? absl::StrCat(mixture_.sources[component], ": ", name) : name;
 }
 
 absl::StatusOr<std::unique_ptr<TrainingImages>> LoadTrainingImages(
@@ -116,8 +133,7 @@ absl::StatusOr<std::unique_ptr<TrainingImages>> LoadTrainingImages(
                     absl::StrCat("reading the training images '", name, "'"));
   }
   ASSIGN_OR_RETURN(std::unique_ptr<ImageSetTrainingImages> images,
-                   ImageSetTrainingImages::Create(std::move(mixture->images),
-                                                  mixture->sample_ids, store));
+                   ImageSetTrainingImages::Create(std::move(*mixture), store));
   return std::unique_ptr<TrainingImages>(std::move(images));
 }
 

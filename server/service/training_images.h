@@ -21,8 +21,10 @@ class TrainingImages {
   // PNG bytes of store sample `index` (8-bit, gray or RGB as the data is).
   // OutOfRange for an index outside the store. Thread-safe.
   virtual absl::StatusOr<std::string> ThumbnailPng(int64_t index) const = 0;
-  // Class name of `label`, or "" when the data has none. Thread-safe.
-  virtual std::string LabelName(int32_t label) const = 0;
+  // What store sample `index` is, for people: its class name in its source
+  // ("T-shirt/top"), prefixed with the source when the training set mixes
+  // several ("mnist: 0"); "" when unknown. Thread-safe.
+  virtual std::string LabelName(int64_t index) const = 0;
 };
 
 // Training images held in memory, in store order (store index n is image n).
@@ -31,16 +33,15 @@ class ImageSetTrainingImages final : public TrainingImages {
   // Checks that the set matches the store sample by sample (count and sample
   // ids); FailedPrecondition naming the first difference otherwise.
   static absl::StatusOr<std::unique_ptr<ImageSetTrainingImages>> Create(
-      data::ImageSet images, const std::vector<int64_t>& sample_ids,
-      const store::StoreReader& store);
+      data::Mixture mixture, const store::StoreReader& store);
 
   absl::StatusOr<std::string> ThumbnailPng(int64_t index) const override;
-  std::string LabelName(int32_t label) const override;
+  std::string LabelName(int64_t index) const override;
 
  private:
-  explicit ImageSetTrainingImages(data::ImageSet images)
-      : images_(std::move(images)) {}
-  const data::ImageSet images_;
+  explicit ImageSetTrainingImages(data::Mixture mixture)
+      : mixture_(std::move(mixture)) {}
+  const data::Mixture mixture_;
 };
 
 // Rebuilds the training set that the store names in its manifest

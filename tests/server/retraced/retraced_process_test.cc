@@ -1,0 +1,177 @@
+// The retraced binary as operators run it: serves a store made in the test,
+// is scraped by Debian's real Prometheus (a counter read back through its
+// HTTP API), and on SIGTERM finishes the request in flight and exits 0.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "retrace/v1/attribution.grpc.pb.h"
+#include "tests/server/metrics/prometheus_harness.h"
+#include "tests/server/service/served_store.h"
+
+namespace retrace::service {
+namespace {
+
+class Retraced {
+ public:
+  explicit Retraced(std::vector<std::string> extra) {
+    const auto& s = testing::SharedStore();
+    dir_ = ::testing::TempDir() + "/retraced-proc-" + std::to_string(getpid());
+    std::filesystem::create_directories(dir_);
+    std::filesystem::remove(dir_ + "/port");
+    std::vector<std::string> args = {
+        RETRACED_BINARY, "--store", s.store_dir, "--run", s.run_dir,
+        "--listen", "127.0.0.1:0", "--port-file", dir_ + "/port",
+        "--threads", "1", "--drain-timeout-s", "60"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    pid_ = fork();
+    if (pid_ == 0) {
+      const std::string log = dir_ + "/log";
+      freopen(log.c_str(), "w", stderr);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv(argv[0], argv.data());
+      _exit(127);
+    }
+  }
+  ~Retraced() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  // Waits for the port file and for health SERVING (through a call that
+  // succeeds: GetStoreInfo is UNAVAILABLE until the store is loaded).
+  int WaitReady() {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (std::chrono::steady_clock::now() < until) {
+      std::ifstream in(dir_ + "/port");
+      int port = 0;
+      if (in >> port && port > 0) {
+        auto stub = StubFor(port);
+        grpc::ClientContext context;
+        v1::StoreInfo info;
+        if (stub->GetStoreInfo(&context, {}, &info).ok()) return port;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    ADD_FAILURE() << "retraced did not become ready: " << Log();
+    return 0;
+  }
+  static std::unique_ptr<v1::Attribution::Stub> StubFor(int port) {
+    return v1::Attribution::NewStub(grpc::CreateChannel(
+        absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  }
+  // The exit status after SIGTERM.
+  int Terminate(std::thread* in_flight = nullptr) {
+    kill(pid_, SIGTERM);
+    if (in_flight != nullptr) in_flight->join();
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = -1;
+    return status;
+  }
+  std::string Log() const { return testing::ReadAll(dir_ + "/log"); }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = -1;
+};
+
+v1::AttributeRequest ImageRequest(int timesteps, int draws) {
+  v1::AttributeRequest r;
+  r.set_image(testing::QueryPng(1));
+  r.set_top_k(3);
+  r.set_query_timesteps(timesteps);
+  r.set_query_noise_draws(draws);
+  return r;
+}
+
+TEST(RetracedProcessTest, SigtermFinishesTheRequestInFlightAndExitsZero) {
+  Retraced server({"--metrics-port", "-1"});
+  const int port = server.WaitReady();
+  ASSERT_GT(port, 0);
+  auto stub = Retraced::StubFor(port);
+  // A slow request (many query draws) is in flight when SIGTERM arrives.
+  grpc::Status in_flight_status;
+  v1::AttributeResponse in_flight_response;
+  std::atomic<bool> sent{false};
+  std::thread in_flight([&] {
+    grpc::ClientContext context;
+    sent = true;
+    in_flight_status =
+        stub->Attribute(&context, ImageRequest(16, 16), &in_flight_response);
+  });
+  while (!sent) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const int status = server.Terminate(&in_flight);
+  EXPECT_TRUE(in_flight_status.ok()) << in_flight_status.error_message();
+  ASSERT_EQ(in_flight_response.results_size(), 2);
+  EXPECT_EQ(in_flight_response.results(0).proponents_size(), 3);
+  ASSERT_TRUE(WIFEXITED(status)) << server.Log();
+  EXPECT_EQ(WEXITSTATUS(status), 0) << server.Log();
+  EXPECT_NE(server.Log().find("draining"), std::string::npos) << server.Log();
+  // Nobody listens any more.
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  v1::StoreInfo info;
+  EXPECT_FALSE(stub->GetStoreInfo(&context, {}, &info).ok());
+}
+
+TEST(RetracedProcessTest, PrometheusScrapesTheRequestCounter) {
+  if (!retrace::testing::PrometheusAvailable()) {
+    GTEST_SKIP() << retrace::testing::kPrometheusBinary
+                 << " is not installed (Debian package prometheus)";
+  }
+  auto metrics_port = retrace::testing::PickFreePort();
+  ASSERT_TRUE(metrics_port.ok());
+  Retraced server({"--metrics-port", std::to_string(*metrics_port),
+                   "--metrics-host", "127.0.0.1"});
+  const int port = server.WaitReady();
+  ASSERT_GT(port, 0);
+  auto stub = Retraced::StubFor(port);
+  for (int i = 0; i < 3; ++i) {
+    grpc::ClientContext context;
+    v1::AttributeResponse response;
+    ASSERT_TRUE(stub->Attribute(&context, ImageRequest(1, 1), &response).ok());
+  }
+  {
+    grpc::ClientContext context;
+    v1::AttributeRequest bad = ImageRequest(1, 1);
+    bad.set_top_k(-3);
+    v1::AttributeResponse response;
+    EXPECT_EQ(stub->Attribute(&context, bad, &response).error_code(),
+              grpc::INVALID_ARGUMENT);
+  }
+  auto prometheus = retrace::testing::PrometheusProcess::Start(
+      {absl::StrCat("127.0.0.1:", *metrics_port)});
+  ASSERT_TRUE(prometheus.ok()) << prometheus.status();
+  auto ok_count = retrace::testing::WaitForPrometheusScalar(
+      (*prometheus)->port(),
+      "retrace_requests_total{method=\"Attribute\",code=\"OK\"}", 3.0,
+      absl::Seconds(60));
+  EXPECT_TRUE(ok_count.ok()) << ok_count.status() << "\n"
+                             << (*prometheus)->LogTail();
+  auto bad_count = retrace::testing::WaitForPrometheusScalar(
+      (*prometheus)->port(),
+      "retrace_requests_total{method=\"Attribute\",code=\"INVALID_ARGUMENT\"}",
+      1.0, absl::Seconds(30));
+  EXPECT_TRUE(bad_count.ok()) << bad_count.status();
+  auto samples = retrace::testing::QueryPrometheusScalar(
+      (*prometheus)->port(), "retrace_store_samples");
+  ASSERT_TRUE(samples.ok()) << samples.status();
+  EXPECT_EQ(*samples, 40);
+  EXPECT_EQ(server.Terminate() , 0);
+}
+
+}  // namespace
+}  // namespace retrace::service

@@ -1,0 +1,287 @@
+// Test helpers for the service: a tiny training run and two stores built from
+// it (with and without the replay slot), made once per test binary build and
+// shared by the test processes (CTest runs each test in its own process), and
+// an in-process retraced stack on loopback.
+#ifndef RETRACE_TESTS_SERVER_SERVICE_SERVED_STORE_H_
+#define RETRACE_TESTS_SERVER_SERVICE_SERVED_STORE_H_
+
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "jobs/build_store.h"
+#include "retrace/v1/attribution.grpc.pb.h"
+#include "server/scoring/scorer.h"
+#include "server/service/attribution_service.h"
+#include "server/service/batcher.h"
+#include "server/service/engine.h"
+#include "server/service/grpc_server.h"
+#include "server/service/model_featurizer.h"
+#include "server/service/training_images.h"
+#include "server/store/store_reader.h"
+#include "tests/jobs/tiny_run.h"
+
+namespace retrace::service::testing {
+
+namespace fs = std::filesystem;
+
+struct ServedStore {
+  std::string data_root;
+  std::string run_dir;
+  std::string store_dir;            // with the replay slot
+  std::string store_no_replay_dir;  // without
+};
+
+inline std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Builds (or finds) the tiny run and its stores under a directory keyed by
+// this binary's modification time, so a rebuilt test binary makes fresh ones.
+inline const ServedStore& SharedStore() {
+  static const ServedStore* store = [] {
+    struct stat self {};
+    EXPECT_EQ(stat("/proc/self/exe", &self), 0);
+    const std::string root = ::testing::TempDir() + "/retrace-served-" +
+                             std::to_string(self.st_mtime) + "-" +
+                             std::to_string(self.st_size);
+    auto* s = new ServedStore;
+    s->data_root = root + "/data";
+    s->run_dir = root + "/run";
+    s->store_dir = root + "/store";
+    s->store_no_replay_dir = root + "/store-no-replay";
+    if (fs::exists(root + "/complete")) return s;
+
+    // Build in a private directory, then rename it into place; a process
+    // that loses the race uses the winner's.
+    const std::string tmp = root + ".tmp-" + std::to_string(getpid());
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    jobs::testing::WriteImageFolder(tmp + "/data");
+    auto spec = data::ParseMixtureSpec("folder:path=" + s->data_root);
+    EXPECT_TRUE(spec.ok()) << spec.status();
+    spec->seed = 3;
+    // The mixture is read from the private copy but named by its final path
+    // (the manifest records the name, and the server rereads it from there).
+    data::MixtureSpec build_spec = *spec;
+    build_spec.components[0].path = tmp + "/data";
+    auto mixture = data::BuildMixture(build_spec);
+    EXPECT_TRUE(mixture.ok()) << mixture.status();
+    jobs::TrainOptions train;
+    train.run_dir = tmp + "/run";
+    train.threads = 1;
+    auto trained = jobs::Train(jobs::testing::TinyTrainConfig(*spec),
+                               mixture->images, mixture->sample_ids, train);
+    EXPECT_TRUE(trained.ok()) << trained.status();
+    for (bool replay : {true, false}) {
+      jobs::StoreBuildConfig config;
+      config.dim = 64;
+      config.sparsity = 2;
+      config.projection_seed = 11;
+      config.store_seed = 5;
+      config.num_buckets = 4;
+      config.dtype = kernels::DType::kF32;
+      config.samples_per_shard = 16;
+      config.replay = replay ? jobs::ReplayMode::kOn : jobs::ReplayMode::kOff;
+      jobs::StoreBuildOptions options;
+      options.run_dir = tmp + "/run";
+      options.out_dir = tmp + (replay ? "/store" : "/store-no-replay");
+      options.dataset_name = data::FormatMixtureSpec(*spec);
+      options.dataset_seed = spec->seed;
+      options.threads = 1;
+      options.batch_rows = 16;
+      auto built = jobs::BuildStore(config, mixture->images,
+                                    mixture->sample_ids, options);
+      EXPECT_TRUE(built.ok()) << built.status();
+    }
+    std::ofstream(tmp + "/complete") << "ok\n";
+    std::error_code ec;
+    fs::rename(tmp, root, ec);
+    if (ec) fs::remove_all(tmp);
+    EXPECT_TRUE(fs::exists(root + "/complete")) << root;
+    return s;
+  }();
+  return *store;
+}
+
+struct StackOptions {
+  bool replay = true;
+  bool with_model = true;
+  bool with_images = true;
+  ServiceOptions service;
+  GrpcServerOptions server;
+  BatcherOptions batcher;
+  int workers = 2;
+  // Wraps the featurizer (e.g. to make it slow); null: as is.
+  std::function<std::unique_ptr<QueryFeaturizer>(QueryFeaturizer*)> wrap;
+};
+
+// The retraced stack in this process: store → scorer → featurizer → images →
+// batcher → engine → service → gRPC server on 127.0.0.1:<free port>.
+class Stack {
+ public:
+  explicit Stack(StackOptions options = {}) : options_(std::move(options)) {
+    const ServedStore& s = SharedStore();
+    auto reader = store::StoreReader::Open(
+        options_.replay ? s.store_dir : s.store_no_replay_dir);
+    EXPECT_TRUE(reader.ok()) << reader.status();
+    store_ = std::move(*reader);
+    scoring::ScorerOptions scorer_options;
+    scorer_options.device = scoring::DeviceChoice::kCpu;
+    auto scorer = scoring::Scorer::Create(store_.get(), scorer_options);
+    EXPECT_TRUE(scorer.ok()) << scorer.status();
+    scorer_ = std::move(*scorer);
+    if (options_.with_model) {
+      auto f = ModelQueryFeaturizer::Create(store_->manifest(), s.run_dir,
+                                            options_.workers);
+      EXPECT_TRUE(f.ok()) << f.status();
+      model_ = std::move(*f);
+      featurizer_ = model_.get();
+      if (options_.wrap) {
+        wrapped_ = options_.wrap(model_.get());
+        featurizer_ = wrapped_.get();
+      }
+    }
+    if (options_.with_images) {
+      auto images = LoadTrainingImages(*store_, data::DataLocations{});
+      EXPECT_TRUE(images.ok()) << images.status();
+      images_ = std::move(*images);
+    }
+    scoring::Scorer* scorer_ptr = scorer_.get();
+    batcher_ = std::make_unique<Batcher>(
+        [scorer_ptr](const std::vector<scoring::ScoreQuery>& b) {
+          return scorer_ptr->Score(b);
+        },
+        options_.batcher, nullptr);
+    EngineParts parts;
+    parts.store = store_.get();
+    parts.shape = scorer_->shape();
+    parts.backend = "cpu";
+    parts.batcher = batcher_.get();
+    parts.featurizer = featurizer_;
+    parts.images = images_.get();
+    engine_ = std::make_unique<AttributionEngine>(parts);
+    service_ = std::make_unique<AttributionService>(options_.service, nullptr);
+    options_.server.listen = "127.0.0.1:0";
+    auto server = GrpcServer::Start(options_.server, service_.get());
+    EXPECT_TRUE(server.ok()) << server.status();
+    server_ = std::move(*server);
+    service_->SetEngine(engine_.get());
+    server_->SetServing(true);
+  }
+  ~Stack() {
+    if (server_ != nullptr) server_->Shutdown(absl::Seconds(5));
+  }
+
+  std::string address() const {
+    return "127.0.0.1:" + std::to_string(server_->port());
+  }
+  std::unique_ptr<v1::Attribution::Stub> Stub(
+      std::shared_ptr<grpc::ChannelCredentials> creds =
+          grpc::InsecureChannelCredentials()) const {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);
+    args.SetMaxSendMessageSize(64 << 20);
+    return v1::Attribution::NewStub(
+        grpc::CreateCustomChannel(address(), creds, args));
+  }
+  const store::StoreReader& store() const { return *store_; }
+  scoring::Scorer& scorer() { return *scorer_; }
+  QueryFeaturizer* featurizer() { return featurizer_; }
+  GrpcServer& server() { return *server_; }
+  AttributionService& service() { return *service_; }
+
+ private:
+  StackOptions options_;
+  std::unique_ptr<store::StoreReader> store_;
+  std::unique_ptr<scoring::Scorer> scorer_;
+  std::unique_ptr<ModelQueryFeaturizer> model_;
+  std::unique_ptr<QueryFeaturizer> wrapped_;
+  QueryFeaturizer* featurizer_ = nullptr;
+  std::unique_ptr<TrainingImages> images_;
+  std::unique_ptr<Batcher> batcher_;
+  std::unique_ptr<AttributionEngine> engine_;
+  std::unique_ptr<AttributionService> service_;
+  std::unique_ptr<GrpcServer> server_;
+};
+
+// PNG bytes of a smooth 28×28 gray test pattern (not in the training set).
+inline std::string QueryPng(int variant) {
+  std::vector<float> pixels(28 * 28);
+  for (int y = 0; y < 28; ++y) {
+    for (int x = 0; x < 28; ++x) {
+      pixels[y * 28 + x] = static_cast<float>(
+          std::sin(0.25 * x + 0.9 * variant) * std::cos(0.15 * y + 0.3 * variant));
+    }
+  }
+  auto png = EncodePng(pixels.data(), 1, 28, 28);
+  EXPECT_TRUE(png.ok()) << png.status();
+  return *png;
+}
+
+// DESIGN §1 MATCHED scores over every checkpoint and bucket, in double, from
+// the stored vectors: TracIn Σ w_c ‖g‖ ⟨u, q_raw⟩, ReTrac Σ w_c ⟨u, q_unit⟩.
+inline std::vector<double> BruteForceMatched(const store::StoreReader& r,
+                                             const scoring::BucketQuery& q,
+                                             bool tracin) {
+  const int64_t C = r.num_checkpoints(), B = r.num_buckets(),
+                S = r.num_slots(), D = r.dim();
+  EXPECT_EQ(r.dtype(), kernels::DType::kF32);
+  const auto& checkpoints = r.manifest().spec.model.checkpoints;
+  const std::vector<float>& qv = tracin ? q.raw : q.unit;
+  std::vector<double> scores(static_cast<size_t>(r.num_samples()));
+  for (int64_t n = 0; n < r.num_samples(); ++n) {
+    auto block = r.Sample(n);
+    const float* u = static_cast<const float*>(block->vectors);
+    double total = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t b = 0; b < B; ++b) {
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          dot += double{u[(c * S + b) * D + d]} * qv[(c * B + b) * D + d];
+        }
+        const double f = tracin ? block->norms[c * S + b] : 1.0;
+        total += static_cast<float>(checkpoints[c].weight) * f * dot;
+      }
+    }
+    scores[static_cast<size_t>(n)] = total;
+  }
+  return scores;
+}
+
+// Checks a ranked list against brute-force scores: every score within
+// tolerance of the sample's reference, and the list is the reference's top
+// (or bottom) k up to ties within tolerance.
+inline void ExpectRanking(
+    const google::protobuf::RepeatedPtrField<v1::AttributedSample>& got,
+    const std::vector<double>& scores, int k, bool highest) {
+  ASSERT_EQ(got.size(), k);
+  std::vector<double> sorted = scores;
+  std::sort(sorted.begin(), sorted.end());
+  if (highest) std::reverse(sorted.begin(), sorted.end());
+  double scale = 0;
+  for (double s : scores) scale = std::max(scale, std::abs(s));
+  const double tol = 1e-4 * scale + 1e-12;
+  for (int i = 0; i < k; ++i) {
+    SCOPED_TRACE(::testing::Message() << "rank " << i + 1);
+    const v1::AttributedSample& s = got[i];
+    EXPECT_EQ(s.rank(), i + 1);
+    EXPECT_NEAR(s.score(), scores[static_cast<size_t>(s.index())], tol);
+    EXPECT_NEAR(s.score(), sorted[static_cast<size_t>(i)], tol);
+  }
+}
+
+}  // namespace retrace::service::testing
+
+#endif  // RETRACE_TESTS_SERVER_SERVICE_SERVED_STORE_H_
