@@ -1,0 +1,173 @@
+"""docker-compose.yml is accepted by Debian's docker-compose (1.29) and says
+what docs/operations.md promises.
+
+Runs `docker-compose -f docker-compose.yml config`, which validates the file
+against the Compose schema and prints it resolved, without a Docker engine.
+Checks the exit status, that nothing was warned about (e.g. an unset
+variable), and in the resolved output: the services retraced and prometheus,
+retraced's NVIDIA GPU reservation, its store volume mounted read-only where
+the image's config file (deploy/retraced.toml) expects it, its ports (the
+config file's gRPC and metrics ports), and the Prometheus configuration
+mounted into prometheus, where that configuration scrapes retraced's metrics
+port by its service name. A second run with the RETRACE_* variables set
+checks that they choose the host paths.
+
+Exit status 77 (skipped) when docker-compose is not installed.
+Environment: RETRACE_SOURCE_DIR (the repository).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+import unittest
+
+SKIP = 77
+SOURCE_DIR = os.environ.get("RETRACE_SOURCE_DIR") or os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", ".."))
+COMPOSE_FILE = os.path.join(SOURCE_DIR, "docker-compose.yml")
+
+DOCKER_COMPOSE = shutil.which("docker-compose")
+if DOCKER_COMPOSE is None:
+    print("SKIPPED: docker-compose is not installed (Debian: docker-compose; "
+          "scripts/setup.sh lists it)")
+    sys.exit(SKIP)
+try:
+    import yaml  # python3-yaml, a dependency of Debian's docker-compose
+except ImportError as e:
+    print("SKIPPED: PyYAML is not importable by %s (%s)" % (sys.executable, e))
+    sys.exit(SKIP)
+
+VARIABLES = ("RETRACE_STORE_DIR", "RETRACE_RUN_DIR", "RETRACE_MNIST_DIR")
+
+
+def compose_config(extra_env=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in VARIABLES and not k.startswith("COMPOSE_")}
+    env.update(extra_env or {})
+    # An empty --env-file, so that an operator's .env next to the compose
+    # file does not change what is checked.
+    with tempfile.NamedTemporaryFile("w", suffix=".env") as empty_env:
+        return subprocess.run(
+            [DOCKER_COMPOSE, "--env-file", empty_env.name, "-f", COMPOSE_FILE,
+             "config"],
+            capture_output=True, text=True, env=env,
+            cwd=os.path.dirname(COMPOSE_FILE), timeout=120)
+
+
+def mounts(service):
+    """(source, target, read_only) of a service's volumes, short or long form."""
+    out = []
+    for v in service.get("volumes", []):
+        if isinstance(v, dict):
+            out.append((v.get("source"), v["target"], bool(v.get("read_only"))))
+        else:
+            parts = v.split(":")
+            out.append((parts[0], parts[1],
+                        len(parts) > 2 and "ro" in parts[2].split(",")))
+    return out
+
+
+def port_targets(service):
+    targets = set()
+    for p in service.get("ports", []):
+        if isinstance(p, dict):
+            targets.add(int(p["target"]))
+        else:
+            targets.add(int(str(p).split(":")[-1].split("/")[0]))
+    return targets
+
+
+class ComposeConfig(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.result = compose_config()
+        cls.config = yaml.safe_load(cls.result.stdout) if cls.result.returncode == 0 \
+            else None
+        with open(os.path.join(SOURCE_DIR, "deploy", "retraced.toml"),
+                  "rb") as f:
+            cls.retraced_toml = tomllib.load(f)
+
+    def setUp(self):
+        self.assertEqual(self.result.returncode, 0,
+                         "docker-compose config failed:\n" + self.result.stderr)
+
+    def test_no_warnings(self):
+        self.assertNotIn("WARNING", self.result.stderr, self.result.stderr)
+
+    def test_both_services(self):
+        self.assertEqual(set(self.config["services"]), {"retraced", "prometheus"})
+
+    def test_gpu_reservation(self):
+        devices = (self.config["services"]["retraced"]["deploy"]["resources"]
+                   ["reservations"]["devices"])
+        self.assertEqual(len(devices), 1)
+        self.assertEqual(devices[0]["driver"], "nvidia")
+        self.assertEqual(devices[0]["count"], 1)
+        self.assertIn("gpu", devices[0]["capabilities"])
+
+    def test_store_volume_read_only(self):
+        by_target = {t: (s, ro) for s, t, ro in
+                     mounts(self.config["services"]["retraced"])}
+        store = self.retraced_toml["store"]
+        self.assertIn(store, by_target)
+        source, read_only = by_target[store]
+        self.assertTrue(read_only, "the store must be mounted read-only")
+        self.assertEqual(source, os.path.join(SOURCE_DIR, "demo-cache", "store"))
+        for target, _ in by_target.items():
+            self.assertTrue(by_target[target][1], "%s is not read-only" % target)
+
+    def test_run_directory_is_passed_to_retraced(self):
+        service = self.config["services"]["retraced"]
+        command = service["command"]
+        run_dir = command[command.index("--run") + 1]
+        self.assertIn(run_dir, [t for _, t, _ in mounts(service)])
+
+    def test_retraced_ports(self):
+        listen_port = int(self.retraced_toml["listen"].rsplit(":", 1)[1])
+        metrics_port = int(self.retraced_toml["metrics-port"])
+        self.assertEqual(port_targets(self.config["services"]["retraced"]),
+                         {listen_port, metrics_port})
+
+    def test_stop_grace_period_exceeds_the_drain_timeout(self):
+        grace = self.config["services"]["retraced"]["stop_grace_period"]
+        self.assertTrue(grace.endswith("s") and grace[:-1].isdigit(), grace)
+        self.assertGreater(int(grace[:-1]),
+                           float(self.retraced_toml["drain-timeout-s"]))
+
+    def test_prometheus_config_mount_scrapes_retraced(self):
+        service = self.config["services"]["prometheus"]
+        self.assertTrue(service["image"].startswith("prom/prometheus:"))
+        by_target = {t: (s, ro) for s, t, ro in mounts(service)}
+        target = "/etc/prometheus/prometheus.yml"
+        self.assertIn(target, by_target)
+        source, read_only = by_target[target]
+        self.assertEqual(source,
+                         os.path.join(SOURCE_DIR, "deploy", "prometheus.yml"))
+        self.assertTrue(read_only)
+        with open(source, encoding="utf-8") as f:
+            prometheus = yaml.safe_load(f)
+        targets = [t for job in prometheus["scrape_configs"]
+                   for sc in job.get("static_configs", [])
+                   for t in sc["targets"]]
+        self.assertIn("retraced:%d" % int(self.retraced_toml["metrics-port"]),
+                      targets)
+
+    def test_variables_choose_the_host_paths(self):
+        run = compose_config({"RETRACE_STORE_DIR": "/srv/retrace/store",
+                              "RETRACE_RUN_DIR": "/srv/retrace/run",
+                              "RETRACE_MNIST_DIR": "/srv/retrace/mnist"})
+        self.assertEqual(run.returncode, 0, run.stderr)
+        sources = {t: s for s, t, _ in
+                   mounts(yaml.safe_load(run.stdout)["services"]["retraced"])}
+        self.assertEqual(sources["/var/lib/retrace/store"], "/srv/retrace/store")
+        self.assertEqual(sources["/var/lib/retrace/run"], "/srv/retrace/run")
+        self.assertEqual(sources["/var/lib/retrace/data/mnist"],
+                         "/srv/retrace/mnist")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
