@@ -26,6 +26,8 @@ Subcommand RegisterTrainCommand(CLI::App& parent);
 // `retrace-batch build-store` and `join-store` (build_store_command.cc).
 Subcommand RegisterBuildStoreCommand(CLI::App& parent);
 Subcommand RegisterJoinStoreCommand(CLI::App& parent);
+// `retrace-batch held-out` (held_out_command.cc).
+Subcommand RegisterHeldOutCommand(CLI::App& parent);
 
 }  // namespace retrace::jobs
 

@@ -14,7 +14,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::vector<Subcommand> subcommands = {RegisterTrainCommand(app),
                                          RegisterBuildStoreCommand(app),
-                                         RegisterJoinStoreCommand(app)};
+                                         RegisterJoinStoreCommand(app),
+                                         RegisterHeldOutCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
