@@ -1,19 +1,25 @@
 #include "server/metrics/metrics.h"
 
 #include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
-#include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstdint>
+#include <cstring>
 #include <exception>
-#include <thread>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "prometheus/exposer.h"
+#include "prometheus/text_serializer.h"
 
 namespace retrace::metrics {
 namespace {
@@ -28,41 +34,97 @@ prometheus::Gauge& AddGauge(prometheus::Registry& registry,
       {});
 }
 
-// The host to connect to in order to reach a server listening on `address`
-// ("ip:port", "[ip6]:port" or a bare port): the address itself, or loopback
-// for a wildcard.
-std::string WakeHost(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  std::string host = colon == std::string::npos ? "" : address.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  if (host.empty() || host == "0.0.0.0") return "127.0.0.1";
-  if (host == "::") return "::1";
-  return host;
+// The endpoint is a small HTTP/1.x server of its own rather than
+// prometheus-cpp's Exposer: Exposer runs on civetweb, and Debian's civetweb
+// starts its threads with a fixed 100 KiB stack (USE_STACK_SIZE). glibc
+// places the static TLS of every library loaded at start-up in each thread's
+// stack, and retraced's libraries (OpenBLAS, glog, LibTorch, ...) need more
+// than that, so civetweb's pthread_create fails with EINVAL (mg_start returns
+// NULL after binding) or, a little under the limit, its threads overflow
+// their stacks. A scrape is one short GET, which one thread with a normal
+// stack answers easily.
+
+// Longest request head read; a scraper sends a few hundred bytes.
+constexpr size_t kMaxRequestHead = 16 * 1024;
+// How long one connection may take to send its request and take the
+// response before it is dropped (connections are served one at a time).
+constexpr auto kConnectionTimeout = std::chrono::seconds(5);
+
+absl::Status CannotServe(const std::string& address, absl::string_view why) {
+  return absl::UnavailableError(
+      absl::StrCat("cannot serve metrics on ", address, ": ", why));
 }
 
-// Opens and closes one TCP connection to host:port, ignoring every error.
-void PokeListener(const std::string& host, int port) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
-  addrinfo* addresses = nullptr;
-  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints,
-                  &addresses) != 0) {
-    return;
+// Splits "ip:port", "[ip6]:port" or a bare port (every IPv4 interface) into
+// a numeric host and port; false when `address` has neither form.
+bool SplitAddress(const std::string& address, std::string* host,
+                  std::string* port) {
+  if (!address.empty() && address.front() == '[') {
+    const size_t close = address.find("]:");
+    if (close == std::string::npos) return false;
+    *host = address.substr(1, close - 1);
+    *port = address.substr(close + 2);
+  } else {
+    const size_t colon = address.rfind(':');
+    if (colon == std::string::npos) {
+      *host = "0.0.0.0";
+      *port = address;
+    } else {
+      *host = address.substr(0, colon);
+      *port = address.substr(colon + 1);
+      if (host->find(':') != std::string::npos) return false;
+    }
   }
-  const int fd =
-      socket(addresses->ai_family, addresses->ai_socktype | SOCK_CLOEXEC,
-             addresses->ai_protocol);
-  if (fd >= 0) {
-    const timeval timeout = {0, 100000};
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-    connect(fd, addresses->ai_addr, addresses->ai_addrlen);
-    close(fd);
+  if (host->empty() || port->empty() || port->size() > 5) return false;
+  for (char c : *port) {
+    if (!absl::ascii_isdigit(static_cast<unsigned char>(c))) return false;
   }
-  freeaddrinfo(addresses);
+  return std::stoi(*port) <= 65535;
+}
+
+// Milliseconds left until `deadline`, at least 0.
+int MillisecondsUntil(std::chrono::steady_clock::time_point deadline) {
+  const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+      deadline - std::chrono::steady_clock::now());
+  return left.count() < 0 ? 0 : static_cast<int>(left.count());
+}
+
+// Waits until `fd` has `events`; false on stop, timeout or error.
+bool WaitFor(int fd, short events, int stop_fd,
+             std::chrono::steady_clock::time_point deadline) {
+  for (;;) {
+    pollfd fds[2] = {{fd, events, 0}, {stop_fd, POLLIN, 0}};
+    const int ready = poll(fds, 2, MillisecondsUntil(deadline));
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready <= 0 || fds[1].revents != 0) return false;
+    return (fds[0].revents & (events | POLLERR | POLLHUP)) != 0;
+  }
+}
+
+bool SendAll(int fd, absl::string_view data, int stop_fd,
+             std::chrono::steady_clock::time_point deadline) {
+  while (!data.empty()) {
+    const ssize_t sent = send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+    if (sent > 0) {
+      data.remove_prefix(static_cast<size_t>(sent));
+    } else if (sent < 0 && errno == EINTR) {
+      continue;
+    } else if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!WaitFor(fd, POLLOUT, stop_fd, deadline)) return false;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string Response(absl::string_view status, absl::string_view content_type,
+                     absl::string_view body, bool head_only,
+                     absl::string_view extra_headers = "") {
+  return absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", content_type,
+                      "\r\nContent-Length: ", body.size(), "\r\n",
+                      extra_headers, "Connection: close\r\n\r\n",
+                      head_only ? "" : body);
 }
 
 }  // namespace
@@ -213,30 +275,118 @@ void Metrics::SetDeviceMemory(int64_t bytes) {
 
 void Metrics::SetReady(bool ready) { ready_.Set(ready ? 1.0 : 0.0); }
 
-MetricsEndpoint::MetricsEndpoint(std::unique_ptr<prometheus::Exposer> exposer,
-                                 std::shared_ptr<prometheus::Registry> registry,
-                                 std::string wake_host, int port)
+MetricsEndpoint::MetricsEndpoint(std::shared_ptr<prometheus::Registry> registry,
+                                 int listen_fd, int stop_fd, int port)
     : registry_(std::move(registry)),
-      exposer_(std::move(exposer)),
-      wake_host_(std::move(wake_host)),
-      port_(port) {}
+      listen_fd_(listen_fd),
+      stop_fd_(stop_fd),
+      port_(port),
+      thread_([this] { Serve(); }) {}
 
 MetricsEndpoint::~MetricsEndpoint() {
-  // civetweb's listener polls in 2 s slices and only looks at its stop flag
-  // between them, so a plain stop takes up to 2 s: too long for a graceful
-  // shutdown and for tests that start many servers. Connections wake the
-  // poll, so they are made until the stop is complete.
-  std::atomic<bool> stopped{false};
-  std::thread waker([this, &stopped] {
-    while (!stopped.load()) {
-      PokeListener(wake_host_, port_);
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const uint64_t one = 1;
+  while (write(stop_fd_, &one, sizeof(one)) < 0 && errno == EINTR) {
+  }
+  thread_.join();
+  close(listen_fd_);
+  close(stop_fd_);
+  // registry_ is released after the server has stopped serving it.
+}
+
+void MetricsEndpoint::Serve() {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
+    const int ready = poll(fds, 2, -1);
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready < 0 || fds[1].revents != 0) return;
+    const int fd =
+        accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      // Out of descriptors or memory: wait a little (or for the stop)
+      // rather than spin on a listener that stays readable.
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+          errno != ECONNABORTED) {
+        pollfd stop = {stop_fd_, POLLIN, 0};
+        poll(&stop, 1, 100);
+      }
+      continue;
     }
-  });
-  exposer_.reset();
-  stopped.store(true);
-  waker.join();
-  // registry_ is released after the exposer has stopped serving it.
+    ServeConnection(fd);
+    close(fd);
+  }
+}
+
+void MetricsEndpoint::ServeConnection(int fd) {
+  const auto deadline = std::chrono::steady_clock::now() + kConnectionTimeout;
+  std::string request;
+  size_t head_end = std::string::npos;
+  while (head_end == std::string::npos) {
+    if (request.size() > kMaxRequestHead) {
+      SendAll(fd,
+              Response("431 Request Header Fields Too Large", "text/plain",
+                       "request head too large\n", false),
+              stop_fd_, deadline);
+      return;
+    }
+    char buffer[4096];
+    const ssize_t received = recv(fd, buffer, sizeof(buffer), 0);
+    if (received > 0) {
+      request.append(buffer, static_cast<size_t>(received));
+      head_end = request.find("\r\n\r\n");
+      if (head_end == std::string::npos) head_end = request.find("\n\n");
+    } else if (received < 0 && errno == EINTR) {
+      continue;
+    } else if (received < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!WaitFor(fd, POLLIN, stop_fd_, deadline)) return;
+    } else {
+      return;  // Closed before a whole request head, or an error.
+    }
+  }
+
+  // "GET /metrics?x=y HTTP/1.1"
+  const absl::string_view line =
+      absl::string_view(request).substr(0, request.find_first_of("\r\n"));
+  const size_t first_space = line.find(' ');
+  const size_t second_space = first_space == absl::string_view::npos
+                                  ? absl::string_view::npos
+                                  : line.find(' ', first_space + 1);
+  std::string response;
+  if (second_space == absl::string_view::npos ||
+      !absl::StartsWith(line.substr(second_space + 1), "HTTP/")) {
+    response =
+        Response("400 Bad Request", "text/plain", "bad request\n", false);
+  } else {
+    const absl::string_view method = line.substr(0, first_space);
+    absl::string_view path =
+        line.substr(first_space + 1, second_space - first_space - 1);
+    path = path.substr(0, path.find('?'));
+    const bool head_only = method == "HEAD";
+    if (path != "/metrics") {
+      response =
+          Response("404 Not Found", "text/plain", "not found\n", head_only);
+    } else if (method != "GET" && !head_only) {
+      response =
+          Response("405 Method Not Allowed", "text/plain",
+                   "method not allowed\n", false, "Allow: GET, HEAD\r\n");
+    } else {
+      try {
+        response = Response(
+            "200 OK", "text/plain; version=0.0.4; charset=utf-8",
+            prometheus::TextSerializer().Serialize(registry_->Collect()),
+            head_only);
+      } catch (const std::exception& e) {
+        response = Response("500 Internal Server Error", "text/plain",
+                            absl::StrCat(e.what(), "\n"), head_only);
+      }
+    }
+  }
+  if (!SendAll(fd, response, stop_fd_, deadline)) return;
+  // Closing with unread input would reset the connection, and the client
+  // could lose the response: end the stream, then drop what it sent.
+  shutdown(fd, SHUT_WR);
+  char discard[4096];
+  while (recv(fd, discard, sizeof(discard), 0) > 0) {
+  }
 }
 
 absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
@@ -248,21 +398,63 @@ absl::StatusOr<std::unique_ptr<MetricsEndpoint>> MetricsEndpoint::Start(
   if (registry == nullptr) {
     return absl::InvalidArgumentError("metrics registry is null");
   }
-  std::unique_ptr<prometheus::Exposer> exposer;
+  std::string host;
+  std::string port;
+  if (!SplitAddress(address, &host, &port)) {
+    return CannotServe(address, "not ip:port, [ip6]:port or a port number");
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV | AI_PASSIVE;
+  addrinfo* addresses = nullptr;
+  if (const int error =
+          getaddrinfo(host.c_str(), port.c_str(), &hints, &addresses);
+      error != 0) {
+    return CannotServe(address, gai_strerror(error));
+  }
+  const int fd = socket(addresses->ai_family,
+                        addresses->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
+                        addresses->ai_protocol);
+  if (fd < 0) {
+    const int error = errno;
+    freeaddrinfo(addresses);
+    return CannotServe(address, std::strerror(error));
+  }
+  const int on = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+  if (addresses->ai_family == AF_INET6) {
+    setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof(on));
+  }
+  const int bound = bind(fd, addresses->ai_addr, addresses->ai_addrlen);
+  const int bind_error = errno;
+  freeaddrinfo(addresses);
+  sockaddr_storage local{};
+  socklen_t local_size = sizeof(local);
+  if (bound != 0 || listen(fd, SOMAXCONN) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_size) != 0) {
+    const int error = bound != 0 ? bind_error : errno;
+    close(fd);
+    return CannotServe(address, std::strerror(error));
+  }
+  const int bound_port =
+      local.ss_family == AF_INET6
+          ? ntohs(reinterpret_cast<const sockaddr_in6*>(&local)->sin6_port)
+          : ntohs(reinterpret_cast<const sockaddr_in*>(&local)->sin_port);
+  const int stop_fd = eventfd(0, EFD_CLOEXEC);
+  if (stop_fd < 0) {
+    const int error = errno;
+    close(fd);
+    return CannotServe(address, std::strerror(error));
+  }
   try {
-    exposer = std::make_unique<prometheus::Exposer>(address);
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on ", address, ": ", e.what()));
+    return std::unique_ptr<MetricsEndpoint>(
+        new MetricsEndpoint(std::move(registry), fd, stop_fd, bound_port));
+  } catch (const std::exception& e) {  // std::system_error from std::thread
+    close(fd);
+    close(stop_fd);
+    return CannotServe(address, e.what());
   }
-  const std::vector<int> ports = exposer->GetListeningPorts();
-  if (ports.empty()) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot serve metrics on ", address, ": no port bound"));
-  }
-  exposer->RegisterCollectable(registry);
-  return std::unique_ptr<MetricsEndpoint>(new MetricsEndpoint(
-      std::move(exposer), std::move(registry), WakeHost(address), ports[0]));
 }
 
 }  // namespace retrace::metrics

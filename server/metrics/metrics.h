@@ -32,7 +32,7 @@
 // series' own short lock (prometheus-cpp); the first use of a new method or
 // code takes a writer lock once to create its series, later uses a reader
 // lock. MetricsEndpoint is immutable
-// after Start; destroying it stops the HTTP server and joins its threads
+// after Start; destroying it stops the HTTP server and joins its thread
 // (within milliseconds).
 //
 // Errors: Metrics never fails once constructed. Its constructor throws
@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
@@ -59,10 +60,6 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
-
-namespace prometheus {
-class Exposer;
-}  // namespace prometheus
 
 namespace retrace::metrics {
 
@@ -172,17 +169,21 @@ class MetricsEndpoint {
   int port() const { return port_; }
 
  private:
-  MetricsEndpoint(std::unique_ptr<prometheus::Exposer> exposer,
-                  std::shared_ptr<prometheus::Registry> registry,
-                  std::string wake_host, int port);
+  MetricsEndpoint(std::shared_ptr<prometheus::Registry> registry, int listen_fd,
+                  int stop_fd, int port);
+
+  // Accepts and answers connections one at a time until stop_fd_ becomes
+  // readable.
+  void Serve();
+  void ServeConnection(int fd);
 
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
-  // Where a connection reaches the listening socket (loopback for a
-  // wildcard address); the destructor connects there to stop the server
-  // promptly.
-  std::string wake_host_;
+  int listen_fd_;
+  // An eventfd the destructor signals; every wait of the server thread also
+  // polls it, so stopping takes no longer than the current write.
+  int stop_fd_;
   int port_;
+  std::thread thread_;
 };
 
 }  // namespace retrace::metrics
