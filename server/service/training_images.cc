@@ -103,12 +103,13 @@ std::string ImageSetTrainingImages::LabelName(int64_t index) const {
       p.source_label >= 0 && p.source_label < static_cast<int32_t>(names.size())
           ? names[static_cast<size_t>(p.source_label)]
           : std::to_string(p.source_label);
-  // A single-source set needs no prefix; a mixture names the source too.
-  bool mixed = false;
-  for (const std::string& s : mixture_.sources) {
-    mixed |= s != mixture_.sources.front();
+  // The base component's samples go by their class name; samples mixed in
+  // from another source also name it ("mnist: 0"), as they are the ones a
+  // reader wants to tell apart (planted outliers).
+  if (component == 0 || mixture_.sources[component] == mixture_.sources[0]) {
+    return name;
   }
-  return mixed ? absl::StrCat(mixture_.sources[component], ": ", name) : name;
+  return absl::StrCat(mixture_.sources[component], ": ", name);
 }
 
 absl::StatusOr<std::unique_ptr<TrainingImages>> LoadTrainingImages(

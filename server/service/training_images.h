@@ -22,8 +22,9 @@ class TrainingImages {
   // OutOfRange for an index outside the store. Thread-safe.
   virtual absl::StatusOr<std::string> ThumbnailPng(int64_t index) const = 0;
   // What store sample `index` is, for people: its class name in its source
-  // ("T-shirt/top"), prefixed with the source when the training set mixes
-  // several ("mnist: 0"); "" when unknown. Thread-safe.
+  // ("T-shirt/top"), prefixed with the source for samples mixed in from a
+  // source other than the first component's ("mnist: 0"); "" when unknown.
+  // Thread-safe.
   virtual std::string LabelName(int64_t index) const = 0;
 };
 
