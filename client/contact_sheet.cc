@@ -349,7 +349,7 @@ void DrawList(
     DrawImageInBox(canvas, font, sample.thumbnail_png(), x, y, thumb);
     canvas.Frame(x, y, thumb, thumb, 1, frame);
     const std::string line1 =
-        absl::StrFormat("#%d  %.3g", sample.rank(), sample.score());
+        absl::StrFormat("#%d  %.4g", sample.rank(), sample.score());
     const std::string line2 =
         sample.label_name().empty()
             ? absl::StrCat("label ", sample.label())

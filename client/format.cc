@@ -44,7 +44,8 @@ class TextTable {
   }
   void AddNote(std::string note) { rows_.back().notes.push_back(note); }
 
-  std::string Render(absl::string_view indent) const {
+  // The header row comes first unless `with_header` is false.
+  std::string Render(absl::string_view indent, bool with_header = true) const {
     std::vector<size_t> widths(columns_.size());
     for (size_t c = 0; c < columns_.size(); ++c) {
       widths[c] = DisplayWidth(columns_[c].header);
@@ -67,9 +68,11 @@ class TextTable {
       while (!line.empty() && line.back() == ' ') line.pop_back();
       absl::StrAppend(&out, line, "\n");
     };
-    std::vector<std::string> headers;
-    for (const Column& column : columns_) headers.push_back(column.header);
-    append_line(headers);
+    if (with_header) {
+      std::vector<std::string> headers;
+      for (const Column& column : columns_) headers.push_back(column.header);
+      append_line(headers);
+    }
     for (const Row& row : rows_) {
       append_line(row.cells);
       for (const std::string& note : row.notes) {
@@ -323,9 +326,7 @@ std::string FormatStoreInfoText(const v1::StoreInfo& info) {
                           absl::StrJoin(info.image_shape(), ", "), "]")
            : "not accepted (precomputed query vectors only)"});
   summary.AddRow({"backend", info.backend()});
-  // The summary has no header row: drop the first (blank) line.
-  std::string out = summary.Render("");
-  out.erase(0, out.find('\n') + 1);
+  std::string out = summary.Render("", /*with_header=*/false);
 
   if (!info.diagnostics().empty()) {
     absl::StrAppend(&out,
