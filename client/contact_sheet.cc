@@ -372,6 +372,23 @@ absl::string_view MethodNote(v1::Method method) {
   }
 }
 
+// The numeric options; the font is checked by loading it.
+absl::Status CheckSheetRanges(const SheetOptions& options) {
+  if (options.thumb_size < 16 || options.thumb_size > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the thumbnail size must be in 16..1024, got ", options.thumb_size));
+  }
+  if (options.query_size < 16 || options.query_size > 2048) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the query image size must be in 16..2048, got ", options.query_size));
+  }
+  if (options.columns < 1 || options.columns > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the sheet's columns must be in 1..64, got ", options.columns));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 SheetSize ContactSheetSize(int k, bool opponents, int num_methods,
@@ -390,25 +407,14 @@ SheetSize ContactSheetSize(int k, bool opponents, int num_methods,
 }
 
 absl::Status ValidateSheetOptions(const SheetOptions& options) {
-  if (options.thumb_size < 16 || options.thumb_size > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the thumbnail size must be in 16..1024, got ", options.thumb_size));
-  }
-  if (options.query_size < 16 || options.query_size > 2048) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the query image size must be in 16..2048, got ", options.query_size));
-  }
-  if (options.columns < 1 || options.columns > 64) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the sheet's columns must be in 1..64, got ", options.columns));
-  }
+  RETURN_IF_ERROR(CheckSheetRanges(options));
   return Font::Load(options.font_path).status();
 }
 
 absl::StatusOr<std::string> RenderContactSheet(
     const v1::AttributeResponse& response, absl::string_view query_image,
     const SheetOptions& options) {
-  RETURN_IF_ERROR(ValidateSheetOptions(options));
+  RETURN_IF_ERROR(CheckSheetRanges(options));
   if (response.results().empty()) {
     return absl::InvalidArgumentError(
         "the response has no results to draw on a contact sheet");
