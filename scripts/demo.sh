@@ -47,7 +47,7 @@ if [ "$quick" = 1 ]; then
   base_limit=150; steps=60; every=20; dim=128; buckets=4; k=5
 else
   out=${RETRACE_DEMO_DIR:-$build_dir/demo}
-  base_limit=1000; steps=450; every=150; dim=512; buckets=5; k=6
+  base_limit=1000; steps=450; every=150; dim=512; buckets=5; k=5
 fi
 planted="mnist:classes=0:fraction=0.038"
 planted_name="mnist"

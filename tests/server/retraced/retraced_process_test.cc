@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "retrace/v1/attribution.grpc.pb.h"
 #include "tests/server/metrics/prometheus_harness.h"
 #include "tests/server/service/served_store.h"
@@ -171,6 +172,47 @@ TEST(RetracedProcessTest, PrometheusScrapesTheRequestCounter) {
   ASSERT_TRUE(samples.ok()) << samples.status();
   EXPECT_EQ(*samples, 40);
   EXPECT_EQ(server.Terminate() , 0);
+}
+
+// client/python's example against the real server: the proponents it prints
+// are the ones the C++ stub gets for the same request.
+TEST(RetracedProcessTest, PythonClientExampleGetsTheServersAnswer) {
+  if (access("/usr/bin/python3", X_OK) != 0) {
+    GTEST_SKIP() << "/usr/bin/python3 is not installed";
+  }
+  Retraced server({"--metrics-port", "-1"});
+  const int port = server.WaitReady();
+  ASSERT_GT(port, 0);
+  const std::string dir = ::testing::TempDir() + "/retraced-py-" +
+                          std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  const std::string png = testing::QueryPng(2);
+  std::ofstream(dir + "/query.png", std::ios::binary) << png;
+
+  v1::AttributeRequest request;
+  request.set_image(png);
+  request.set_top_k(4);
+  grpc::ClientContext context;
+  v1::AttributeResponse want;
+  ASSERT_TRUE(Retraced::StubFor(port)->Attribute(&context, request, &want).ok());
+
+  const std::string out = dir + "/out.txt";
+  const std::string command = absl::StrCat(
+      "RETRACE_PY_STUBS=", PY_STUBS_DIR, " /usr/bin/python3 ", SOURCE_DIR,
+      "/client/python/example.py --server 127.0.0.1:", port, " --top-k 4 ",
+      dir, "/query.png > ", out, " 2>&1");
+  ASSERT_EQ(std::system(command.c_str()), 0) << testing::ReadAll(out);
+  const std::string printed = testing::ReadAll(out);
+  ASSERT_EQ(want.results_size(), 2);
+  for (const v1::MethodResult& m : want.results()) {
+    for (const v1::AttributedSample& s : m.proponents()) {
+      // "  rank  index ..." rows: the rank and the index as printed.
+      const std::string row = absl::StrFormat("  %4d  %8d  %14d", s.rank(),
+                                              s.index(), s.sample_id());
+      EXPECT_NE(printed.find(row), std::string::npos) << row << "\n" << printed;
+    }
+  }
+  EXPECT_EQ(server.Terminate(), 0);
 }
 
 }  // namespace
