@@ -7,7 +7,8 @@
 #   3. builds the attribution store of the run;
 #   4. starts retraced, queries it with a held-out Fashion-MNIST image and with an
 #      MNIST zero, prints the ranked tables and writes contact sheets;
-#   5. prints the top 20 training images by self-influence (TracIn and ReTrac)
+#   5. prints the store's gradient-norm statistics per timestep bucket, and the
+#      top 20 training images by self-influence (TracIn and ReTrac)
 #      with how many of them are the planted MNIST zeros;
 #   6. stops the server with SIGTERM (it drains and exits 0).
 #
@@ -122,6 +123,9 @@ for _ in $(seq 1 600); do
   sleep 0.1
 done
 "$retrace" health
+
+say "the store: gradient norms per timestep bucket (the bias ReTrac corrects)"
+"$retrace" info
 
 say "query: a held-out T-shirt (Fashion-MNIST test set)"
 "$retrace" query "$out/query-tshirt.png" --k "$k" --sheet "$out/sheet-tshirt.png"
