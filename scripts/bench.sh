@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 # Every known benchmark; add a NAME here and a retrace_add_bench(NAME_bench ...)
 # line in bench/CMakeLists.txt.
-all=(projection scan featurize)
+all=(projection scan featurize server)
 
 usage() {
   echo "usage: scripts/bench.sh [NAME...] [-- benchmark args]   (NAME: ${all[*]})" >&2
