@@ -1,11 +1,12 @@
 // The dynamic batcher with a scoring function that records its batches:
 // batch sizes and delays, results routed to the right caller, a bad query
-// isolated, a full queue, deadlines and shutdown.
+// isolated, a full queue, a deadline passing in the queue and shutdown.
 #include "server/service/batcher.h"
 
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -127,21 +128,28 @@ TEST(BatcherTest, ABadQueryDoesNotFailItsBatch) {
   }
 }
 
-TEST(BatcherTest, FullQueueDeadlinesAndShutdown) {
+TEST(BatcherTest, AFullQueueRefusesAndShutdownAnswersTheQueued) {
   RecordingScorer scorer;
-  scorer.delay_ = absl::Milliseconds(300);
+  scorer.delay_ = absl::Milliseconds(500);
   BatcherOptions options;
   options.max_batch = 1;
   options.max_queue_delay_us = 0;
   options.max_queue = 2;
   auto batcher = std::make_unique<Batcher>(std::ref(scorer), options, nullptr);
-  // One query is being scored (300 ms); two more fill the queue.
+  // One query is being scored (500 ms); two more fill the queue.
   std::vector<std::thread> threads;
   std::atomic<int> unavailable{0}, ok{0};
   threads.emplace_back([&] {
     ok += batcher->Score(Query(0), absl::InfiniteFuture()).ok();
   });
-  absl::SleepFor(absl::Milliseconds(50));
+  // Polls instead of sleeping a fixed time, so a loaded machine cannot
+  // reorder the steps.
+  auto wait_for = [](const std::function<bool()>& done) {
+    const absl::Time until = absl::Now() + absl::Seconds(30);
+    while (!done() && absl::Now() < until) absl::SleepFor(absl::Milliseconds(1));
+    return done();
+  };
+  ASSERT_TRUE(wait_for([&] { return !scorer.sizes().empty(); }));
   for (int i = 1; i <= 2; ++i) {
     threads.emplace_back([&, i] {
       auto r = batcher->Score(Query(i), absl::InfiniteFuture());
@@ -149,20 +157,34 @@ TEST(BatcherTest, FullQueueDeadlinesAndShutdown) {
       if (r.status().code() == absl::StatusCode::kUnavailable) ++unavailable;
     });
   }
-  absl::SleepFor(absl::Milliseconds(50));
-  EXPECT_EQ(batcher->queue_depth(), 2);
+  ASSERT_TRUE(wait_for([&] { return batcher->queue_depth() == 2; }));
   auto full = batcher->Score(Query(3), absl::InfiniteFuture());
   EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(absl::StrContains(full.status().message(), "queue is full"));
-  // A deadline that passes while waiting.
-  auto late = batcher->Score(Query(4), absl::Now() + absl::Milliseconds(10));
-  EXPECT_TRUE(late.status().code() == absl::StatusCode::kDeadlineExceeded ||
-              late.status().code() == absl::StatusCode::kResourceExhausted)
-      << late.status();
   batcher.reset();  // waits for the scan in progress; queued ones: Unavailable
   for (auto& t : threads) t.join();
   EXPECT_EQ(ok.load() + unavailable.load(), 3);
   EXPECT_GE(ok.load(), 1);
+}
+
+TEST(BatcherTest, ADeadlineThatPassesInTheQueueEndsTheWait) {
+  RecordingScorer scorer;
+  scorer.delay_ = absl::Milliseconds(400);
+  BatcherOptions options;
+  options.max_batch = 1;
+  options.max_queue_delay_us = 0;
+  Batcher batcher(std::ref(scorer), options, nullptr);
+  std::thread first([&] {
+    EXPECT_TRUE(batcher.Score(Query(0), absl::InfiniteFuture()).ok());
+  });
+  while (scorer.sizes().empty()) absl::SleepFor(absl::Milliseconds(1));
+  // The scan of the first query takes 400 ms; this one may wait 20.
+  const absl::Time start = absl::Now();
+  auto late = batcher.Score(Query(1), start + absl::Milliseconds(20));
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kDeadlineExceeded)
+      << late.status();
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(300));
+  first.join();
 }
 
 TEST(BatcherTest, OptionsAreChecked) {
