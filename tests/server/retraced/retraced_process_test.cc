@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
 #include "retrace/v1/attribution.grpc.pb.h"
 #include "tests/server/metrics/prometheus_harness.h"
 #include "tests/server/service/served_store.h"
@@ -172,6 +173,78 @@ TEST(RetracedProcessTest, PrometheusScrapesTheRequestCounter) {
   ASSERT_TRUE(samples.ok()) << samples.status();
   EXPECT_EQ(*samples, 40);
   EXPECT_EQ(server.Terminate() , 0);
+}
+
+std::string RunCommand(const std::string& command, int* exit_code) {
+  const std::string out = ::testing::TempDir() + "/retraced-cmd-" +
+                          std::to_string(getpid()) + ".txt";
+  const int status = std::system((command + " > " + out + " 2>&1").c_str());
+  *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return testing::ReadAll(out);
+}
+
+// The retrace CLI against the real server: a table, JSON with the server's
+// answer, a server error as exit 3 with the code name, a contact sheet.
+TEST(RetracedProcessTest, CliAgainstTheServer) {
+  Retraced server({"--metrics-port", "-1"});
+  const int port = server.WaitReady();
+  ASSERT_GT(port, 0);
+  const std::string dir = ::testing::TempDir() + "/retraced-cli-" +
+                          std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  const std::string png = testing::QueryPng(3);
+  std::ofstream(dir + "/query.png", std::ios::binary) << png;
+  v1::AttributeRequest request;
+  request.set_image(png);
+  request.set_top_k(3);
+  grpc::ClientContext context;
+  v1::AttributeResponse want;
+  ASSERT_TRUE(Retraced::StubFor(port)->Attribute(&context, request, &want).ok());
+
+  const std::string cli = absl::StrCat(RETRACE_CLI_BINARY, " --server 127.0.0.1:",
+                                       port, " ");
+  int code = -1;
+  std::string out = RunCommand(cli + "query --k 3 " + dir + "/query.png", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("TracIn proponents"), std::string::npos) << out;
+  EXPECT_NE(out.find("ReTrac proponents"), std::string::npos) << out;
+
+  out = RunCommand(cli + "query --json --k 3 " + dir + "/query.png", &code);
+  ASSERT_EQ(code, 0) << out;
+  const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << out;
+  EXPECT_EQ(j["store_id"], want.store_id());
+  for (const v1::MethodResult& m : want.results()) {
+    const std::string key = m.method() == v1::TRACIN ? "tracin" : "retrac";
+    const nlohmann::json& got = j["results"][key]["proponents"];
+    ASSERT_EQ(got.size(), 3u) << out;
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ(got[i]["index"].get<int64_t>(), m.proponents(i).index());
+      EXPECT_FLOAT_EQ(got[i]["score"].get<float>(), m.proponents(i).score());
+      EXPECT_EQ(got[i]["label_name"], m.proponents(i).label_name());
+    }
+  }
+
+  out = RunCommand(cli + "query --k 41 " + dir + "/query.png", &code);
+  EXPECT_EQ(code, 3) << out;
+  EXPECT_NE(out.find("INVALID_ARGUMENT"), std::string::npos) << out;
+  EXPECT_NE(out.find("top_k must be in 1..40"), std::string::npos) << out;
+
+  out = RunCommand(cli + "query --k 2 --opponents --sheet " + dir +
+                       "/sheet.png " + dir + "/query.png",
+                   &code);
+  EXPECT_EQ(code, 0) << out;
+  const std::string sheet = testing::ReadAll(dir + "/sheet.png");
+  ASSERT_GT(sheet.size(), 8u) << out;
+  EXPECT_EQ(sheet.substr(1, 3), "PNG");
+
+  out = RunCommand(cli + "health", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("SERVING"), std::string::npos) << out;
+  out = RunCommand(cli + "info", &code);
+  EXPECT_EQ(code, 0) << out;
+  EXPECT_NE(out.find(want.store_id()), std::string::npos) << out;
+  EXPECT_EQ(server.Terminate(), 0);
 }
 
 // client/python's example against the real server: the proponents it prints
