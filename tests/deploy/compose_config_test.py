@@ -116,7 +116,7 @@ class ComposeConfig(unittest.TestCase):
         self.assertIn(store, by_target)
         source, read_only = by_target[store]
         self.assertTrue(read_only, "the store must be mounted read-only")
-        self.assertEqual(source, os.path.join(SOURCE_DIR, "demo-cache", "store"))
+        self.assertEqual(source, os.path.join(SOURCE_DIR, "build", "demo", "store"))
         for target, _ in by_target.items():
             self.assertTrue(by_target[target][1], "%s is not read-only" % target)
 
