@@ -29,6 +29,7 @@
 //
 //   server_bench [--n 20000] [--checkpoints 3] [--buckets 5] [--dim 512]
 //                [--concurrency 1,8,32] [--seconds 3] [--rounds 10]
+//                [--soak-windows 6]
 //                [--warmup 2] [--scan-reps 5] [--max-queue-delay-us 2000]
 //                [--workers 2] [--run RUN --store STORE]
 //                [--benchmark_filter=vectors]
@@ -83,6 +84,22 @@ constexpr int kRatioConcurrency = kMaxBatch;
 constexpr int32_t kTopK = 10;
 constexpr int kVariants = 64;  // distinct queries the clients cycle through
 
+// Resident set size of this process (server and clients), in MB; -1 when
+// /proc/self/status cannot be read.
+double ResidentMegabytes() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (f == nullptr) return -1;
+  char line[256];
+  double kb = -1;
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    if (std::sscanf(line, "VmRSS: %lf kB", &kb) == 1) break;
+  }
+  std::fclose(f);
+  return kb < 0 ? -1 : kb / 1024.0;
+}
+
+constexpr int kSoakClients = 8;
+
 struct Args {
   int64_t n = 20000;
   int32_t checkpoints = 3;
@@ -97,6 +114,9 @@ struct Args {
   int workers = 2;
   std::string run_dir;
   std::string store_dir;
+  // The soak after the benchmarks: this many load windows (of --seconds
+  // each) of the vectors part at kSoakClients, resident memory after each.
+  int soak_windows = 6;
 };
 
 Args Parse(int argc, char** argv) {
@@ -132,6 +152,8 @@ Args Parse(int argc, char** argv) {
       a.run_dir = v;
     } else if (f == "--store") {
       a.store_dir = v;
+    } else if (f == "--soak-windows") {
+      a.soak_windows = std::max(0, std::atoi(v));
     } else if (f == "--concurrency") {
       a.concurrency.clear();
       for (const char* p = v; *p;) {
@@ -777,6 +799,43 @@ int main(int argc, char** argv) {
       "server_p99_vs_scan is reported for vectors at concurrency %s "
       "(batch %s, the max batch)\n",
       at.c_str(), at.c_str());
+  // Soak (DESIGN §7: no memory growth): the same load again and again, per
+  // part; after the first window (allocator and gRPC pools warming up)
+  // resident memory should stay flat.
+  for (const auto& [name, lazy] :
+       {std::pair<std::string, rb::LazyPart*>{"vectors", &vectors},
+        std::pair<std::string, rb::LazyPart*>{"image", &image}}) {
+    if (a.soak_windows == 0) break;
+    auto part = lazy->Get();
+    if (!part.ok()) {
+      std::printf("soak %s: %s\n", name.c_str(),
+                  part.status().ToString().c_str());
+      results.failed = true;
+      continue;
+    }
+    std::printf(
+        "\nsoak %s: %d clients, %d windows of >= %.1f s; resident memory of "
+        "the process after each\n",
+        name.c_str(), rb::kSoakClients, a.soak_windows, a.seconds);
+    double first = -1, last = -1;
+    int64_t requests = 0;
+    for (int w = 1; w <= a.soak_windows; ++w) {
+      const rb::LoadResult r = rb::RunLoad(**part, rb::kSoakClients, a);
+      last = rb::ResidentMegabytes();
+      if (w == 1) first = last;
+      requests += r.requests;
+      std::printf("soak %s window %d: %lld requests, %lld errors, p99 %.2f ms, "
+                  "rss %.1f MB\n",
+                  name.c_str(), w, static_cast<long long>(r.requests),
+                  static_cast<long long>(r.errors), r.p99 * 1e3, last);
+      if (r.errors > 0) results.failed = true;
+    }
+    std::printf(
+        "soak %s: %lld requests; resident memory %.1f MB after window 1, "
+        "%.1f MB after window %d (%+.1f MB)\n",
+        name.c_str(), static_cast<long long>(requests), first, last,
+        a.soak_windows, last - first);
+  }
   reporter.PrintRatio("server_p99_vs_scan", "vectors/server/c:" + at,
                       "vectors/scan/batch:" + at);
   benchmark::Shutdown();

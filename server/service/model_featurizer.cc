@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cstring>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -15,10 +16,50 @@
 
 namespace retrace::service {
 
+// A worker owns one model and featurizer per checkpoint and the thread that
+// runs them; Run hands it one job at a time (the pool in Featurize makes sure
+// a worker is never given two).
 struct ModelQueryFeaturizer::Worker {
-  // One model and featurizer per checkpoint, index c.
-  std::vector<std::unique_ptr<model::UNetModel>> models;
+  std::vector<std::unique_ptr<model::UNetModel>> models;  // index c
   std::vector<std::unique_ptr<featurize::Featurizer>> featurizers;
+
+  Worker() : thread([this] { Loop(); }) {}
+  ~Worker() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stopping = true;
+    }
+    changed.notify_all();
+    thread.join();
+  }
+
+  // Runs `job` on the worker's thread and waits for it.
+  void Run(std::function<void()> job) {
+    std::unique_lock<std::mutex> lock(mutex);
+    pending = std::move(job);
+    changed.notify_all();
+    changed.wait(lock, [&] { return !pending; });
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mutex);
+    while (true) {
+      changed.wait(lock, [&] { return stopping || pending; });
+      if (stopping) return;
+      lock.unlock();
+      pending();
+      lock.lock();
+      pending = nullptr;
+      changed.notify_all();
+    }
+  }
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::function<void()> pending;
+  bool stopping = false;
+  std::thread thread;  // last: starts once the members above exist
 };
 
 ModelQueryFeaturizer::ModelQueryFeaturizer() = default;
@@ -156,7 +197,9 @@ absl::StatusOr<scoring::BucketQuery> ModelQueryFeaturizer::Featurize(
           return out;
         });
   };
-  absl::StatusOr<scoring::BucketQuery> result = run();
+  absl::StatusOr<scoring::BucketQuery> result =
+      absl::InternalError("the featurizer worker did not run");
+  worker->Run([&] { result = run(); });
   {
     std::lock_guard<std::mutex> lock(mutex_);
     free_.push_back(worker);

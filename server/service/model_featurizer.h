@@ -6,6 +6,7 @@
 #define RETRACE_SERVER_SERVICE_MODEL_FEATURIZER_H_
 
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -32,7 +33,10 @@ class ModelQueryFeaturizer final : public QueryFeaturizer {
   ~ModelQueryFeaturizer() override;
 
   std::vector<int64_t> image_shape() const override;
-  // Blocks while every worker is busy.
+  // Runs on one of the workers' own threads (so that LibTorch allocates on a
+  // fixed set of threads, not on every gRPC thread: glibc keeps freed memory
+  // per allocating thread's arena, and the resident size crept up over a
+  // soak otherwise). Blocks while every worker is busy.
   absl::StatusOr<scoring::BucketQuery> Featurize(
       const QueryImage& image, const QueryFeatureOptions& options) override;
 
