@@ -172,26 +172,41 @@ grpc::Status AttributionService::AttributeStream(
   if (!engine.ok()) return Finish("AttributeStream", start, engine.status());
 
   // Requests are processed concurrently (so that they can share batches) and
-  // answered in request order by a writer thread.
+  // answered in request order by a writer thread. `pending` holds those not
+  // yet written, oldest first.
   std::mutex mutex;
   std::condition_variable changed;
   std::deque<std::future<v1::AttributeStreamResponse>> pending;
   bool reading_done = false;
   std::thread writer([&] {
     while (true) {
-      std::future<v1::AttributeStreamResponse> next;
+      std::future<v1::AttributeStreamResponse>* next = nullptr;
       {
         std::unique_lock<std::mutex> lock(mutex);
         changed.wait(lock, [&] { return reading_done || !pending.empty(); });
         if (pending.empty()) return;
-        next = std::move(pending.front());
+        next = &pending.front();  // deque: stays valid across push_back
+      }
+      // The request counts against the reader's limit until it is answered.
+      stream->Write(next->get());  // a failed write: the client went away
+      {
+        std::lock_guard<std::mutex> lock(mutex);
         pending.pop_front();
       }
-      stream->Write(next.get());  // a failed write: the client went away
+      changed.notify_all();  // room for the reader
     }
   });
   v1::AttributeRequest request;
   while (stream->Read(&request)) {
+    // At most max_concurrent requests of a stream are outstanding; beyond,
+    // the stream stops reading (gRPC flow control then holds the client back)
+    // rather than starting a thread per request only to refuse it.
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      changed.wait(lock, [&] {
+        return static_cast<int32_t>(pending.size()) < options_.max_concurrent;
+      });
+    }
     std::future<v1::AttributeStreamResponse> f = std::async(
         std::launch::async, [this, context, e = *engine, request] {
           const absl::Time one_start = absl::Now();

@@ -470,6 +470,30 @@ TEST_F(ServerTest, StreamAnswersInOrderWithErrorsInline) {
   ExpectRightAnswer(stack.store(), Vectors(requests[2]), responses[2].response());
 }
 
+TEST_F(ServerTest, ALongStreamIsThrottledNotRefused) {
+  StackOptions options;
+  options.service.max_concurrent = 2;
+  Stack stack(options);
+  auto stub = stack.Stub();
+  grpc::ClientContext context;
+  auto stream = stub->AttributeStream(&context);
+  constexpr int kRequests = 24;
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(stream->Write(VectorRequest(stack.store(), 1 + i % 3)));
+  }
+  stream->WritesDone();
+  int answered = 0;
+  v1::AttributeStreamResponse response;
+  while (stream->Read(&response)) {
+    SCOPED_TRACE(answered);
+    EXPECT_EQ(response.error_code(), 0) << response.error_message();
+    EXPECT_EQ(response.request_id(), absl::StrCat("vec-", 1 + answered % 3));
+    ++answered;
+  }
+  ASSERT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(answered, kRequests);
+}
+
 TEST_F(ServerTest, SelfInfluencePagesThroughTheWholeRanking) {
   Stack stack;
   auto stub = stack.Stub();
