@@ -575,7 +575,11 @@ LoadResult RunLoad(const Part& part, int clients, const Args& a) {
       }
       for (const v1::StageTiming& t : response.timings()) {
         const double seconds = t.milliseconds() * 1e-3;
-        if (t.stage() == "featurize") sample.featurize = seconds;
+        // The table's "featurize" column is the query side whole: the
+        // gradients and their projection.
+        if (t.stage() == "featurize" || t.stage() == "project") {
+          sample.featurize += seconds;
+        }
         if (t.stage() == "queue") sample.queue = seconds;
         if (t.stage() == "score") sample.score = seconds;
       }

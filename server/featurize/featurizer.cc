@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <chrono>
 #include <functional>
 #include <regex>
 #include <utility>
@@ -359,6 +360,7 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
         const PieceFn unit_piece = [&](size_t i) {
           return (g_bar[i].reshape({buckets, k, -1}) * g_inv).mean(1);
         };
+        const auto project_start = std::chrono::steady_clock::now();
         ASSIGN_OR_RETURN(
             out.unit,
             ProjectScaledRows(spec_.projection, pieces, buckets, unit_piece,
@@ -370,6 +372,9 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
                                            raw_piece, InverseNorms(raw_norms)));
         out.raw =
             (raw_unit.to(at::kDouble) * raw_norms.unsqueeze(1)).to(at::kFloat);
+        out.project_seconds = std::chrono::duration<double>(
+                                  std::chrono::steady_clock::now() - project_start)
+                                  .count();
         return out;
       });
 }

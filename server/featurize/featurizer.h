@@ -100,6 +100,7 @@ struct QueryFeatures {
   at::Tensor raw;        // float32 [buckets, D]: P·mean_s ḡ(s)
   at::Tensor unit;       // float32 [buckets, D]: P·mean_s ḡ(s)/‖ḡ(s)‖
   at::Tensor timesteps;  // int64 [buckets, k]: the s used
+  double project_seconds = 0;  // of the call's time, the projection's
 };
 
 class Featurizer {

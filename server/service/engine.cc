@@ -107,11 +107,13 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::FromImage(
   }
   RETURN_IF_ERROR(CheckDeadline(deadline, "featurizing the query"));
   const absl::Time start = absl::Now();
-  ASSIGN_OR_RETURN(scoring::BucketQuery q,
+  ASSIGN_OR_RETURN(FeaturizedQuery q,
                    parts_.featurizer->Featurize(image, options));
-  AddTiming("featurize", metrics::Stage::kFeaturize, SecondsSince(start),
-            response);
-  return q;
+  const double total = SecondsSince(start);
+  AddTiming("featurize", metrics::Stage::kFeaturize,
+            std::max(0.0, total - q.project_seconds), response);
+  AddTiming("project", metrics::Stage::kProject, q.project_seconds, response);
+  return std::move(q.vectors);
 }
 
 absl::StatusOr<scoring::BucketQuery> AttributionEngine::QueryVectors(
@@ -149,6 +151,7 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::QueryVectors(
       q.raw.assign(v.raw().begin(), v.raw().end());
       q.unit.assign(v.unit().begin(), v.unit().end());
       AddTiming("featurize", metrics::Stage::kFeaturize, 0.0, response);
+      AddTiming("project", metrics::Stage::kProject, 0.0, response);
       return q;
     }
     case v1::AttributeRequest::kImage:

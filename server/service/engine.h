@@ -5,14 +5,13 @@
 // Stages (as reported in AttributeResponse.timings and the
 // retrace_stage_duration_seconds metric):
 //   decode     image bytes or tensor -> pixels, checks
-//   featurize  per-checkpoint query gradients and their projection
+//   featurize  per-checkpoint query gradients (without their projection)
+//   project    the random projection of those gradients
 //   queue      waiting for the request's batch to start
 //   score      the batch's scan with its top-k/bottom-k selection (shared by
 //              every query of the batch)
 //   select     ranking metadata, breakdowns and thumbnails of the response
-// "project" is part of "featurize" here (the featurizer projects each
-// parameter tensor as its gradient is formed); it is reported as 0 for
-// precomputed vectors.
+// featurize and project are reported as 0 for precomputed vectors.
 //
 // Thread safety: every method may be called from any number of threads.
 #ifndef RETRACE_SERVER_SERVICE_ENGINE_H_

@@ -149,7 +149,7 @@ std::vector<int64_t> ModelQueryFeaturizer::image_shape() const {
   return image_shape_;
 }
 
-absl::StatusOr<scoring::BucketQuery> ModelQueryFeaturizer::Featurize(
+absl::StatusOr<FeaturizedQuery> ModelQueryFeaturizer::Featurize(
     const QueryImage& image, const QueryFeatureOptions& options) {
   if (std::vector<int64_t>{image.channels, image.height, image.width} !=
           image_shape_ ||
@@ -167,9 +167,9 @@ absl::StatusOr<scoring::BucketQuery> ModelQueryFeaturizer::Featurize(
     worker = free_.back();
     free_.pop_back();
   }
-  auto run = [&]() -> absl::StatusOr<scoring::BucketQuery> {
+  auto run = [&]() -> absl::StatusOr<FeaturizedQuery> {
     return model::internal::CallTorch(
-        "featurizing the query", [&]() -> absl::StatusOr<scoring::BucketQuery> {
+        "featurizing the query", [&]() -> absl::StatusOr<FeaturizedQuery> {
           const at::Tensor pixels =
               torch::from_blob(const_cast<float*>(image.pixels.data()),
                                {image.channels, image.height, image.width},
@@ -181,7 +181,7 @@ absl::StatusOr<scoring::BucketQuery> ModelQueryFeaturizer::Featurize(
           q.seed = options.seed;
           const int64_t num_c =
               static_cast<int64_t>(worker->featurizers.size());
-          scoring::BucketQuery out;
+          FeaturizedQuery out;
           for (int64_t c = 0; c < num_c; ++c) {
             ASSIGN_OR_RETURN(
                 featurize::QueryFeatures features,
@@ -189,15 +189,17 @@ absl::StatusOr<scoring::BucketQuery> ModelQueryFeaturizer::Featurize(
                                                                        c, q));
             const at::Tensor raw = features.raw.contiguous();
             const at::Tensor unit = features.unit.contiguous();
-            out.raw.insert(out.raw.end(), raw.data_ptr<float>(),
-                           raw.data_ptr<float>() + raw.numel());
-            out.unit.insert(out.unit.end(), unit.data_ptr<float>(),
-                            unit.data_ptr<float>() + unit.numel());
+            out.vectors.raw.insert(out.vectors.raw.end(), raw.data_ptr<float>(),
+                                   raw.data_ptr<float>() + raw.numel());
+            out.vectors.unit.insert(out.vectors.unit.end(),
+                                    unit.data_ptr<float>(),
+                                    unit.data_ptr<float>() + unit.numel());
+            out.project_seconds += features.project_seconds;
           }
           return out;
         });
   };
-  absl::StatusOr<scoring::BucketQuery> result =
+  absl::StatusOr<FeaturizedQuery> result =
       absl::InternalError("the featurizer worker did not run");
   worker->Run([&] { result = run(); });
   {

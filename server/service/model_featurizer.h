@@ -37,7 +37,7 @@ class ModelQueryFeaturizer final : public QueryFeaturizer {
   // fixed set of threads, not on every gRPC thread: glibc keeps freed memory
   // per allocating thread's arena, and the resident size crept up over a
   // soak otherwise). Blocks while every worker is busy.
-  absl::StatusOr<scoring::BucketQuery> Featurize(
+  absl::StatusOr<FeaturizedQuery> Featurize(
       const QueryImage& image, const QueryFeatureOptions& options) override;
 
  private:

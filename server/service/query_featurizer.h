@@ -31,6 +31,13 @@ struct QueryFeatureOptions {
   uint64_t seed = 0;
 };
 
+// What Featurize returns: the vectors and, of the time it took, how much went
+// to the random projection (reported as the "project" stage).
+struct FeaturizedQuery {
+  scoring::BucketQuery vectors;
+  double project_seconds = 0;
+};
+
 class QueryFeaturizer {
  public:
   virtual ~QueryFeaturizer() = default;
@@ -43,7 +50,7 @@ class QueryFeaturizer {
   // and options. Thread-safe: concurrent calls share a pool of workers.
   //   InvalidArgument: an image of the wrong shape, non-finite gradients.
   //   ResourceExhausted / Internal: model failures.
-  virtual absl::StatusOr<scoring::BucketQuery> Featurize(
+  virtual absl::StatusOr<FeaturizedQuery> Featurize(
       const QueryImage& image, const QueryFeatureOptions& options) = 0;
 };
 

@@ -125,8 +125,8 @@ TEST_F(ServerTest, PrecomputedVectorsMatchBruteForce) {
     }
     std::vector<std::string> stages;
     for (const v1::StageTiming& t : response.timings()) stages.push_back(t.stage());
-    EXPECT_EQ(stages, (std::vector<std::string>{"featurize", "queue", "score",
-                                                "select"}));
+    EXPECT_EQ(stages, (std::vector<std::string>{"featurize", "project", "queue",
+                                                "score", "select"}));
   }
 }
 
@@ -151,7 +151,7 @@ TEST_F(ServerTest, ImageMatchesFeaturizerAndBruteForce) {
   options.seed = 1;
   auto q = stack.featurizer()->Featurize(image, options);
   ASSERT_TRUE(q.ok()) << q.status();
-  ExpectRightAnswer(stack.store(), *q, response);
+  ExpectRightAnswer(stack.store(), q->vectors, response);
   // Thumbnails are the training images; labels carry class names.
   const auto& dataset = stack.store().manifest().spec.dataset;
   auto spec = data::ParseMixtureSpec(dataset["name"].get<std::string>());
@@ -166,8 +166,8 @@ TEST_F(ServerTest, ImageMatchesFeaturizerAndBruteForce) {
   }
   std::vector<std::string> stages;
   for (const v1::StageTiming& t : response.timings()) stages.push_back(t.stage());
-  EXPECT_EQ(stages, (std::vector<std::string>{"decode", "featurize", "queue",
-                                              "score", "select"}));
+  EXPECT_EQ(stages, (std::vector<std::string>{"decode", "featurize", "project",
+                                              "queue", "score", "select"}));
   // Same seed, same answer; the tensor input gives the same as the image.
   v1::AttributeRequest as_tensor = r;
   as_tensor.mutable_tensor()->add_shape(28);
@@ -348,7 +348,7 @@ class GatedFeaturizer : public QueryFeaturizer {
   std::vector<int64_t> image_shape() const override {
     return inner_->image_shape();
   }
-  absl::StatusOr<scoring::BucketQuery> Featurize(
+  absl::StatusOr<FeaturizedQuery> Featurize(
       const QueryImage& image, const QueryFeatureOptions& options) override {
     entered_.fetch_add(1);
     while (!open_.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
