@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
 #include "kernels/scoring.h"
@@ -28,6 +29,9 @@
 namespace rk = retrace::kernels;
 
 namespace {
+
+using retrace::bench::Now;
+using retrace::bench::SplitMix;
 
 struct Args {
   int64_t n = 200000;
@@ -83,12 +87,6 @@ Args Parse(int argc, char** argv) {
   return a;
 }
 
-double Now() {
-  return std::chrono::duration<double>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 template <typename F>
 void ParallelFor(int64_t n, int threads, F f) {
   std::vector<std::thread> pool;
@@ -96,13 +94,6 @@ void ParallelFor(int64_t n, int threads, F f) {
     pool.emplace_back([=] { f(n * t / threads, n * (t + 1) / threads); });
   }
   for (auto& th : pool) th.join();
-}
-
-uint64_t SplitMix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
 }
 
 // STREAM-like read: every thread sums its slice of the buffer as 64-bit words.

@@ -57,12 +57,14 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "bench/bench_util.h"
 #include "bench/ratio_reporter.h"
 #include "jobs/build_store.h"
 #include "jobs/train.h"
 #include "kernels/device.h"
 #include "retrace/v1/attribution.grpc.pb.h"
 #include "server/core/status.h"
+#include "server/data/image_folder.h"
 #include "server/data/mixture.h"
 #include "server/scoring/scorer.h"
 #include "server/service/attribution_service.h"
@@ -173,19 +175,6 @@ Args Parse(int argc, char** argv) {
   return a;
 }
 
-double Now() {
-  return std::chrono::duration<double>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-uint64_t SplitMix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 float Uniform(uint64_t key) {  // [-1, 1)
   return (int64_t(SplitMix(key) >> 40) - (1 << 23)) / float(1 << 23);
 }
@@ -285,7 +274,7 @@ absl::Status MakeTinyRun(const std::string& root, const std::string& run_dir,
       }
     }
     ASSIGN_OR_RETURN(std::string png,
-                     service::EncodePng(pixels.data(), 1, 28, 28));
+                     data::EncodePng(pixels.data(), 1, 28, 28));
     char name[32];
     std::snprintf(name, sizeof(name), "/%03d.png", n);
     std::ofstream(images + "/" + cls + name, std::ios::binary) << png;
@@ -366,7 +355,7 @@ class Part {
     service::EngineParts parts;
     parts.store = p->store_.get();
     parts.shape = scorer->shape();
-    parts.backend = "cpu";
+    parts.backend = kernels::BackendName(scorer->backend());
     parts.batcher = p->batcher_.get();
     parts.featurizer = p->featurizer_.get();
     p->engine_ = std::make_unique<service::AttributionEngine>(parts);
@@ -447,9 +436,8 @@ class Part {
           pixels[i] = static_cast<float>(std::sin(0.25 * x + 0.9 * v) *
                                          std::cos(0.15 * y + 0.3 * v));
         }
-        ASSIGN_OR_RETURN(
-            std::string png,
-            service::EncodePng(pixels.data(), chw[0], chw[1], chw[2]));
+        ASSIGN_OR_RETURN(std::string png, data::EncodePng(pixels.data(), chw[0],
+                                                          chw[1], chw[2]));
         request.set_image(std::move(png));
         request.set_query_timesteps(1);
         request.set_query_noise_draws(2);
@@ -828,10 +816,11 @@ int main(int argc, char** argv) {
       last = rb::ResidentMegabytes();
       if (w == 1) first = last;
       requests += r.requests;
-      std::printf("soak %s window %d: %lld requests, %lld errors, p99 %.2f ms, "
-                  "rss %.1f MB\n",
-                  name.c_str(), w, static_cast<long long>(r.requests),
-                  static_cast<long long>(r.errors), r.p99 * 1e3, last);
+      std::printf(
+          "soak %s window %d: %lld requests, %lld errors, p99 %.2f ms, "
+          "rss %.1f MB\n",
+          name.c_str(), w, static_cast<long long>(r.requests),
+          static_cast<long long>(r.errors), r.p99 * 1e3, last);
       if (r.errors > 0) results.failed = true;
     }
     std::printf(

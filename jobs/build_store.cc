@@ -18,6 +18,7 @@
 #include "absl/strings/str_format.h"
 #include "jobs/progress.h"
 #include "jobs/run_dir.h"
+#include "jobs/train.h"
 #include "nlohmann/json.hpp"
 #include "server/core/file_util.h"
 #include "server/core/status.h"
@@ -564,13 +565,8 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   featurize::FeaturizeOptions fopts;
   fopts.max_rows = options.batch_rows;
 
-  model::UNetConfig unet;
-  unet.base_channels = run.config.model.base_channels;
-  unet.channel_mults = run.config.model.channel_mults;
-  unet.attention = run.config.model.attention;
-  unet.norm_groups = run.config.model.norm_groups;
-  unet.image_channels = images.channels;
-  unet.image_size = images.height;
+  const model::UNetConfig unet =
+      UNetConfigFor(run.config.model, images.channels, images.height);
   std::vector<LoadedCheckpoint> checkpoints;
   for (const CheckpointInfo& c : run.checkpoints) {
     LoadedCheckpoint loaded;

@@ -156,11 +156,8 @@ int RunBuildStore(const BuildFlags& flags) {
   }
   spec->seed =
       flags.dataset_seed_set ? flags.dataset_seed : run->config.dataset_seed;
-  data::DataLocations locations;
-  if (!flags.fashion_mnist_dir.empty()) {
-    locations.fashion_mnist_dir = flags.fashion_mnist_dir;
-  }
-  locations.mnist_dir = flags.mnist_dir;
+  const data::DataLocations locations =
+      data::DataLocationsFrom(flags.fashion_mnist_dir, flags.mnist_dir);
   absl::StatusOr<data::Mixture> mixture = data::BuildMixture(*spec, locations);
   if (!mixture.ok()) return Failure(kCommand, mixture.status());
   options.dataset_name = data::FormatMixtureSpec(*spec);

@@ -2,19 +2,16 @@
 // not train on, as a PNG, for querying the server with (scripts/demo.sh uses
 // it to pick a Fashion-MNIST test image and an MNIST zero outside the
 // training mixture).
-#include <stb/stb_image_write.h>
-
-#include <algorithm>
-#include <cmath>
 #include <cstdio>
 #include <set>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "jobs/command.h"
 #include "jobs/run_dir.h"
+#include "server/core/file_util.h"
+#include "server/data/image_folder.h"
 #include "server/data/mixture.h"
 
 namespace retrace::jobs {
@@ -38,18 +35,16 @@ int RunHeldOut(const HeldOutFlags& flags) {
   absl::StatusOr<RunManifest> run =
       LoadRun(flags.run_dir, /*verify_checksums=*/false);
   if (!run.ok()) return Fail(run.status().ToString());
-  data::DataLocations locations;
-  if (!flags.fashion_mnist_dir.empty()) {
-    locations.fashion_mnist_dir = flags.fashion_mnist_dir;
-  }
-  locations.mnist_dir = flags.mnist_dir;
+  const data::DataLocations locations =
+      data::DataLocationsFrom(flags.fashion_mnist_dir, flags.mnist_dir);
 
   // What the run trained on, as (source name, index in the source).
   absl::StatusOr<data::MixtureSpec> train_spec =
       data::ParseMixtureSpec(run->config.dataset_spec);
   if (!train_spec.ok()) return Fail(train_spec.status().ToString());
   train_spec->seed = run->config.dataset_seed;
-  absl::StatusOr<data::Mixture> train = data::BuildMixture(*train_spec, locations);
+  absl::StatusOr<data::Mixture> train =
+      data::BuildMixture(*train_spec, locations);
   if (!train.ok()) return Fail(train.status().ToString());
   std::set<std::pair<std::string, int64_t>> trained;
   for (const data::SampleProvenance& p : train->provenance) {
@@ -68,25 +63,18 @@ int RunHeldOut(const HeldOutFlags& flags) {
   if (!source.ok()) return Fail(source.status().ToString());
   int64_t seen = 0;
   for (int64_t i = 0; i < source->images.size(); ++i) {
-    const data::SampleProvenance& p = source->provenance[static_cast<size_t>(i)];
+    const data::SampleProvenance& p =
+        source->provenance[static_cast<size_t>(i)];
     const std::string& name = source->sources[static_cast<size_t>(p.component)];
     if (trained.count({name, p.index_in_source}) != 0) continue;
     if (seen++ < flags.index) continue;
     const data::ImageSet& set = source->images;
-    const auto pixels = set.Image(i);
-    std::vector<uint8_t> bytes(pixels.size());
-    const int64_t plane = set.height * set.width;
-    for (int64_t c = 0; c < set.channels; ++c) {
-      for (int64_t j = 0; j < plane; ++j) {
-        const long v = std::lround((pixels[c * plane + j] + 1.0f) * 127.5f);
-        bytes[j * set.channels + c] = static_cast<uint8_t>(std::clamp(v, 0l, 255l));
-      }
-    }
-    if (stbi_write_png(flags.out.c_str(), static_cast<int>(set.width),
-                       static_cast<int>(set.height),
-                       static_cast<int>(set.channels), bytes.data(),
-                       static_cast<int>(set.width * set.channels)) == 0) {
-      return Fail(absl::StrCat("cannot write ", flags.out));
+    absl::StatusOr<std::string> png = data::EncodePng(
+        set.Image(i).data(), set.channels, set.height, set.width);
+    if (!png.ok()) return Fail(png.status().ToString());
+    if (absl::Status written = WriteFileAtomically(flags.out, *png);
+        !written.ok()) {
+      return Fail(written.ToString());
     }
     std::printf("%s: %s image %lld (label %d), not in the run's training set\n",
                 flags.out.c_str(), name.c_str(),

@@ -12,10 +12,9 @@ int main(int argc, char** argv) {
       "retrace-batch: offline jobs of retrace (train a diffusion "
       "model with a replay log, build attribution stores)"};
   app.require_subcommand(1);
-  std::vector<Subcommand> subcommands = {RegisterTrainCommand(app),
-                                         RegisterBuildStoreCommand(app),
-                                         RegisterJoinStoreCommand(app),
-                                         RegisterHeldOutCommand(app)};
+  std::vector<Subcommand> subcommands = {
+      RegisterTrainCommand(app), RegisterBuildStoreCommand(app),
+      RegisterJoinStoreCommand(app), RegisterHeldOutCommand(app)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -283,14 +283,10 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
   ASSIGN_OR_RETURN(
       const model::NoiseSchedule schedule,
       model::NoiseSchedule::Create(config.schedule, config.num_timesteps));
-  model::UNetConfig unet;
-  unet.base_channels = config.model.base_channels;
-  unet.channel_mults = config.model.channel_mults;
-  unet.attention = config.model.attention;
-  unet.norm_groups = config.model.norm_groups;
-  unet.image_channels = images.channels;
-  unet.image_size = images.height;
-  ASSIGN_OR_RETURN(s.net, model::UNetModel::Create(unet, config.run_seed));
+  ASSIGN_OR_RETURN(
+      s.net, model::UNetModel::Create(
+                 UNetConfigFor(config.model, images.channels, images.height),
+                 config.run_seed));
 
   s.manifest.config = config;
   s.manifest.dataset = DescribeDataset(images, s.sample_ids);
@@ -408,6 +404,18 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
       result.seconds > 0 ? double(steps_done - start_step) / result.seconds : 0;
   result.loss_ema = progress.loss_ema();
   return result;
+}
+
+model::UNetConfig UNetConfigFor(const ModelConfig& model,
+                                int64_t image_channels, int64_t image_size) {
+  model::UNetConfig unet;
+  unet.base_channels = model.base_channels;
+  unet.channel_mults = model.channel_mults;
+  unet.attention = model.attention;
+  unet.norm_groups = model.norm_groups;
+  unet.image_channels = image_channels;
+  unet.image_size = image_size;
+  return unet;
 }
 
 }  // namespace retrace::jobs

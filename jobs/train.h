@@ -25,6 +25,10 @@
 #include "jobs/run_dir.h"
 #include "server/data/image_set.h"
 
+namespace retrace::model {
+struct UNetConfig;  // server/model/unet.h
+}  // namespace retrace::model
+
 namespace retrace::jobs {
 
 struct TrainOptions {
@@ -69,6 +73,12 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
                                   const data::ImageSet& images,
                                   absl::Span<const int64_t> sample_ids,
                                   const TrainOptions& options);
+
+// The built-in UNet that a run's ModelConfig describes, for images of
+// `image_channels` × `image_size` × `image_size` (the training, the store
+// build and the server's query featurizer all build it this way).
+model::UNetConfig UNetConfigFor(const ModelConfig& model,
+                                int64_t image_channels, int64_t image_size);
 
 }  // namespace retrace::jobs
 

@@ -105,11 +105,8 @@ int RunTrain(const TrainFlags& flags) {
   spec->seed = flags.data_seed;
   config.dataset_spec = data::FormatMixtureSpec(*spec);
 
-  data::DataLocations locations;
-  if (!flags.fashion_mnist_dir.empty()) {
-    locations.fashion_mnist_dir = flags.fashion_mnist_dir;
-  }
-  locations.mnist_dir = flags.mnist_dir;
+  const data::DataLocations locations =
+      data::DataLocationsFrom(flags.fashion_mnist_dir, flags.mnist_dir);
   absl::StatusOr<data::Mixture> mixture = data::BuildMixture(*spec, locations);
   if (!mixture.ok()) return Failure(mixture.status());
 

@@ -1,8 +1,10 @@
 #include "server/data/image_folder.h"
 
 #include <stb/stb_image.h>
+#include <stb/stb_image_write.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -39,6 +41,11 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   if (in.bad())
     return absl::DataLossError(absl::StrCat("error reading ", path));
   return bytes;
+}
+
+void AppendBytes(void* context, void* data, int size) {
+  static_cast<std::string*>(context)->append(static_cast<const char*>(data),
+                                             static_cast<size_t>(size));
 }
 
 }  // namespace
@@ -141,6 +148,37 @@ absl::StatusOr<ImageSet> LoadImageFolder(const std::string& root,
                      "sub-folders"));
   }
   return set;
+}
+
+absl::StatusOr<std::string> EncodePng(const float* pixels, int64_t channels,
+                                      int64_t height, int64_t width) {
+  if (channels != 1 && channels != 3 && channels != 4) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PNG thumbnails need 1, 3 or 4 channels, got ", channels));
+  }
+  if (height <= 0 || width <= 0 || height > 65535 || width > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad thumbnail size ", height, "x", width));
+  }
+  // stb wants interleaved [H, W, C]; the data is channel-major.
+  const int64_t plane = height * width;
+  std::vector<uint8_t> interleaved(static_cast<size_t>(plane * channels));
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t i = 0; i < plane; ++i) {
+      const float v = pixels[c * plane + i];
+      const float scaled = std::isfinite(v) ? (v + 1.0f) * 127.5f : 0.0f;
+      interleaved[static_cast<size_t>(i * channels + c)] =
+          static_cast<uint8_t>(std::clamp(std::lround(scaled), 0l, 255l));
+    }
+  }
+  std::string png;
+  if (stbi_write_png_to_func(&AppendBytes, &png, static_cast<int>(width),
+                             static_cast<int>(height),
+                             static_cast<int>(channels), interleaved.data(),
+                             static_cast<int>(width * channels)) == 0) {
+    return absl::InternalError("PNG encoding failed");
+  }
+  return png;
 }
 
 }  // namespace retrace::data

@@ -31,6 +31,12 @@ absl::StatusOr<std::vector<float>> DecodeImage(absl::string_view bytes,
                                                const ImageSpec& spec,
                                                absl::string_view what);
 
+// The inverse: encodes `channels · height · width` floats in [-1, 1],
+// channel-major, as an 8-bit PNG (1, 3 or 4 channels; values clamped, NaN as
+// black). INVALID_ARGUMENT for other channel counts or sizes.
+absl::StatusOr<std::string> EncodePng(const float* pixels, int64_t channels,
+                                      int64_t height, int64_t width);
+
 // Reads every image under `root`. Classes are the sub-folders in byte-wise
 // name order, labelled 0, 1, ...; images within a class in file-name order,
 // so the result depends only on the tree's contents. Files with other

@@ -310,4 +310,14 @@ absl::StatusOr<Mixture> BuildMixture(const MixtureSpec& spec,
   return MixImageSets(spec, sources);
 }
 
+DataLocations DataLocationsFrom(const std::string& fashion_mnist_dir,
+                                const std::string& mnist_dir) {
+  DataLocations locations;
+  if (!fashion_mnist_dir.empty()) {
+    locations.fashion_mnist_dir = fashion_mnist_dir;
+  }
+  locations.mnist_dir = mnist_dir;
+  return locations;
+}
+
 }  // namespace retrace::data

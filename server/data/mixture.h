@@ -96,6 +96,11 @@ struct DataLocations {
   ImageSpec folder_spec;  // what folder images must be (28×28 gray)
 };
 
+// The locations given on a command line: each directory that is empty keeps
+// its default.
+DataLocations DataLocationsFrom(const std::string& fashion_mnist_dir,
+                                const std::string& mnist_dir);
+
 // Loads each component's source (each distinct source once) and mixes them.
 // Errors of the readers pass through.
 absl::StatusOr<Mixture> BuildMixture(const MixtureSpec& spec,

@@ -372,9 +372,10 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
                                            raw_piece, InverseNorms(raw_norms)));
         out.raw =
             (raw_unit.to(at::kDouble) * raw_norms.unsqueeze(1)).to(at::kFloat);
-        out.project_seconds = std::chrono::duration<double>(
-                                  std::chrono::steady_clock::now() - project_start)
-                                  .count();
+        out.project_seconds =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                          project_start)
+                .count();
         return out;
       });
 }

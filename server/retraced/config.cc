@@ -1,8 +1,8 @@
 #include "server/retraced/config.h"
 
-#include <CLI/CLI.hpp>
 #include <toml++/toml.h>
 
+#include <CLI/CLI.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -15,8 +15,9 @@ void Describe(CLI::App* app, ServerConfig* c) {
       "retraced: the retrace attribution server. Serves one store (DESIGN §3) "
       "over gRPC (retrace.v1.Attribution, grpc.health.v1.Health, reflection) "
       "and Prometheus metrics over HTTP.");
-  app->add_option("--config", "TOML file of options (keys = long flag names "
-                              "without '--'); flags override it");
+  app->add_option("--config",
+                  "TOML file of options (keys = long flag names "
+                  "without '--'); flags override it");
   app->add_option("--store", c->store_dir, "Store directory to serve")
       ->required();
   app->add_option("--run", c->run_dir,

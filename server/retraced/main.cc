@@ -8,13 +8,13 @@
 
 #include <cerrno>
 #include <cstring>
-
 #include <fstream>
 #include <iostream>
 #include <memory>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/device.h"
 #include "prometheus/registry.h"
 #include "server/core/file_util.h"
 #include "server/core/logging.h"
@@ -67,26 +67,20 @@ absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
   scoring::ScorerOptions scorer_options;
   scorer_options.device = Device(config.device);
   scorer_options.cpu_threads = config.threads;
-  ASSIGN_OR_RETURN(loaded->scorer,
-                   scoring::Scorer::Create(loaded->store.get(), scorer_options));
+  ASSIGN_OR_RETURN(loaded->scorer, scoring::Scorer::Create(loaded->store.get(),
+                                                           scorer_options));
   RETRACE_LOG(INFO) << "scoring on "
-                    << (loaded->scorer->backend() == kernels::Backend::kCuda
-                            ? "cuda"
-                            : "cpu");
+                    << kernels::BackendName(loaded->scorer->backend());
   if (!config.run_dir.empty()) {
-    ASSIGN_OR_RETURN(loaded->featurizer,
-                     service::ModelQueryFeaturizer::Create(
-                         loaded->store->manifest(), config.run_dir,
-                         config.workers));
+    ASSIGN_OR_RETURN(loaded->featurizer, service::ModelQueryFeaturizer::Create(
+                                             loaded->store->manifest(),
+                                             config.run_dir, config.workers));
   } else {
     RETRACE_LOG(INFO) << "no --run: serving precomputed query vectors only";
   }
   if (config.thumbnails) {
-    data::DataLocations locations;
-    if (!config.fashion_mnist_dir.empty()) {
-      locations.fashion_mnist_dir = config.fashion_mnist_dir;
-    }
-    locations.mnist_dir = config.mnist_dir;
+    const data::DataLocations locations =
+        data::DataLocationsFrom(config.fashion_mnist_dir, config.mnist_dir);
     absl::StatusOr<std::unique_ptr<service::TrainingImages>> images =
         service::LoadTrainingImages(*loaded->store, locations);
     if (images.ok()) {
@@ -110,8 +104,7 @@ absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
   service::EngineParts parts;
   parts.store = loaded->store.get();
   parts.shape = loaded->scorer->shape();
-  parts.backend =
-      loaded->scorer->backend() == kernels::Backend::kCuda ? "cuda" : "cpu";
+  parts.backend = kernels::BackendName(loaded->scorer->backend());
   parts.batcher = loaded->batcher.get();
   parts.featurizer = loaded->featurizer.get();
   parts.images = loaded->images.get();

@@ -73,9 +73,9 @@ class AttributionService::Admission {
   }
   absl::Status status() const {
     if (admitted_) return absl::OkStatus();
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "too many concurrent requests (the limit is ",
-        service_->options_.max_concurrent, "); retry later"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("too many concurrent requests (the limit is ",
+                     service_->options_.max_concurrent, "); retry later"));
   }
 
  private:
@@ -112,7 +112,8 @@ absl::Status AttributionService::Authenticate(
   for (const std::string& t : options_.tokens) {
     match |= ConstantTimeEquals(token, t);
   }
-  if (!match) return absl::UnauthenticatedError("the bearer token is not valid");
+  if (!match)
+    return absl::UnauthenticatedError("the bearer token is not valid");
   return absl::OkStatus();
 }
 
@@ -135,7 +136,8 @@ grpc::Status AttributionService::Finish(absl::string_view method,
   const grpc::Status wire = ToGrpcStatus(status);
   if (metrics_ != nullptr) {
     metrics_->CountRequest(method, CodeName(wire.error_code()));
-    metrics_->ObserveRequest(method, absl::ToDoubleSeconds(absl::Now() - start));
+    metrics_->ObserveRequest(method,
+                             absl::ToDoubleSeconds(absl::Now() - start));
   }
   return wire;
 }
@@ -207,12 +209,13 @@ grpc::Status AttributionService::AttributeStream(
         return static_cast<int32_t>(pending.size()) < options_.max_concurrent;
       });
     }
-    std::future<v1::AttributeStreamResponse> f = std::async(
-        std::launch::async, [this, context, e = *engine, request] {
+    std::future<v1::AttributeStreamResponse> f =
+        std::async(std::launch::async, [this, context, e = *engine, request] {
           const absl::Time one_start = absl::Now();
           absl::StatusOr<v1::AttributeResponse> r =
               AttributeOne(context, e, request);
-          const grpc::Status wire = Finish("AttributeStream", one_start, r.status());
+          const grpc::Status wire =
+              Finish("AttributeStream", one_start, r.status());
           v1::AttributeStreamResponse out;
           out.set_request_id(request.request_id());
           if (r.ok()) {

@@ -29,13 +29,12 @@ struct Batcher::Pending {
 absl::Status Batcher::CheckOptions(const BatcherOptions& options) {
   if (options.max_batch < 1 || options.max_batch > kernels::kMaxQueries) {
     return absl::InvalidArgumentError(
-        absl::StrCat("max batch must be in 1..", kernels::kMaxQueries,
-                     ", got ", options.max_batch));
+        absl::StrCat("max batch must be in 1..", kernels::kMaxQueries, ", got ",
+                     options.max_batch));
   }
   if (options.max_queue_delay_us < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max queue delay must be >= 0 µs, got ",
-                     options.max_queue_delay_us));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max queue delay must be >= 0 µs, got ", options.max_queue_delay_us));
   }
   if (options.max_queue < 1) {
     return absl::InvalidArgumentError(
@@ -74,9 +73,9 @@ absl::StatusOr<BatchedResult> Batcher::Score(scoring::ScoreQuery query,
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return absl::UnavailableError("the server is shutting down");
     if (static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the scoring queue is full (", options_.max_queue,
-          " queries waiting); retry later"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the scoring queue is full (", options_.max_queue,
+                       " queries waiting); retry later"));
     }
     queue_.push_back(pending);
     if (metrics_ != nullptr) {
@@ -100,7 +99,8 @@ absl::StatusOr<BatchedResult> Batcher::Score(scoring::ScoreQuery query,
 }
 
 void Batcher::Run() {
-  const absl::Duration max_delay = absl::Microseconds(options_.max_queue_delay_us);
+  const absl::Duration max_delay =
+      absl::Microseconds(options_.max_queue_delay_us);
   std::unique_lock<std::mutex> lock(mutex_);
   while (true) {
     queue_changed_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
@@ -150,9 +150,9 @@ void Batcher::ScoreBatch(std::vector<std::shared_ptr<Pending>>& batch) {
   absl::StatusOr<std::vector<scoring::QueryResult>> results = score_(queries);
   const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
   if (results.ok() && results->size() != batch.size()) {
-    results = absl::InternalError(absl::StrCat(
-        "the scorer returned ", results->size(), " results for ",
-        batch.size(), " queries"));
+    results = absl::InternalError(absl::StrCat("the scorer returned ",
+                                               results->size(), " results for ",
+                                               batch.size(), " queries"));
   }
   if (!results.ok() && batch.size() > 1 &&
       results.status().code() == absl::StatusCode::kInvalidArgument) {

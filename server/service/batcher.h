@@ -2,8 +2,8 @@
 // queue and are scored together, one scan of the store per batch.
 //
 //   Batcher batcher(
-//       [&](const std::vector<scoring::ScoreQuery>& b) { return scorer->Score(b); },
-//       options, &metrics);
+//       [&](const std::vector<scoring::ScoreQuery>& b) { return
+//       scorer->Score(b); }, options, &metrics);
 //   ASSIGN_OR_RETURN(BatchedResult r, batcher.Score(std::move(q), deadline));
 //
 // A batch is closed when it holds max_batch queries or when its oldest query
@@ -49,8 +49,9 @@ struct BatchedResult {
 
 class Batcher {
  public:
-  using ScoreFn = std::function<absl::StatusOr<std::vector<scoring::QueryResult>>(
-      const std::vector<scoring::ScoreQuery>&)>;
+  using ScoreFn =
+      std::function<absl::StatusOr<std::vector<scoring::QueryResult>>(
+          const std::vector<scoring::ScoreQuery>&)>;
 
   // `metrics` may be null; it must outlive the batcher. InvalidArgument
   // options are clamped by the caller (CheckOptions).

@@ -125,20 +125,20 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::QueryVectors(
       const v1::QueryVectors& v = request.query_vectors();
       const std::string& store_id = parts_.store->manifest().store_id;
       if (!v.store_id().empty() && v.store_id() != store_id) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "query_vectors.store_id ", v.store_id(),
-            " is not the served store ", store_id));
+        return absl::InvalidArgumentError(
+            absl::StrCat("query_vectors.store_id ", v.store_id(),
+                         " is not the served store ", store_id));
       }
       if (v.num_checkpoints() != shape.num_checkpoints ||
           v.num_slots() != shape.num_buckets || v.dim() != shape.dim) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "query_vectors has shape [", v.num_checkpoints(), ", ",
-            v.num_slots(), ", ", v.dim(), "]; the store needs [",
-            shape.num_checkpoints, ", ", shape.num_buckets, ", ", shape.dim,
-            "] (checkpoints, buckets, dim)"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("query_vectors has shape [", v.num_checkpoints(), ", ",
+                         v.num_slots(), ", ", v.dim(), "]; the store needs [",
+                         shape.num_checkpoints, ", ", shape.num_buckets, ", ",
+                         shape.dim, "] (checkpoints, buckets, dim)"));
       }
-      const int64_t size = int64_t{shape.num_checkpoints} *
-                           shape.num_buckets * shape.dim;
+      const int64_t size =
+          int64_t{shape.num_checkpoints} * shape.num_buckets * shape.dim;
       if (v.raw_size() != size || v.unit_size() != size) {
         return absl::InvalidArgumentError(absl::StrCat(
             "query_vectors holds ", v.raw_size(), " raw and ", v.unit_size(),
@@ -186,11 +186,10 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::QueryVectors(
     std::vector<int64_t> expected = want;
     if (got.size() == 2 && want[0] == 1) expected = {want[1], want[2]};
     if (got != expected) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor has shape ", ShapeText(got), "; the model takes ",
-                       ShapeText(want),
-                       want[0] == 1 ? absl::StrCat(" or ", ShapeText(expected))
-                                    : ""));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor has shape ", ShapeText(got), "; the model takes ",
+          ShapeText(want),
+          want[0] == 1 ? absl::StrCat(" or ", ShapeText(expected)) : ""));
     }
     const int64_t numel = want[0] * want[1] * want[2];
     if (t.values_size() != numel) {
@@ -258,9 +257,9 @@ absl::StatusOr<v1::AttributeResponse> AttributionEngine::Attribute(
       query.plan.pairing = scoring::Pairing::kReplay;
       break;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "pairing: unknown value ", request.pairing(),
-          " (MATCHED = 1 or REPLAY = 2)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("pairing: unknown value ", request.pairing(),
+                       " (MATCHED = 1 or REPLAY = 2)"));
   }
   if (query.plan.pairing == scoring::Pairing::kReplay &&
       !parts_.shape.has_replay) {
@@ -270,21 +269,21 @@ absl::StatusOr<v1::AttributeResponse> AttributionEngine::Attribute(
   }
   query.plan.checkpoints.assign(request.checkpoints().begin(),
                                 request.checkpoints().end());
-  query.plan.buckets.assign(request.buckets().begin(),
-                            request.buckets().end());
+  query.plan.buckets.assign(request.buckets().begin(), request.buckets().end());
   for (int32_t c : query.plan.checkpoints) {
     if (c < 0 || c >= parts_.shape.num_checkpoints) {
       return absl::InvalidArgumentError(
-          absl::StrCat("checkpoints: unknown checkpoint ", c, "; the store has ",
-                       parts_.shape.num_checkpoints, " (0..",
-                       parts_.shape.num_checkpoints - 1, ")"));
+          absl::StrCat("checkpoints: unknown checkpoint ", c,
+                       "; the store has ", parts_.shape.num_checkpoints,
+                       " (0..", parts_.shape.num_checkpoints - 1, ")"));
     }
   }
   for (int32_t b : query.plan.buckets) {
     if (b < 0 || b >= parts_.shape.num_buckets) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "buckets: unknown bucket ", b, "; the store has ",
-          parts_.shape.num_buckets, " (0..", parts_.shape.num_buckets - 1, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("buckets: unknown bucket ", b, "; the store has ",
+                       parts_.shape.num_buckets, " (0..",
+                       parts_.shape.num_buckets - 1, ")"));
     }
   }
   if (request.include_thumbnails() && parts_.images == nullptr) {
@@ -310,22 +309,19 @@ absl::StatusOr<v1::AttributeResponse> AttributionEngine::Attribute(
 
   const absl::Time select_start = absl::Now();
   for (v1::Method method : methods) {
-    const scoring::MethodRanking& ranking = method == v1::TRACIN
-                                                ? batched.result.tracin
-                                                : batched.result.retrac;
+    const scoring::MethodRanking& ranking =
+        method == v1::TRACIN ? batched.result.tracin : batched.result.retrac;
     v1::MethodResult* out = response.add_results();
     out->set_method(method);
     for (size_t i = 0; i < ranking.proponents.size(); ++i) {
-      RETURN_IF_ERROR(FillSample(ranking.proponents[i],
-                                 static_cast<int32_t>(i + 1),
-                                 request.include_thumbnails(),
-                                 out->add_proponents()));
+      RETURN_IF_ERROR(
+          FillSample(ranking.proponents[i], static_cast<int32_t>(i + 1),
+                     request.include_thumbnails(), out->add_proponents()));
     }
     for (size_t i = 0; i < ranking.opponents.size(); ++i) {
-      RETURN_IF_ERROR(FillSample(ranking.opponents[i],
-                                 static_cast<int32_t>(i + 1),
-                                 request.include_thumbnails(),
-                                 out->add_opponents()));
+      RETURN_IF_ERROR(
+          FillSample(ranking.opponents[i], static_cast<int32_t>(i + 1),
+                     request.include_thumbnails(), out->add_opponents()));
     }
   }
   AddTiming("select", metrics::Stage::kSelect, SecondsSince(select_start),
@@ -364,16 +360,16 @@ absl::StatusOr<v1::SelfInfluenceResponse> AttributionEngine::SelfInfluence(
       column = 0;
       break;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "method: unknown method ", request.method(),
-          " (TRACIN = 1 or RETRAC = 2)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("method: unknown method ", request.method(),
+                       " (TRACIN = 1 or RETRAC = 2)"));
   }
   const int32_t page_size =
       request.page_size() == 0 ? kDefaultPageSize : request.page_size();
   if (page_size < 1 || page_size > kMaxPageSize) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("page_size must be in 1..", kMaxPageSize, ", got ",
-                     request.page_size()));
+    return absl::InvalidArgumentError(absl::StrCat("page_size must be in 1..",
+                                                   kMaxPageSize, ", got ",
+                                                   request.page_size()));
   }
   const int64_t n = parts_.store->num_samples();
   int64_t offset = 0;
@@ -385,9 +381,9 @@ absl::StatusOr<v1::SelfInfluenceResponse> AttributionEngine::SelfInfluence(
     if (parts.size() != 3 || parts[0] != kPageTokenPrefix ||
         !absl::SimpleAtoi(parts[1], &token_column) ||
         !absl::SimpleAtoi(parts[2], &offset) || offset < 0 || offset > n) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "page_token '", request.page_token(),
-          "' is not a token this server returned"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("page_token '", request.page_token(),
+                       "' is not a token this server returned"));
     }
     if (token_column != column) {
       return absl::InvalidArgumentError(
@@ -436,7 +432,8 @@ v1::StoreInfo AttributionEngine::StoreInfo() const {
   for (int64_t e : spec.buckets.edges) {
     info.add_bucket_edges(static_cast<int32_t>(e));
   }
-  for (float w : parts_.shape.checkpoint_weights) info.add_checkpoint_weights(w);
+  for (float w : parts_.shape.checkpoint_weights)
+    info.add_checkpoint_weights(w);
   info.set_store_bytes(parts_.store->total_vector_bytes());
   info.set_backend(parts_.backend);
   if (spec.dataset.contains("name") && spec.dataset["name"].is_string()) {

@@ -50,7 +50,7 @@ inline constexpr int32_t kMaxPageSize = 10000;
 struct EngineParts {
   const store::StoreReader* store = nullptr;
   scoring::StoreShape shape;
-  std::string backend;       // "cpu" or "cuda"
+  std::string backend;  // "cpu" or "cuda"
   Batcher* batcher = nullptr;
   QueryFeaturizer* featurizer = nullptr;
   const TrainingImages* images = nullptr;
@@ -87,8 +87,8 @@ class AttributionEngine {
       absl::Time deadline, v1::AttributeResponse* response);
   absl::Status FillSample(const scoring::RankedSample& ranked, int32_t rank,
                           bool thumbnails, v1::AttributedSample* out) const;
-  void AddTiming(absl::string_view stage, metrics::Stage metric,
-                 double seconds, v1::AttributeResponse* response) const;
+  void AddTiming(absl::string_view stage, metrics::Stage metric, double seconds,
+                 v1::AttributeResponse* response) const;
   const std::vector<int64_t>& SelfInfluenceOrder(int column);
 
   const EngineParts parts_;

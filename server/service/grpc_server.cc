@@ -62,10 +62,9 @@ absl::StatusOr<std::unique_ptr<GrpcServer>> GrpcServer::Start(
     const GrpcServerOptions& options, grpc::Service* service) {
   if (options.max_message_bytes < 1024 ||
       options.max_message_bytes > std::numeric_limits<int>::max()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max message size must be in 1024..",
-                     std::numeric_limits<int>::max(), " bytes, got ",
-                     options.max_message_bytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max message size must be in 1024..", std::numeric_limits<int>::max(),
+        " bytes, got ", options.max_message_bytes));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                    Credentials(options));
@@ -94,8 +93,7 @@ GrpcServer::~GrpcServer() {
 }
 
 void GrpcServer::SetServing(bool serving) {
-  grpc::HealthCheckServiceInterface* health =
-      server_->GetHealthCheckService();
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
   if (health == nullptr) return;
   health->SetServingStatus(serving);
   health->SetServingStatus(kServiceName, serving);

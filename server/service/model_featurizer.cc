@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "jobs/run_dir.h"
+#include "jobs/train.h"
 #include "server/core/status.h"
 #include "server/featurize/featurizer.h"
 #include "server/model/schedule.h"
@@ -74,10 +75,10 @@ ModelQueryFeaturizer::Create(const store::Manifest& manifest,
   }
   const store::StoreSpec& spec = manifest.spec;
   if (spec.model.architecture != model::kUNetArchitecture) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the store's model is '", spec.model.architecture,
-        "'; retraced featurizes queries with the built-in '",
-        model::kUNetArchitecture, "' only"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("the store's model is '", spec.model.architecture,
+                     "'; retraced featurizes queries with the built-in '",
+                     model::kUNetArchitecture, "' only"));
   }
   ASSIGN_OR_RETURN(const jobs::RunManifest run,
                    jobs::LoadRun(run_dir, /*verify_checksums=*/true));
@@ -90,8 +91,10 @@ ModelQueryFeaturizer::Create(const store::Manifest& manifest,
     if (run.checkpoints[c].sha256 != spec.model.checkpoints[c].sha256) {
       return absl::FailedPreconditionError(absl::StrCat(
           run_dir, "/", run.checkpoints[c].file, " (checkpoint ", c,
-          ") has sha256 ", run.checkpoints[c].sha256, "; the store was built "
-          "from ", spec.model.checkpoints[c].sha256, " (is this the store's run?)"));
+          ") has sha256 ", run.checkpoints[c].sha256,
+          "; the store was built "
+          "from ",
+          spec.model.checkpoints[c].sha256, " (is this the store's run?)"));
     }
   }
   if (!spec.dataset.contains("store_seed") ||
@@ -115,13 +118,8 @@ ModelQueryFeaturizer::Create(const store::Manifest& manifest,
   fspec.param_regex = spec.projection.param_regex;
   fspec.loss = spec.loss;
 
-  model::UNetConfig unet;
-  unet.base_channels = run.config.model.base_channels;
-  unet.channel_mults = run.config.model.channel_mults;
-  unet.attention = run.config.model.attention;
-  unet.norm_groups = run.config.model.norm_groups;
-  unet.image_channels = run.dataset.channels;
-  unet.image_size = run.dataset.height;
+  const model::UNetConfig unet = jobs::UNetConfigFor(
+      run.config.model, run.dataset.channels, run.dataset.height);
 
   std::unique_ptr<ModelQueryFeaturizer> f(new ModelQueryFeaturizer());
   f->image_shape_ = {run.dataset.channels, run.dataset.height,

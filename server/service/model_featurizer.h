@@ -28,8 +28,7 @@ class ModelQueryFeaturizer final : public QueryFeaturizer {
   //     model is not the built-in UNet.
   //   InvalidArgument: workers < 1.
   static absl::StatusOr<std::unique_ptr<ModelQueryFeaturizer>> Create(
-      const store::Manifest& manifest, const std::string& run_dir,
-      int workers);
+      const store::Manifest& manifest, const std::string& run_dir, int workers);
   ~ModelQueryFeaturizer() override;
 
   std::vector<int64_t> image_shape() const override;

@@ -1,7 +1,5 @@
 #include "server/service/training_images.h"
 
-#include <stb/stb_image_write.h>
-
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -10,48 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "server/core/status.h"
+#include "server/data/image_folder.h"
 
 namespace retrace::service {
-namespace {
-
-void AppendBytes(void* context, void* data, int size) {
-  static_cast<std::string*>(context)->append(static_cast<const char*>(data),
-                                             static_cast<size_t>(size));
-}
-
-}  // namespace
-
-absl::StatusOr<std::string> EncodePng(const float* pixels, int64_t channels,
-                                      int64_t height, int64_t width) {
-  if (channels != 1 && channels != 3 && channels != 4) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("PNG thumbnails need 1, 3 or 4 channels, got ", channels));
-  }
-  if (height <= 0 || width <= 0 || height > 65535 || width > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bad thumbnail size ", height, "x", width));
-  }
-  // stb wants interleaved [H, W, C]; the data is channel-major.
-  const int64_t plane = height * width;
-  std::vector<uint8_t> interleaved(static_cast<size_t>(plane * channels));
-  for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t i = 0; i < plane; ++i) {
-      const float v = pixels[c * plane + i];
-      const float scaled = std::isfinite(v) ? (v + 1.0f) * 127.5f : 0.0f;
-      interleaved[static_cast<size_t>(i * channels + c)] =
-          static_cast<uint8_t>(std::clamp(std::lround(scaled), 0l, 255l));
-    }
-  }
-  std::string png;
-  if (stbi_write_png_to_func(&AppendBytes, &png, static_cast<int>(width),
-                             static_cast<int>(height),
-                             static_cast<int>(channels), interleaved.data(),
-                             static_cast<int>(width * channels)) == 0) {
-    return absl::InternalError("PNG encoding failed");
-  }
-  return png;
-}
-
 absl::StatusOr<std::unique_ptr<ImageSetTrainingImages>>
 ImageSetTrainingImages::Create(data::Mixture mixture,
                                const store::StoreReader& store) {
@@ -69,8 +28,8 @@ ImageSetTrainingImages::Create(data::Mixture mixture,
       if (block.sample_ids[i] != sample_ids[static_cast<size_t>(n)]) {
         return absl::FailedPreconditionError(absl::StrCat(
             "the training images do not match the store: sample ", n,
-            " has id ", sample_ids[static_cast<size_t>(n)],
-            " in the data and ", block.sample_ids[i], " in the store"));
+            " has id ", sample_ids[static_cast<size_t>(n)], " in the data and ",
+            block.sample_ids[i], " in the store"));
       }
     }
   }
@@ -85,8 +44,8 @@ absl::StatusOr<std::string> ImageSetTrainingImages::ThumbnailPng(
     return absl::OutOfRangeError(absl::StrCat(
         "sample ", index, " is outside the store (", images.size(), ")"));
   }
-  return EncodePng(images.Image(index).data(), images.channels, images.height,
-                   images.width);
+  return data::EncodePng(images.Image(index).data(), images.channels,
+                         images.height, images.width);
 }
 
 std::string ImageSetTrainingImages::LabelName(int64_t index) const {

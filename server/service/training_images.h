@@ -51,10 +51,6 @@ class ImageSetTrainingImages final : public TrainingImages {
 absl::StatusOr<std::unique_ptr<TrainingImages>> LoadTrainingImages(
     const store::StoreReader& store, const data::DataLocations& locations);
 
-// Encodes [channels, height, width] floats in [-1, 1] as an 8-bit PNG.
-absl::StatusOr<std::string> EncodePng(const float* pixels, int64_t channels,
-                                      int64_t height, int64_t width);
-
 }  // namespace retrace::service
 
 #endif  // RETRACE_SERVER_SERVICE_TRAINING_IMAGES_H_

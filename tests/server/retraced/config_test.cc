@@ -19,16 +19,16 @@ std::optional<int> Parse(std::vector<std::string> args, ServerConfig* config,
   std::vector<const char*> argv;
   for (const auto& a : args) argv.push_back(a.c_str());
   std::ostringstream out, err;
-  auto r = ParseServerConfig(static_cast<int>(argv.size()), argv.data(),
-                             config, out, err);
+  auto r = ParseServerConfig(static_cast<int>(argv.size()), argv.data(), config,
+                             out, err);
   if (err_text != nullptr) *err_text = err.str();
   if (out_text != nullptr) *out_text = out.str();
   return r;
 }
 
 std::string WriteToml(const std::string& text) {
-  const std::string path = ::testing::TempDir() + "/retraced-" +
-                           std::to_string(getpid()) + ".toml";
+  const std::string path =
+      ::testing::TempDir() + "/retraced-" + std::to_string(getpid()) + ".toml";
   std::ofstream(path) << text;
   return path;
 }
@@ -83,13 +83,28 @@ TEST(ConfigTest, HelpExplainsEveryOption) {
   ServerConfig c;
   std::string out;
   EXPECT_EQ(Parse({"--help"}, &c, nullptr, &out), 0);
-  for (const char* flag :
-       {"--config", "--store", "--run", "--listen", "--metrics-port",
-        "--device", "--workers", "--threads", "--max-batch",
-        "--max-queue-delay-us", "--max-queue", "--max-concurrent",
-        "--max-message-bytes", "--tls-cert", "--tls-key", "--tls-client-ca",
-        "--token-file", "--drain-timeout-s", "--port-file",
-        "--fashion-mnist-dir", "--mnist-dir", "--no-thumbnails"}) {
+  for (const char* flag : {"--config",
+                           "--store",
+                           "--run",
+                           "--listen",
+                           "--metrics-port",
+                           "--device",
+                           "--workers",
+                           "--threads",
+                           "--max-batch",
+                           "--max-queue-delay-us",
+                           "--max-queue",
+                           "--max-concurrent",
+                           "--max-message-bytes",
+                           "--tls-cert",
+                           "--tls-key",
+                           "--tls-client-ca",
+                           "--token-file",
+                           "--drain-timeout-s",
+                           "--port-file",
+                           "--fashion-mnist-dir",
+                           "--mnist-dir",
+                           "--no-thumbnails"}) {
     EXPECT_NE(out.find(flag), std::string::npos) << flag;
   }
 }

@@ -29,10 +29,19 @@ class Retraced {
     dir_ = ::testing::TempDir() + "/retraced-proc-" + std::to_string(getpid());
     std::filesystem::create_directories(dir_);
     std::filesystem::remove(dir_ + "/port");
-    std::vector<std::string> args = {
-        RETRACED_BINARY, "--store", s.store_dir, "--run", s.run_dir,
-        "--listen", "127.0.0.1:0", "--port-file", dir_ + "/port",
-        "--threads", "1", "--drain-timeout-s", "60"};
+    std::vector<std::string> args = {RETRACED_BINARY,
+                                     "--store",
+                                     s.store_dir,
+                                     "--run",
+                                     s.run_dir,
+                                     "--listen",
+                                     "127.0.0.1:0",
+                                     "--port-file",
+                                     dir_ + "/port",
+                                     "--threads",
+                                     "1",
+                                     "--drain-timeout-s",
+                                     "60"};
     args.insert(args.end(), extra.begin(), extra.end());
     pid_ = fork();
     if (pid_ == 0) {
@@ -54,7 +63,8 @@ class Retraced {
   // Waits for the port file and for health SERVING (through a call that
   // succeeds: GetStoreInfo is UNAVAILABLE until the store is loaded).
   int WaitReady() {
-    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    const auto until =
+        std::chrono::steady_clock::now() + std::chrono::seconds(60);
     while (std::chrono::steady_clock::now() < until) {
       std::ifstream in(dir_ + "/port");
       int port = 0;
@@ -124,7 +134,8 @@ TEST(RetracedProcessTest, SigtermFinishesTheRequestInFlightAndExitsZero) {
   EXPECT_NE(server.Log().find("draining"), std::string::npos) << server.Log();
   // Nobody listens any more.
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  context.set_deadline(std::chrono::system_clock::now() +
+                       std::chrono::seconds(2));
   v1::StoreInfo info;
   EXPECT_FALSE(stub->GetStoreInfo(&context, {}, &info).ok());
 }
@@ -172,7 +183,7 @@ TEST(RetracedProcessTest, PrometheusScrapesTheRequestCounter) {
       (*prometheus)->port(), "retrace_store_samples");
   ASSERT_TRUE(samples.ok()) << samples.status();
   EXPECT_EQ(*samples, 40);
-  EXPECT_EQ(server.Terminate() , 0);
+  EXPECT_EQ(server.Terminate(), 0);
 }
 
 std::string RunCommand(const std::string& command, int* exit_code) {
@@ -189,8 +200,8 @@ TEST(RetracedProcessTest, CliAgainstTheServer) {
   Retraced server({"--metrics-port", "-1"});
   const int port = server.WaitReady();
   ASSERT_GT(port, 0);
-  const std::string dir = ::testing::TempDir() + "/retraced-cli-" +
-                          std::to_string(getpid());
+  const std::string dir =
+      ::testing::TempDir() + "/retraced-cli-" + std::to_string(getpid());
   std::filesystem::create_directories(dir);
   const std::string png = testing::QueryPng(3);
   std::ofstream(dir + "/query.png", std::ios::binary) << png;
@@ -199,12 +210,14 @@ TEST(RetracedProcessTest, CliAgainstTheServer) {
   request.set_top_k(3);
   grpc::ClientContext context;
   v1::AttributeResponse want;
-  ASSERT_TRUE(Retraced::StubFor(port)->Attribute(&context, request, &want).ok());
+  ASSERT_TRUE(
+      Retraced::StubFor(port)->Attribute(&context, request, &want).ok());
 
-  const std::string cli = absl::StrCat(RETRACE_CLI_BINARY, " --server 127.0.0.1:",
-                                       port, " ");
+  const std::string cli =
+      absl::StrCat(RETRACE_CLI_BINARY, " --server 127.0.0.1:", port, " ");
   int code = -1;
-  std::string out = RunCommand(cli + "query --k 3 " + dir + "/query.png", &code);
+  std::string out =
+      RunCommand(cli + "query --k 3 " + dir + "/query.png", &code);
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("TracIn proponents"), std::string::npos) << out;
   EXPECT_NE(out.find("ReTrac proponents"), std::string::npos) << out;
@@ -256,8 +269,8 @@ TEST(RetracedProcessTest, PythonClientExampleGetsTheServersAnswer) {
   Retraced server({"--metrics-port", "-1"});
   const int port = server.WaitReady();
   ASSERT_GT(port, 0);
-  const std::string dir = ::testing::TempDir() + "/retraced-py-" +
-                          std::to_string(getpid());
+  const std::string dir =
+      ::testing::TempDir() + "/retraced-py-" + std::to_string(getpid());
   std::filesystem::create_directories(dir);
   const std::string png = testing::QueryPng(2);
   std::ofstream(dir + "/query.png", std::ios::binary) << png;
@@ -267,13 +280,14 @@ TEST(RetracedProcessTest, PythonClientExampleGetsTheServersAnswer) {
   request.set_top_k(4);
   grpc::ClientContext context;
   v1::AttributeResponse want;
-  ASSERT_TRUE(Retraced::StubFor(port)->Attribute(&context, request, &want).ok());
+  ASSERT_TRUE(
+      Retraced::StubFor(port)->Attribute(&context, request, &want).ok());
 
   const std::string out = dir + "/out.txt";
   const std::string command = absl::StrCat(
       "RETRACE_PY_STUBS=", PY_STUBS_DIR, " /usr/bin/python3 ", SOURCE_DIR,
-      "/client/python/example.py --server 127.0.0.1:", port, " --top-k 4 ",
-      dir, "/query.png > ", out, " 2>&1");
+      "/client/python/example.py --server 127.0.0.1:", port, " --top-k 4 ", dir,
+      "/query.png > ", out, " 2>&1");
   ASSERT_EQ(std::system(command.c_str()), 0) << testing::ReadAll(out);
   const std::string printed = testing::ReadAll(out);
   ASSERT_EQ(want.results_size(), 2);

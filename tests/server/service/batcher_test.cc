@@ -33,8 +33,8 @@ class RecordingScorer {
             absl::StrCat("query ", i, ": k is negative"));
       }
       scoring::QueryResult r;
-      r.tracin.proponents.push_back({.index = batch[i].k,
-                                     .score = static_cast<float>(batch[i].k)});
+      r.tracin.proponents.push_back(
+          {.index = batch[i].k, .score = static_cast<float>(batch[i].k)});
       results.push_back(r);
     }
     return results;
@@ -113,7 +113,8 @@ TEST(BatcherTest, ABadQueryDoesNotFailItsBatch) {
   std::vector<std::thread> threads;
   for (int i = 0; i < 4; ++i) {
     threads.emplace_back([&, i] {
-      results[i] = batcher.Score(Query(i == 2 ? -1 : i), absl::InfiniteFuture());
+      results[i] =
+          batcher.Score(Query(i == 2 ? -1 : i), absl::InfiniteFuture());
     });
   }
   for (auto& t : threads) t.join();
@@ -139,14 +140,14 @@ TEST(BatcherTest, AFullQueueRefusesAndShutdownAnswersTheQueued) {
   // One query is being scored (500 ms); two more fill the queue.
   std::vector<std::thread> threads;
   std::atomic<int> unavailable{0}, ok{0};
-  threads.emplace_back([&] {
-    ok += batcher->Score(Query(0), absl::InfiniteFuture()).ok();
-  });
+  threads.emplace_back(
+      [&] { ok += batcher->Score(Query(0), absl::InfiniteFuture()).ok(); });
   // Polls instead of sleeping a fixed time, so a loaded machine cannot
   // reorder the steps.
   auto wait_for = [](const std::function<bool()>& done) {
     const absl::Time until = absl::Now() + absl::Seconds(30);
-    while (!done() && absl::Now() < until) absl::SleepFor(absl::Milliseconds(1));
+    while (!done() && absl::Now() < until)
+      absl::SleepFor(absl::Milliseconds(1));
     return done();
   };
   ASSERT_TRUE(wait_for([&] { return !scorer.sizes().empty(); }));
@@ -190,10 +191,12 @@ TEST(BatcherTest, ADeadlineThatPassesInTheQueueEndsTheWait) {
 TEST(BatcherTest, OptionsAreChecked) {
   BatcherOptions o;
   o.max_batch = 65;
-  EXPECT_EQ(Batcher::CheckOptions(o).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Batcher::CheckOptions(o).code(),
+            absl::StatusCode::kInvalidArgument);
   o.max_batch = 8;
   o.max_queue = 0;
-  EXPECT_EQ(Batcher::CheckOptions(o).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Batcher::CheckOptions(o).code(),
+            absl::StatusCode::kInvalidArgument);
   o.max_queue = 1;
   EXPECT_TRUE(Batcher::CheckOptions(o).ok());
 }

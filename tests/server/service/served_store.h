@@ -20,7 +20,9 @@
 #include <vector>
 
 #include "jobs/build_store.h"
+#include "kernels/device.h"
 #include "retrace/v1/attribution.grpc.pb.h"
+#include "server/data/image_folder.h"
 #include "server/scoring/scorer.h"
 #include "server/service/attribution_service.h"
 #include "server/service/batcher.h"
@@ -167,7 +169,7 @@ class Stack {
     EngineParts parts;
     parts.store = store_.get();
     parts.shape = scorer_->shape();
-    parts.backend = "cpu";
+    parts.backend = kernels::BackendName(scorer_->backend());
     parts.batcher = batcher_.get();
     parts.featurizer = featurizer_;
     parts.images = images_.get();
@@ -221,11 +223,12 @@ inline std::string QueryPng(int variant) {
   std::vector<float> pixels(28 * 28);
   for (int y = 0; y < 28; ++y) {
     for (int x = 0; x < 28; ++x) {
-      pixels[y * 28 + x] = static_cast<float>(
-          std::sin(0.25 * x + 0.9 * variant) * std::cos(0.15 * y + 0.3 * variant));
+      pixels[y * 28 + x] =
+          static_cast<float>(std::sin(0.25 * x + 0.9 * variant) *
+                             std::cos(0.15 * y + 0.3 * variant));
     }
   }
-  auto png = EncodePng(pixels.data(), 1, 28, 28);
+  auto png = data::EncodePng(pixels.data(), 1, 28, 28);
   EXPECT_TRUE(png.ok()) << png.status();
   return *png;
 }
@@ -235,8 +238,8 @@ inline std::string QueryPng(int variant) {
 inline std::vector<double> BruteForceMatched(const store::StoreReader& r,
                                              const scoring::BucketQuery& q,
                                              bool tracin) {
-  const int64_t C = r.num_checkpoints(), B = r.num_buckets(),
-                S = r.num_slots(), D = r.dim();
+  const int64_t C = r.num_checkpoints(), B = r.num_buckets(), S = r.num_slots(),
+                D = r.dim();
   EXPECT_EQ(r.dtype(), kernels::DType::kF32);
   const auto& checkpoints = r.manifest().spec.model.checkpoints;
   const std::vector<float>& qv = tracin ? q.raw : q.unit;

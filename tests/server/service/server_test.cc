@@ -44,7 +44,8 @@ v1::AttributeRequest VectorRequest(const store::StoreReader& store, int seed) {
   v->set_num_slots(static_cast<int32_t>(store.num_buckets()));
   v->set_dim(static_cast<int32_t>(store.dim()));
   v->set_store_id(store.manifest().store_id);
-  const int64_t size = store.num_checkpoints() * store.num_buckets() * store.dim();
+  const int64_t size =
+      store.num_checkpoints() * store.num_buckets() * store.dim();
   for (int64_t i = 0; i < size; ++i) {
     v->add_raw(static_cast<float>(std::sin(0.37 * i + seed)));
     v->add_unit(static_cast<float>(std::cos(0.11 * i * seed + 1)));
@@ -119,12 +120,13 @@ TEST_F(ServerTest, PrecomputedVectorsMatchBruteForce) {
         double sum = 0;
         for (const v1::Contribution& c : s.breakdown()) sum += c.value();
         EXPECT_NEAR(sum, s.score(), 1e-4 * std::abs(s.score()) + 1e-9);
-        EXPECT_LE(s.breakdown_size(),
-                  stack.store().num_checkpoints() * stack.store().num_buckets());
+        EXPECT_LE(s.breakdown_size(), stack.store().num_checkpoints() *
+                                          stack.store().num_buckets());
       }
     }
     std::vector<std::string> stages;
-    for (const v1::StageTiming& t : response.timings()) stages.push_back(t.stage());
+    for (const v1::StageTiming& t : response.timings())
+      stages.push_back(t.stage());
     EXPECT_EQ(stages, (std::vector<std::string>{"featurize", "project", "queue",
                                                 "score", "select"}));
   }
@@ -160,12 +162,15 @@ TEST_F(ServerTest, ImageMatchesFeaturizerAndBruteForce) {
   auto images = data::BuildMixture(*spec);
   ASSERT_TRUE(images.ok());
   for (const v1::AttributedSample& s : response.results(0).proponents()) {
-    const auto want = EncodePng(images->images.Image(s.index()).data(), 1, 28, 28);
+    const auto want =
+        data::EncodePng(images->images.Image(s.index()).data(), 1, 28, 28);
     EXPECT_EQ(s.thumbnail_png(), *want) << "index " << s.index();
-    EXPECT_TRUE(s.label_name() == "a" || s.label_name() == "b") << s.label_name();
+    EXPECT_TRUE(s.label_name() == "a" || s.label_name() == "b")
+        << s.label_name();
   }
   std::vector<std::string> stages;
-  for (const v1::StageTiming& t : response.timings()) stages.push_back(t.stage());
+  for (const v1::StageTiming& t : response.timings())
+    stages.push_back(t.stage());
   EXPECT_EQ(stages, (std::vector<std::string>{"decode", "featurize", "project",
                                               "queue", "score", "select"}));
   // Same seed, same answer; the tensor input gives the same as the image.
@@ -207,7 +212,7 @@ TEST_F(ServerTest, EveryBadInputClassIsRefusedAndTheServerKeepsServing) {
       {"wrong image size",
        [](v1::AttributeRequest* r) {
          std::vector<float> px(32 * 32, 0.0f);
-         r->set_image(*EncodePng(px.data(), 1, 32, 32));
+         r->set_image(*data::EncodePng(px.data(), 1, 32, 32));
        },
        grpc::INVALID_ARGUMENT, "32"},
       {"wrong tensor shape",
@@ -254,13 +259,17 @@ TEST_F(ServerTest, EveryBadInputClassIsRefusedAndTheServerKeepsServing) {
       {"unknown bucket", [](v1::AttributeRequest* r) { r->add_buckets(4); },
        grpc::INVALID_ARGUMENT, "unknown bucket 4"},
       {"unknown method",
-       [](v1::AttributeRequest* r) { r->add_methods(static_cast<v1::Method>(9)); },
+       [](v1::AttributeRequest* r) {
+         r->add_methods(static_cast<v1::Method>(9));
+       },
        grpc::INVALID_ARGUMENT, "unknown method 9"},
       {"too many query timesteps",
        [](v1::AttributeRequest* r) { r->set_query_timesteps(1000); },
        grpc::INVALID_ARGUMENT, "query_timesteps"},
       {"oversized message",
-       [](v1::AttributeRequest* r) { r->set_image(std::string(300 << 10, 'x')); },
+       [](v1::AttributeRequest* r) {
+         r->set_image(std::string(300 << 10, 'x'));
+       },
        grpc::RESOURCE_EXHAUSTED, "larger than max"},
   };
   for (const BadCase& c : cases) {
@@ -351,7 +360,8 @@ class GatedFeaturizer : public QueryFeaturizer {
   absl::StatusOr<FeaturizedQuery> Featurize(
       const QueryImage& image, const QueryFeatureOptions& options) override {
     entered_.fetch_add(1);
-    while (!open_.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    while (!open_.load())
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     return inner_->Featurize(image, options);
   }
   static std::atomic<int> entered_;
@@ -402,8 +412,12 @@ TEST_F(ServerTest, ThirtyTwoConcurrentClientsGetTheSequentialAnswers) {
   std::vector<v1::AttributeRequest> requests;
   for (int i = 0; i < 32; ++i) {
     switch (i % 4) {
-      case 0: requests.push_back(ImageRequest(i % 3, 1 + i % 2)); break;
-      case 1: requests.push_back(VectorRequest(stack.store(), i)); break;
+      case 0:
+        requests.push_back(ImageRequest(i % 3, 1 + i % 2));
+        break;
+      case 1:
+        requests.push_back(VectorRequest(stack.store(), i));
+        break;
       case 2: {
         v1::AttributeRequest r = VectorRequest(stack.store(), i);
         r.set_include_breakdown(true);
@@ -414,8 +428,10 @@ TEST_F(ServerTest, ThirtyTwoConcurrentClientsGetTheSequentialAnswers) {
       }
       default: {
         v1::AttributeRequest r = ImageRequest(1);
-        if (i % 8 == 3) r.set_image("garbage");
-        else r.set_top_k(5000);
+        if (i % 8 == 3)
+          r.set_image("garbage");
+        else
+          r.set_top_k(5000);
         requests.push_back(r);
       }
     }
@@ -466,8 +482,10 @@ TEST_F(ServerTest, StreamAnswersInOrderWithErrorsInline) {
   EXPECT_EQ(responses[2].request_id(), "vec-2");
   EXPECT_EQ(responses[1].error_code(), grpc::INVALID_ARGUMENT);
   EXPECT_TRUE(absl::StrContains(responses[1].error_message(), "image"));
-  ExpectRightAnswer(stack.store(), Vectors(requests[0]), responses[0].response());
-  ExpectRightAnswer(stack.store(), Vectors(requests[2]), responses[2].response());
+  ExpectRightAnswer(stack.store(), Vectors(requests[0]),
+                    responses[0].response());
+  ExpectRightAnswer(stack.store(), Vectors(requests[2]),
+                    responses[2].response());
 }
 
 TEST_F(ServerTest, ALongStreamIsThrottledNotRefused) {
@@ -504,9 +522,8 @@ TEST_F(ServerTest, SelfInfluencePagesThroughTheWholeRanking) {
     for (int64_t n = 0; n < stack.store().num_samples(); ++n) {
       want.emplace_back(stack.store().Sample(n)->self_influence[column], n);
     }
-    std::stable_sort(want.begin(), want.end(), [](auto& a, auto& b) {
-      return a.first > b.first;
-    });
+    std::stable_sort(want.begin(), want.end(),
+                     [](auto& a, auto& b) { return a.first > b.first; });
     std::vector<int64_t> got;
     std::string token;
     do {
@@ -555,7 +572,8 @@ TEST_F(ServerTest, StoreInfoDescribesTheManifest) {
   EXPECT_EQ(info.diagnostics_size(), 3 * 5);
   EXPECT_EQ(info.spearman_timestep_norm_size(), 3);
   EXPECT_TRUE(info.accepts_images());
-  EXPECT_EQ(std::vector<int64_t>(info.image_shape().begin(), info.image_shape().end()),
+  EXPECT_EQ(std::vector<int64_t>(info.image_shape().begin(),
+                                 info.image_shape().end()),
             (std::vector<int64_t>{1, 28, 28}));
   EXPECT_FLOAT_EQ(info.diagnostics(1).norm_median(),
                   m.diagnostics["norm_stats"]["median"][0][1].get<float>());
@@ -568,9 +586,9 @@ TEST_F(ServerTest, HealthFollowsLoadingAndReflectionListsTheService) {
   options.listen = "127.0.0.1:0";
   auto server = GrpcServer::Start(options, &service);
   ASSERT_TRUE(server.ok()) << server.status();
-  auto channel = grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", (*server)->port()),
-      grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", (*server)->port()),
+                          grpc::InsecureChannelCredentials());
   auto health = [&]() {
     // grpc.health.v1.HealthCheckRequest{service = ""} is empty on the wire.
     grpc::GenericStub generic(channel);
@@ -596,7 +614,8 @@ TEST_F(ServerTest, HealthFollowsLoadingAndReflectionListsTheService) {
     std::vector<grpc::Slice> slices;
     reply.Dump(&slices);
     std::string bytes;
-    for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+    for (auto& s : slices)
+      bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
     // HealthCheckResponse{status = 1 SERVING | 2 NOT_SERVING}: 0x08 <status>.
     return bytes.size() == 2 ? bytes[1] : -1;
   };
@@ -617,8 +636,8 @@ TEST_F(ServerTest, HealthFollowsLoadingAndReflectionListsTheService) {
   grpc::ClientContext context;
   grpc::CompletionQueue cq;
   auto call = generic.PrepareCall(
-      &context, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-      &cq);
+      &context,
+      "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
   void* tag;
   bool ok;
   call->StartCall(reinterpret_cast<void*>(1));
@@ -634,7 +653,8 @@ TEST_F(ServerTest, HealthFollowsLoadingAndReflectionListsTheService) {
   std::vector<grpc::Slice> slices;
   reply.Dump(&slices);
   std::string bytes;
-  for (auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  for (auto& s : slices)
+    bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   EXPECT_TRUE(absl::StrContains(bytes, "retrace.v1.Attribution"));
   EXPECT_TRUE(absl::StrContains(bytes, "grpc.health.v1.Health"));
   call->WritesDone(reinterpret_cast<void*>(4));
