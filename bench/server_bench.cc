@@ -309,7 +309,7 @@ absl::Status MakeTinyRun(const std::string& root, const std::string& run_dir,
   build.store_seed = 5;
   build.num_buckets = 4;
   jobs::StoreBuildOptions build_options;
-  build_options.run_dir = run_dir;
+  build_options.model_path = run_dir;
   build_options.out_dir = store_dir;
   build_options.dataset_name = train.dataset_spec;
   build_options.dataset_seed = spec.seed;

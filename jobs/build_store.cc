@@ -26,6 +26,7 @@
 #include "server/featurize/timesteps.h"
 #include "server/model/diffusion_model.h"
 #include "server/model/replay.h"
+#include "server/run/model_description.h"
 #include "server/model/schedule.h"
 #include "server/model/torch_status.h"
 #include "server/model/unet.h"
@@ -125,8 +126,8 @@ absl::Status ValidateInputs(const StoreBuildConfig& config,
                             const data::ImageSet& images,
                             absl::Span<const int64_t> sample_ids,
                             const StoreBuildOptions& options) {
-  if (options.run_dir.empty()) {
-    return absl::InvalidArgumentError("build-store: no run directory given");
+  if (options.model_path.empty()) {
+    return absl::InvalidArgumentError("build-store: no model description given");
   }
   if (options.out_dir.empty()) {
     return absl::InvalidArgumentError("build-store: no output directory given");
@@ -211,18 +212,21 @@ absl::Status CheckReplayLog(const model::ReplayLog& log, const RunManifest& run,
 // no field of its own for it; being part of the spec, it keeps a resume from
 // mixing two seeds.
 json DatasetJson(const StoreBuildConfig& config,
-                 const StoreBuildOptions& options, const RunManifest& run,
+                 const StoreBuildOptions& options, const RunManifest* run,
                  const DatasetInfo& info, const data::ImageSet& images,
                  bool replay) {
   json d = json::object();
   d["name"] = options.dataset_name.empty() ? images.name : options.dataset_name;
   d["seed"] = options.dataset_seed;
+  // Recorded only when off, so that stores of shuffled mixtures keep their
+  // bytes (and ids) from before the field existed.
+  if (!options.dataset_shuffle) d["shuffle"] = false;
   d["sha256"] = info.sha256;
   d["num_samples"] = info.num_samples;
   if (!options.dataset_root.empty()) d["root"] = options.dataset_root;
   d["store_seed"] = config.store_seed;
-  d["run_seed"] = run.config.run_seed;
-  if (replay) d["replay_sha256"] = run.replay_sha256;
+  if (run != nullptr) d["run_seed"] = run->config.run_seed;
+  if (replay) d["replay_sha256"] = run->replay_sha256;
   return d;
 }
 
@@ -440,7 +444,7 @@ bool IsPartsSpecFile(const std::string& name) {
 
 // One checkpoint's model and featurizer; the featurizer borrows the model.
 struct LoadedCheckpoint {
-  std::unique_ptr<model::UNetModel> net;
+  std::unique_ptr<model::DiffusionModel> net;
   std::unique_ptr<featurize::Featurizer> featurizer;
 };
 
@@ -484,76 +488,97 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   RETURN_IF_ERROR(ValidateInputs(config, images, sample_ids_in, options));
   if (options.threads > 0) at::set_num_threads(options.threads);
 
-  // The run: every checkpoint (and replay.bin) hashed against run.json before
-  // anything is loaded.
-  ASSIGN_OR_RETURN(const RunManifest run,
-                   LoadRun(options.run_dir, /*verify_checksums=*/true));
-  if (!run.complete || run.checkpoints.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        options.run_dir, ": the training run is unfinished (", run.steps_done,
-        " of ", run.config.steps,
-        " steps); finish it with retrace-batch train --resume first"));
-  }
-  if (static_cast<int64_t>(run.checkpoints.size()) >=
+  // The model description: every checkpoint hashed against it (and, for a
+  // retrace-batch train run, against run.json) before anything is loaded.
+  ASSIGN_OR_RETURN(const run::ModelDescription description,
+                   run::LoadModelDescription(options.model_path,
+                                             /*verify_checksums=*/true));
+  const std::string& where = description.source;
+  if (static_cast<int64_t>(description.checkpoints.size()) >=
       featurize::kMaxCheckpoints) {
     return absl::InvalidArgumentError(
-        absl::StrCat(options.run_dir, ": too many checkpoints"));
+        absl::StrCat(where, ": too many checkpoints"));
+  }
+  if (images.channels != description.image.channels ||
+      images.height != description.image.height ||
+      images.width != description.image.width) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "build-store: the training images are ", images.channels, "x",
+        images.height, "x", images.width, " but ", where, " field 'image' says ",
+        description.image.channels, "x", description.image.height, "x",
+        description.image.width));
+  }
+  std::optional<RunManifest> run;
+  std::string run_dir;
+  if (!description.training_run.empty()) {
+    run_dir = description.Resolve(description.training_run);
+    ASSIGN_OR_RETURN(run, LoadRun(run_dir, /*verify_checksums=*/true));
+    if (!run->complete || run->checkpoints.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          run_dir, ": the training run is unfinished (", run->steps_done,
+          " of ", run->config.steps,
+          " steps); finish it with retrace-batch train --resume first"));
+    }
   }
 
-  // The data must be what the run trained on, sample for sample.
+  // The data must be what the model trained on, sample for sample, where the
+  // description (or the run) records its fingerprint.
   std::vector<int64_t> sample_ids(sample_ids_in.begin(), sample_ids_in.end());
   if (sample_ids.empty()) {
     for (int64_t n = 0; n < images.size(); ++n) sample_ids.push_back(n);
   }
   const DatasetInfo info = DescribeDataset(images, sample_ids);
-  if (info.sha256 != run.dataset.sha256) {
+  const std::string expected_sha256 =
+      run ? run->dataset.sha256 : description.data.sha256;
+  if (!expected_sha256.empty() && info.sha256 != expected_sha256) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "the dataset does not match the training run in ", options.run_dir,
-        ": ", info.num_samples, " samples of ", info.channels, "×", info.height,
+        "the dataset does not match the training data of ", where, ": ",
+        info.num_samples, " samples of ", info.channels, "×", info.height,
         "×", info.width, " with fingerprint ", info.sha256,
-        ", but the run trained on ", run.dataset.num_samples, " samples of ",
-        run.dataset.channels, "×", run.dataset.height, "×", run.dataset.width,
-        " with fingerprint ", run.dataset.sha256, " (dataset \"",
-        run.config.dataset_spec, "\", seed ", run.config.dataset_seed, ")"));
+        ", but the model trained on data with fingerprint ", expected_sha256,
+        run ? absl::StrCat(" (", run->dataset.num_samples, " samples, dataset \"",
+                           run->config.dataset_spec, "\", seed ",
+                           run->config.dataset_seed, ")")
+            : std::string()));
   }
   const int64_t total = images.size();
 
-  // Replay slot.
-  const bool run_has_replay = !run.replay_sha256.empty();
+  // Replay slot: only a retrace-batch train run logs one.
+  const bool run_has_replay = run && !run->replay_sha256.empty();
   if (config.replay == ReplayMode::kOn && !run_has_replay) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(options.run_dir, ": the run has no replay log (",
-                     model::kReplayLogFile, "); build without --replay"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        where, ": the model has no replay log (", model::kReplayLogFile,
+        " of a retrace-batch train run); build without --replay"));
   }
   const bool replay = config.replay == ReplayMode::kOn ||
                       (config.replay == ReplayMode::kAuto && run_has_replay);
   model::ReplayLog replay_log;
   if (replay) {
-    ASSIGN_OR_RETURN(replay_log, model::ReplayLog::Load(options.run_dir));
-    RETURN_IF_ERROR(CheckReplayLog(
-        replay_log, run, sample_ids,
-        absl::StrCat(options.run_dir, "/", model::kReplayLogFile)));
+    ASSIGN_OR_RETURN(replay_log, model::ReplayLog::Load(run_dir));
+    RETURN_IF_ERROR(
+        CheckReplayLog(replay_log, *run, sample_ids,
+                       absl::StrCat(run_dir, "/", model::kReplayLogFile)));
   }
 
   // Models and featurizers, one per checkpoint, all kept loaded: every chunk
   // visits every checkpoint and reloading would cost more than the memory.
   ASSIGN_OR_RETURN(const model::NoiseSchedule schedule,
-                   model::NoiseSchedule::Create(run.config.schedule,
-                                                run.config.num_timesteps));
+                   run::CreateNoiseSchedule(description.schedule));
+  const int64_t num_timesteps = description.schedule.timesteps;
   featurize::FeaturizeSpec fspec;
   if (!config.bucket_edges.empty()) {
     fspec.bucket_edges = config.bucket_edges;
   } else {
-    if (config.num_buckets > run.config.num_timesteps) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "build-store: ", config.num_buckets,
-          " buckets for T = ", run.config.num_timesteps, " timesteps"));
+    if (config.num_buckets > num_timesteps) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("build-store: ", config.num_buckets,
+                       " buckets for T = ", num_timesteps, " timesteps"));
     }
-    fspec.bucket_edges = featurize::EqualBucketEdges(config.num_buckets,
-                                                     run.config.num_timesteps);
+    fspec.bucket_edges =
+        featurize::EqualBucketEdges(config.num_buckets, num_timesteps);
   }
-  RETURN_IF_ERROR(featurize::ValidateBucketEdges(fspec.bucket_edges,
-                                                 run.config.num_timesteps));
+  RETURN_IF_ERROR(
+      featurize::ValidateBucketEdges(fspec.bucket_edges, num_timesteps));
   fspec.grad_timesteps = config.grad_timesteps;
   fspec.store_seed = config.store_seed;
   fspec.projection.type = config.projection;
@@ -561,19 +586,15 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   fspec.projection.sparsity = config.sparsity;
   fspec.projection.seed = config.projection_seed;
   fspec.param_regex = config.param_regex;
-  fspec.loss = run.config.loss;
+  ASSIGN_OR_RETURN(fspec.loss, run::LossTypeOf(description));
   featurize::FeaturizeOptions fopts;
   fopts.max_rows = options.batch_rows;
 
-  const model::UNetConfig unet =
-      UNetConfigFor(run.config.model, images.channels, images.height);
   std::vector<LoadedCheckpoint> checkpoints;
-  for (const CheckpointInfo& c : run.checkpoints) {
+  for (size_t c = 0; c < description.checkpoints.size(); ++c) {
     LoadedCheckpoint loaded;
     ASSIGN_OR_RETURN(loaded.net,
-                     model::UNetModel::Create(unet, run.config.run_seed));
-    RETURN_IF_ERROR(
-        loaded.net->Load(absl::StrCat(options.run_dir, "/", c.file)));
+                     run::LoadCheckpointModel(description, int64_t(c)));
     ASSIGN_OR_RETURN(loaded.featurizer,
                      featurize::Featurizer::Create(loaded.net.get(), schedule,
                                                    fspec, fopts));
@@ -589,22 +610,11 @@ absl::StatusOr<StoreBuildResult> BuildStore(
 
   // The store spec.
   store::StoreSpec spec;
-  spec.model.architecture = model::kUNetArchitecture;
+  run::RecordInStoreSpec(description, &spec);
   std::vector<double> weights;
-  for (const CheckpointInfo& c : run.checkpoints) {
-    store::CheckpointInfo sc;
-    sc.file = c.file;  // relative: parts on other machines record the same
-    sc.sha256 = c.sha256;
-    sc.weight = c.weight;
-    sc.step = c.step;
-    spec.model.checkpoints.push_back(sc);
+  for (const run::CheckpointDescription& c : description.checkpoints) {
     weights.push_back(c.weight);
   }
-  spec.noise_schedule.type = run.config.schedule;
-  spec.noise_schedule.timesteps = run.config.num_timesteps;
-  spec.noise_schedule.beta_start = model::NoiseSchedule::kLinearBetaStart;
-  spec.noise_schedule.beta_end = model::NoiseSchedule::kLinearBetaEnd;
-  spec.loss = run.config.loss;
   spec.buckets.edges = edges;
   spec.buckets.replay = replay;
   spec.projection.type = config.projection;
@@ -616,7 +626,8 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   spec.grad_timesteps = m;
   spec.dtype = config.dtype;
   spec.samples_per_shard = config.samples_per_shard;
-  spec.dataset = DatasetJson(config, options, run, info, images, replay);
+  spec.dataset = DatasetJson(config, options, run ? &*run : nullptr, info,
+                             images, replay);
   RETURN_IF_ERROR(spec.Validate());
 
   // The writer (resuming what is on disk) and this build's sample range.
@@ -695,6 +706,7 @@ absl::StatusOr<StoreBuildResult> BuildStore(
                         {count, shape.channels, shape.height, shape.width},
                         at::kFloat)
               .clone();
+      run::ToModelRange(description.image, x.data_ptr<float>(), x.numel());
       for (int64_t c = 0; c < num_c; ++c) {
         featurize::ReplayDraws draws;
         if (replay) {
@@ -716,7 +728,7 @@ absl::StatusOr<StoreBuildResult> BuildStore(
                              replay_log.Draw(c, n0 + i, draw_shape));
             if (draw.timestep != record.timestep) {
               return absl::DataLossError(absl::StrCat(
-                  options.run_dir, "/", model::kReplayLogFile,
+                  run_dir, "/", model::kReplayLogFile,
                   ": logged timestep ", record.timestep, " of sample ", n0 + i,
                   " at checkpoint ", c, " differs from the ", draw.timestep,
                   " its keys give"));

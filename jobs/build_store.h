@@ -1,5 +1,5 @@
-// The store build (DESIGN.md §1, §3; docs/store-build.md): from a training
-// run directory (run_dir.h) and its training set to a store directory
+// The store build (docs/store-build.md): from a model description
+// (server/run/model_description.h) and its training set to a store directory
 // (server/store/), whole or in parts that are joined later.
 //
 //   ASSIGN_OR_RETURN(StoreBuildResult r,
@@ -78,7 +78,9 @@ struct StoreBuildConfig {
 };
 
 struct StoreBuildOptions {
-  std::string run_dir;
+  // The model description (server/run/model_description.h): a model.toml, or
+  // a folder holding one such as a retrace-batch train run directory.
+  std::string model_path;
   std::string out_dir;
   // Descriptive text recorded as dataset.name (the mixture spec); the data's
   // identity is checked by its fingerprint, not by this text.
@@ -86,6 +88,9 @@ struct StoreBuildOptions {
   uint64_t dataset_seed = 0;
   // Where images can be read for thumbnails (dataset.root); may be empty.
   std::string dataset_root;
+  // Whether the mixture named by dataset_name is shuffled (image folders of
+  // model descriptions are not).
+  bool dataset_shuffle = true;
   // LibTorch intra-op threads (process-wide); 0 keeps the current setting.
   // The store's bytes are reproducible at a fixed thread count.
   int threads = 0;

@@ -17,6 +17,7 @@
 #include "jobs/build_store.h"
 #include "jobs/command.h"
 #include "jobs/run_dir.h"
+#include "server/run/model_description.h"
 #include "server/data/mixture.h"
 
 namespace retrace::jobs {
@@ -31,7 +32,7 @@ extern "C" void OnStopSignal(int signal_number) {
 }
 
 struct BuildFlags {
-  std::string run_dir;
+  std::string model_path;
   std::string dataset;  // empty: the run's
   bool dataset_seed_set = false;
   uint64_t dataset_seed = 0;
@@ -119,7 +120,7 @@ int RunBuildStore(const BuildFlags& flags) {
                                     : ReplayMode::kAuto;
 
   StoreBuildOptions options;
-  options.run_dir = flags.run_dir;
+  options.model_path = flags.model_path;
   options.out_dir = flags.out_dir;
   if (!flags.shard.empty() &&
       !ParseShard(flags.shard, &options.part_index, &options.num_parts)) {
@@ -137,31 +138,29 @@ int RunBuildStore(const BuildFlags& flags) {
   options.progress_interval_s = flags.progress_interval;
   options.should_stop = [](int64_t) { return stop_requested.load(); };
 
-  // The dataset: by default the run's own spec and seed.
-  absl::StatusOr<RunManifest> run =
-      LoadRun(flags.run_dir, /*verify_checksums=*/false);
-  if (!run.ok()) return Failure(kCommand, run.status());
-  const std::string spec_text =
-      flags.dataset.empty() ? run->config.dataset_spec : flags.dataset;
-  absl::StatusOr<data::MixtureSpec> spec = data::ParseMixtureSpec(spec_text);
-  if (!spec.ok()) {
-    if (flags.dataset.empty()) {
-      return Failure(kCommand,
-                     absl::FailedPreconditionError(absl::StrCat(
-                         flags.run_dir, ": the run's dataset \"", spec_text,
-                         "\" is not a mixture spec; pass --dataset: ",
-                         spec.status().message())));
-    }
-    return Usage(kCommand, spec.status().message());
+  // The dataset: by default the description's own.
+  absl::StatusOr<run::ModelDescription> description =
+      run::LoadModelDescription(flags.model_path, /*verify_checksums=*/false);
+  if (!description.ok()) return Failure(kCommand, description.status());
+  absl::StatusOr<data::MixtureSpec> spec =
+      run::TrainingMixtureSpec(*description);
+  if (!spec.ok()) return Failure(kCommand, spec.status());
+  if (!flags.dataset.empty()) {
+    spec = data::ParseMixtureSpec(flags.dataset);
+    if (!spec.ok()) return Usage(kCommand, spec.status().message());
+    spec->seed = description->data.seed;
   }
-  spec->seed =
-      flags.dataset_seed_set ? flags.dataset_seed : run->config.dataset_seed;
-  const data::DataLocations locations =
+  if (flags.dataset_seed_set) spec->seed = flags.dataset_seed;
+  data::DataLocations locations =
       data::DataLocationsFrom(flags.fashion_mnist_dir, flags.mnist_dir);
+  locations.folder_spec = {description->image.channels,
+                           description->image.height,
+                           description->image.width};
   absl::StatusOr<data::Mixture> mixture = data::BuildMixture(*spec, locations);
   if (!mixture.ok()) return Failure(kCommand, mixture.status());
   options.dataset_name = data::FormatMixtureSpec(*spec);
   options.dataset_seed = spec->seed;
+  options.dataset_shuffle = spec->shuffle;
   for (const data::MixtureComponent& c : spec->components) {
     if (c.source == "folder") {
       options.dataset_root = c.path;
@@ -172,11 +171,12 @@ int RunBuildStore(const BuildFlags& flags) {
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
   std::fprintf(stderr,
-               "build-store: %lld samples from \"%s\", run %s (%zu "
+               "build-store: %lld samples from \"%s\", model %s (%s, %zu "
                "checkpoints), %s, %d threads, out %s\n",
                static_cast<long long>(mixture->images.size()),
-               options.dataset_name.c_str(), flags.run_dir.c_str(),
-               run->checkpoints.size(),
+               options.dataset_name.c_str(), description->source.c_str(),
+               std::string(run::ModelKindName(description->kind)).c_str(),
+               description->checkpoints.size(),
                options.num_parts > 0 ? absl::StrCat("part ", options.part_index,
                                                     "/", options.num_parts)
                                            .c_str()
@@ -224,22 +224,24 @@ Subcommand RegisterBuildStoreCommand(CLI::App& parent) {
   auto flags = std::make_shared<BuildFlags>();
   CLI::App* app = parent.add_subcommand(
       "build-store",
-      "Build the attribution store of a training run: per sample, checkpoint "
+      "Build the attribution store of a model: per sample, checkpoint "
       "and timestep slot the projected unit gradient and its norm, "
       "self-influence and timestep diagnostics (resumable, byte-identical)");
-  app->add_option("--run", flags->run_dir, "Training run directory")
+  app->add_option("--model,--run", flags->model_path,
+                  "Model description (model.toml, or a folder holding one "
+                  "such as a retrace-batch train run directory)")
       ->required();
   app->add_option("--out", flags->out_dir, "Store directory")->required();
   app->add_option("--dataset", flags->dataset,
-                  "Mixture spec of the training set (default: the run's); "
-                  "must match the run's data fingerprint");
+                  "Mixture spec of the training set (default: the model "
+                  "description's data); must match its data fingerprint");
   app->add_option_function<uint64_t>(
       "--dataset-seed",
       [flags](const uint64_t& seed) {
         flags->dataset_seed = seed;
         flags->dataset_seed_set = true;
       },
-      "Mixture seed (default: the run's)");
+      "Mixture seed (default: the model description's)");
   app->add_option("--fashion-mnist-dir", flags->fashion_mnist_dir,
                   "Fashion-MNIST IDX directory");
   app->add_option("--mnist-dir", flags->mnist_dir, "MNIST JSON directory");
@@ -276,7 +278,8 @@ Subcommand RegisterBuildStoreCommand(CLI::App& parent) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app->add_flag("--replay", flags->replay,
-                "Require the replay slot (default: when the run logged it)");
+                "Require the replay slot (default: when the model's "
+                "training run logged it)");
   app->add_flag("--no-replay", flags->no_replay, "Leave out the replay slot");
   app->add_option("--threads", flags->threads,
                   "LibTorch threads (0: one per core); the store's bytes are "

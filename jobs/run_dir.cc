@@ -319,4 +319,31 @@ absl::StatusOr<RunManifest> LoadRun(const std::string& run_dir,
   return manifest;
 }
 
+run::ModelDescription DescribeRunModel(const RunManifest& manifest) {
+  const TrainConfig& config = manifest.config;
+  run::ModelDescription d;
+  d.kind = run::ModelKind::kBuiltinUNet;
+  d.unet.base_channels = config.model.base_channels;
+  d.unet.channel_mults = config.model.channel_mults;
+  d.unet.attention = config.model.attention;
+  d.unet.norm_groups = config.model.norm_groups;
+  d.unet.image_channels = manifest.dataset.channels;
+  d.unet.image_size = manifest.dataset.height;
+  d.image.channels = manifest.dataset.channels;
+  d.image.height = manifest.dataset.height;
+  d.image.width = manifest.dataset.width;
+  d.schedule.type = std::string(model::ScheduleTypeName(config.schedule));
+  d.schedule.timesteps = config.num_timesteps;
+  d.loss = std::string(model::LossTypeName(config.loss));
+  for (const CheckpointInfo& c : manifest.checkpoints) {
+    d.checkpoints.push_back({c.file, c.weight, c.sha256, c.step});
+  }
+  d.data.source = "mixture";
+  d.data.spec = config.dataset_spec;
+  d.data.seed = config.dataset_seed;
+  d.data.sha256 = manifest.dataset.sha256;
+  d.training_run = ".";
+  return d;
+}
+
 }  // namespace retrace::jobs

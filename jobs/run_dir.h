@@ -23,6 +23,7 @@
 #include "server/data/image_set.h"
 #include "server/model/loss.h"
 #include "server/model/schedule.h"
+#include "server/run/model_description.h"
 
 namespace retrace::jobs {
 
@@ -141,6 +142,13 @@ std::string FormatLossLog(absl::Span<const float> losses);
 // 0, 1, 2, ...
 absl::StatusOr<std::vector<float>> ParseLossLog(absl::string_view text,
                                                 absl::string_view name);
+
+// The model description of a finished run (written as run_dir/model.toml):
+// the built-in UNet with the run's hyper-parameters and image shape, its
+// checkpoints with sha256 and w_c, schedule, loss, the run's mixture and
+// data fingerprint, and the run itself (training.run = ".") for the replay
+// slot. Paths are relative to run_dir.
+run::ModelDescription DescribeRunModel(const RunManifest& manifest);
 
 // Reads run_dir/run.json. With verify_checksums, also hashes every listed
 // checkpoint and replay.bin and returns DATA_LOSS naming the file on a

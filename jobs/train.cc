@@ -153,6 +153,19 @@ absl::Status WriteReplayLog(TrainingCall& s,
                              bytes);
 }
 
+// run.json and, once the run is complete, model.toml (the model description
+// that build-store and retraced read; written after run.json so that a
+// description always names a finished run).
+absl::Status WriteRunFiles(const TrainingCall& s) {
+  const std::string& dir = s.options.run_dir;
+  RETURN_IF_ERROR(WriteFileAtomically(PathIn(dir, kRunJsonFile),
+                                      FormatRunJson(s.manifest)));
+  if (!s.manifest.complete) return absl::OkStatus();
+  return WriteFileAtomically(
+      PathIn(dir, run::kModelDescriptionFile),
+      run::FormatModelDescription(DescribeRunModel(s.manifest)));
+}
+
 // Order matters for crash safety: everything a resume needs from this step
 // (checkpoint, replay log, losses) is durable before train-state.pt moves
 // forward, and run.json, which readers trust, comes last.
@@ -176,8 +189,7 @@ absl::Status SaveProgress(TrainingCall& s, int64_t steps_done,
   RETURN_IF_ERROR(SaveTrainState(s, steps_done));
   s.manifest.steps_done = steps_done;
   s.manifest.complete = steps_done == s.config.steps;
-  return WriteFileAtomically(PathIn(dir, kRunJsonFile),
-                             FormatRunJson(s.manifest));
+  return WriteRunFiles(s);
 }
 
 // Decides between a fresh start and a resume; returns the first step to run.
@@ -391,8 +403,12 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
     // Resuming a run whose last checkpoint was saved but not marked complete.
     s.manifest.steps_done = steps_done;
     s.manifest.complete = true;
-    RETURN_IF_ERROR(WriteFileAtomically(PathIn(options.run_dir, kRunJsonFile),
-                                        FormatRunJson(s.manifest)));
+    RETURN_IF_ERROR(WriteRunFiles(s));
+  } else if (!stopped && s.manifest.complete &&
+             steps_done == start_step) {
+    // A finished run trained again: nothing new, but runs written before
+    // model descriptions existed get their model.toml.
+    RETURN_IF_ERROR(WriteRunFiles(s));
   }
   result.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started)

@@ -10,7 +10,12 @@
 //   0.008)/1.008)·π/2),
 //     β_t = min(1 − f((t+1)/T)/f(t/T), 0.999), then ᾱ_t = Π (1 − β_i). Where no
 //     β is clipped, ᾱ_t equals f((t+1)/T)/f(0) exactly up to rounding.
-//   linear: β_t evenly spaced from 1e-4 (t = 0) to 0.02 (t = T-1).
+//   linear: β_t evenly spaced from β_start (t = 0) to β_end (t = T-1),
+//     by default 1e-4 and 0.02.
+//   betas: an explicit list β_0..β_{T-1} (each in (0, 1)).
+//   alpha_bars: an explicit list ᾱ_0..ᾱ_{T-1}, strictly decreasing in (0, 1);
+//     β_t = 1 − ᾱ_t/ᾱ_{t−1} (β_0 = 1 − ᾱ_0), and AlphaBar returns the given
+//     values themselves.
 //
 // Values are computed once in double precision. NoiseSchedule is an immutable
 // value type: copyable and safe to share between threads.
@@ -25,9 +30,10 @@
 
 namespace retrace::model {
 
-enum class ScheduleType { kCosine, kLinear };
+enum class ScheduleType { kCosine, kLinear, kBetas, kAlphaBars };
 
-// "cosine" or "linear" (the names the store manifest records).
+// "cosine", "linear", "betas" or "alpha_bars" (the names the store manifest
+// and model descriptions record).
 absl::string_view ScheduleTypeName(ScheduleType type);
 // Inverse of ScheduleTypeName; INVALID_ARGUMENT names the accepted values.
 absl::StatusOr<ScheduleType> ParseScheduleType(absl::string_view name);
@@ -40,10 +46,22 @@ class NoiseSchedule {
   static constexpr double kLinearBetaStart = 1e-4;
   static constexpr double kLinearBetaEnd = 0.02;
 
-  // INVALID_ARGUMENT when num_timesteps < 2.
+  // INVALID_ARGUMENT when num_timesteps < 2 or `type` is an explicit list
+  // (kBetas, kAlphaBars: use FromBetas / FromAlphaBars).
   static absl::StatusOr<NoiseSchedule> Create(
       ScheduleType type = ScheduleType::kCosine,
       int num_timesteps = kDefaultNumTimesteps);
+  // Linear with other endpoints; INVALID_ARGUMENT unless
+  // 0 < beta_start <= beta_end < 1 and num_timesteps >= 2.
+  static absl::StatusOr<NoiseSchedule> CreateLinear(int num_timesteps,
+                                                    double beta_start,
+                                                    double beta_end);
+  // Explicit lists (at least 2 values). INVALID_ARGUMENT naming the first bad
+  // index: a β outside (0, 1), an ᾱ outside (0, 1] or not strictly
+  // decreasing, a non-finite value.
+  static absl::StatusOr<NoiseSchedule> FromBetas(std::vector<double> betas);
+  static absl::StatusOr<NoiseSchedule> FromAlphaBars(
+      std::vector<double> alpha_bars);
 
   ScheduleType type() const { return type_; }
   int num_timesteps() const { return static_cast<int>(betas_.size()); }
@@ -66,6 +84,7 @@ class NoiseSchedule {
 
  private:
   NoiseSchedule(ScheduleType type, std::vector<double> betas);
+  NoiseSchedule(std::vector<double> betas, std::vector<double> alpha_bars);
 
   ScheduleType type_;
   std::vector<double> betas_;

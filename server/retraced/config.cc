@@ -20,9 +20,10 @@ void Describe(CLI::App* app, ServerConfig* c) {
                   "without '--'); flags override it");
   app->add_option("--store", c->store_dir, "Store directory to serve")
       ->required();
-  app->add_option("--run", c->run_dir,
-                  "Training run directory of the store's model; without it "
-                  "only precomputed query_vectors are accepted");
+  app->add_option("--model,--run", c->model_path,
+                  "Model description of the store's model (model.toml, or a "
+                  "folder holding one such as a retrace-batch train run); "
+                  "without it only precomputed query_vectors are accepted");
   app->add_option("--fashion-mnist-dir", c->fashion_mnist_dir,
                   "Fashion-MNIST IDX directory, for thumbnails (default: "
                   "Debian's dataset-fashion-mnist)");

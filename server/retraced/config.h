@@ -15,7 +15,9 @@ namespace retrace::retraced {
 struct ServerConfig {
   // What to serve.
   std::string store_dir;
-  std::string run_dir;  // empty: precomputed query vectors only
+  // Model description (file, or a folder holding model.toml, such as a
+  // retrace-batch train run); empty: precomputed query vectors only.
+  std::string model_path;
   std::string fashion_mnist_dir;
   std::string mnist_dir;
   bool thumbnails = true;

@@ -71,12 +71,12 @@ absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
                                                            scorer_options));
   RETRACE_LOG(INFO) << "scoring on "
                     << kernels::BackendName(loaded->scorer->backend());
-  if (!config.run_dir.empty()) {
+  if (!config.model_path.empty()) {
     ASSIGN_OR_RETURN(loaded->featurizer, service::ModelQueryFeaturizer::Create(
                                              loaded->store->manifest(),
-                                             config.run_dir, config.workers));
+                                             config.model_path, config.workers));
   } else {
-    RETRACE_LOG(INFO) << "no --run: serving precomputed query vectors only";
+    RETRACE_LOG(INFO) << "no --model: serving precomputed query vectors only";
   }
   if (config.thumbnails) {
     const data::DataLocations locations =

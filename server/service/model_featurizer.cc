@@ -7,13 +7,11 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "jobs/run_dir.h"
-#include "jobs/train.h"
 #include "server/core/status.h"
 #include "server/featurize/featurizer.h"
 #include "server/model/schedule.h"
 #include "server/model/torch_status.h"
-#include "server/model/unet.h"
+#include "server/run/model_description.h"
 
 namespace retrace::service {
 
@@ -21,7 +19,7 @@ namespace retrace::service {
 // runs them; Run hands it one job at a time (the pool in Featurize makes sure
 // a worker is never given two).
 struct ModelQueryFeaturizer::Worker {
-  std::vector<std::unique_ptr<model::UNetModel>> models;  // index c
+  std::vector<std::unique_ptr<model::DiffusionModel>> models;  // index c
   std::vector<std::unique_ptr<featurize::Featurizer>> featurizers;
 
   Worker() : thread([this] { Loop(); }) {}
@@ -68,35 +66,16 @@ ModelQueryFeaturizer::~ModelQueryFeaturizer() = default;
 
 absl::StatusOr<std::unique_ptr<ModelQueryFeaturizer>>
 ModelQueryFeaturizer::Create(const store::Manifest& manifest,
-                             const std::string& run_dir, int workers) {
+                             const std::string& model_path, int workers) {
   if (workers < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("featurizer workers must be >= 1, got ", workers));
   }
   const store::StoreSpec& spec = manifest.spec;
-  if (spec.model.architecture != model::kUNetArchitecture) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the store's model is '", spec.model.architecture,
-                     "'; retraced featurizes queries with the built-in '",
-                     model::kUNetArchitecture, "' only"));
-  }
-  ASSIGN_OR_RETURN(const jobs::RunManifest run,
-                   jobs::LoadRun(run_dir, /*verify_checksums=*/true));
-  if (run.checkpoints.size() != spec.model.checkpoints.size()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        run_dir, " has ", run.checkpoints.size(), " checkpoints; the store ",
-        manifest.store_id, " was built from ", spec.model.checkpoints.size()));
-  }
-  for (size_t c = 0; c < run.checkpoints.size(); ++c) {
-    if (run.checkpoints[c].sha256 != spec.model.checkpoints[c].sha256) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          run_dir, "/", run.checkpoints[c].file, " (checkpoint ", c,
-          ") has sha256 ", run.checkpoints[c].sha256,
-          "; the store was built "
-          "from ",
-          spec.model.checkpoints[c].sha256, " (is this the store's run?)"));
-    }
-  }
+  ASSIGN_OR_RETURN(const run::ModelDescription description,
+                   run::LoadModelDescription(model_path,
+                                             /*verify_checksums=*/true));
+  RETURN_IF_ERROR(run::CheckMatchesStore(description, spec));
   if (!spec.dataset.contains("store_seed") ||
       !spec.dataset["store_seed"].is_number_unsigned()) {
     return absl::FailedPreconditionError(
@@ -104,8 +83,7 @@ ModelQueryFeaturizer::Create(const store::Manifest& manifest,
   }
 
   ASSIGN_OR_RETURN(const model::NoiseSchedule schedule,
-                   model::NoiseSchedule::Create(spec.noise_schedule.type,
-                                                spec.noise_schedule.timesteps));
+                   run::CreateNoiseSchedule(description.schedule));
   featurize::FeaturizeSpec fspec;
   fspec.bucket_edges = spec.buckets.edges;
   fspec.grad_timesteps = spec.grad_timesteps;
@@ -116,21 +94,18 @@ ModelQueryFeaturizer::Create(const store::Manifest& manifest,
   fspec.projection.seed = spec.projection.seed;
   fspec.projection.input_dim = spec.projection.input_dim;
   fspec.param_regex = spec.projection.param_regex;
-  fspec.loss = spec.loss;
-
-  const model::UNetConfig unet = jobs::UNetConfigFor(
-      run.config.model, run.dataset.channels, run.dataset.height);
+  ASSIGN_OR_RETURN(fspec.loss, run::LossTypeOf(description));
 
   std::unique_ptr<ModelQueryFeaturizer> f(new ModelQueryFeaturizer());
-  f->image_shape_ = {run.dataset.channels, run.dataset.height,
-                     run.dataset.width};
+  f->image_shape_ = {description.image.channels, description.image.height,
+                     description.image.width};
+  f->image_ = description.image;
   f->dim_ = spec.projection.dim;
   for (int w = 0; w < workers; ++w) {
     auto worker = std::make_unique<Worker>();
-    for (const jobs::CheckpointInfo& c : run.checkpoints) {
-      ASSIGN_OR_RETURN(std::unique_ptr<model::UNetModel> net,
-                       model::UNetModel::Create(unet, run.config.run_seed));
-      RETURN_IF_ERROR(net->Load(absl::StrCat(run_dir, "/", c.file)));
+    for (size_t c = 0; c < description.checkpoints.size(); ++c) {
+      ASSIGN_OR_RETURN(std::unique_ptr<model::DiffusionModel> net,
+                       run::LoadCheckpointModel(description, int64_t(c)));
       ASSIGN_OR_RETURN(
           std::unique_ptr<featurize::Featurizer> featurizer,
           featurize::Featurizer::Create(net.get(), schedule, fspec));
@@ -168,11 +143,12 @@ absl::StatusOr<FeaturizedQuery> ModelQueryFeaturizer::Featurize(
   auto run = [&]() -> absl::StatusOr<FeaturizedQuery> {
     return model::internal::CallTorch(
         "featurizing the query", [&]() -> absl::StatusOr<FeaturizedQuery> {
-          const at::Tensor pixels =
+          at::Tensor pixels =
               torch::from_blob(const_cast<float*>(image.pixels.data()),
                                {image.channels, image.height, image.width},
                                torch::kFloat32)
                   .clone();
+          run::ToModelRange(image_, pixels.data_ptr<float>(), pixels.numel());
           featurize::QueryOptions q;
           q.query_timesteps = options.query_timesteps;
           q.noise_draws = options.noise_draws;

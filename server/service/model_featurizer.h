@@ -1,5 +1,6 @@
-// The query featurizer of retraced: the store's own model (the built-in UNet
-// of a training run directory, checkpoint by checkpoint) and projection, so
+// The query featurizer of retraced: the store's own model (described by a
+// model description, server/run/model_description.h: the built-in UNet or a
+// TorchScript module, checkpoint by checkpoint) and projection, so
 // that a query image gets exactly the features the store was built with
 // (DESIGN §1 test side; docs/featurization.md).
 #ifndef RETRACE_SERVER_SERVICE_MODEL_FEATURIZER_H_
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/run/model_description.h"
 #include "server/service/query_featurizer.h"
 #include "server/store/manifest.h"
 
@@ -20,15 +22,18 @@ namespace retrace::service {
 
 class ModelQueryFeaturizer final : public QueryFeaturizer {
  public:
-  // Loads every checkpoint of the run in `run_dir` once per worker (a UNet
-  // is a few MB). Checks that the run is the one the store was built from:
-  // the checkpoints' sha256 must equal the manifest's.
-  //   NotFound / DataLoss: missing or damaged run files (naming them).
-  //   FailedPrecondition: a run other than the store's, or a store whose
-  //     model is not the built-in UNet.
-  //   InvalidArgument: workers < 1.
+  // Loads every checkpoint of the model description at `model_path` (a file,
+  // or a folder holding model.toml) once per worker. Checks that it
+  // describes the store's model: architecture, checkpoint sha256s, image,
+  // schedule and loss must equal the manifest's. Query pixels arrive in
+  // [−1, 1] and are mapped onto the description's pixel range.
+  //   NotFound / DataLoss: missing or changed checkpoint files (naming them).
+  //   InvalidArgument: a malformed description (naming the field), a model
+  //     file that cannot load or rejects the image shape, workers < 1.
+  //   FailedPrecondition: a description other than the store's model.
   static absl::StatusOr<std::unique_ptr<ModelQueryFeaturizer>> Create(
-      const store::Manifest& manifest, const std::string& run_dir, int workers);
+      const store::Manifest& manifest, const std::string& model_path,
+      int workers);
   ~ModelQueryFeaturizer() override;
 
   std::vector<int64_t> image_shape() const override;
@@ -44,6 +49,7 @@ class ModelQueryFeaturizer final : public QueryFeaturizer {
   ModelQueryFeaturizer();
 
   std::vector<int64_t> image_shape_;
+  run::ImageDescription image_;
   int64_t dim_ = 0;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::mutex mutex_;

@@ -87,7 +87,16 @@ absl::StatusOr<std::unique_ptr<TrainingImages>> LoadTrainingImages(
   if (dataset.contains("seed") && dataset["seed"].is_number_unsigned()) {
     spec->seed = dataset["seed"].get<uint64_t>();
   }
-  absl::StatusOr<data::Mixture> mixture = data::BuildMixture(*spec, locations);
+  // Image folders of a model description are read in folder order.
+  if (dataset.contains("shuffle") && dataset["shuffle"].is_boolean()) {
+    spec->shuffle = dataset["shuffle"].get<bool>();
+  }
+  data::DataLocations where = locations;
+  const store::ImageInfo& image = store.manifest().spec.model.image;
+  if (image.channels > 0) {
+    where.folder_spec = {image.channels, image.height, image.width};
+  }
+  absl::StatusOr<data::Mixture> mixture = data::BuildMixture(*spec, where);
   if (!mixture.ok()) {
     return Annotate(mixture.status(),
                     absl::StrCat("reading the training images '", name, "'"));

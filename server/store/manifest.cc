@@ -130,10 +130,32 @@ absl::StatusOr<Enum> ParseEnum(const Fields& f, absl::string_view name,
       absl::StrCat("is \"", value, "\"; expected one of ", allowed));
 }
 
-constexpr std::pair<const char*, ScheduleType> kScheduleNames[] = {
-    {"cosine", ScheduleType::kCosine}, {"linear", ScheduleType::kLinear}};
-constexpr std::pair<const char*, LossType> kLossNames[] = {
-    {"mse", LossType::kMse}, {"l1", LossType::kL1}};
+// A name from `names`; otherwise an error listing them.
+template <size_t N>
+absl::StatusOr<std::string> ParseName(const Fields& f, absl::string_view name,
+                                      const char* const (&names)[N]) {
+  ASSIGN_OR_RETURN(std::string value, f.String(name));
+  std::string allowed;
+  for (const char* text : names) {
+    if (value == text) return value;
+    absl::StrAppend(&allowed, allowed.empty() ? "" : ", ", "\"", text, "\"");
+  }
+  return FieldError(
+      f.Path(name),
+      absl::StrCat("is \"", value, "\"; expected one of ", allowed));
+}
+
+template <size_t N>
+bool IsOneOf(const std::string& value, const char* const (&names)[N]) {
+  for (const char* text : names) {
+    if (value == text) return true;
+  }
+  return false;
+}
+
+bool IsExplicitSchedule(const std::string& type) {
+  return type == "betas" || type == "alpha_bars";
+}
 constexpr std::pair<const char*, ProjectionType> kProjectionNames[] = {
     {"sjlt", ProjectionType::kSjlt},
     {"rademacher", ProjectionType::kRademacher}};
@@ -146,12 +168,19 @@ bool CheckpointInfo::operator==(const CheckpointInfo& o) const {
   return file == o.file && sha256 == o.sha256 && weight == o.weight &&
          step == o.step;
 }
+bool ImageInfo::operator==(const ImageInfo& o) const {
+  return channels == o.channels && height == o.height && width == o.width &&
+         pixel_min == o.pixel_min && pixel_max == o.pixel_max;
+}
 bool ModelInfo::operator==(const ModelInfo& o) const {
-  return architecture == o.architecture && checkpoints == o.checkpoints;
+  return architecture == o.architecture && checkpoints == o.checkpoints &&
+         image == o.image && prediction == o.prediction;
 }
 bool NoiseScheduleInfo::operator==(const NoiseScheduleInfo& o) const {
-  if (type != o.type || timesteps != o.timesteps) return false;
-  return type != ScheduleType::kLinear ||
+  if (type != o.type || timesteps != o.timesteps || values != o.values) {
+    return false;
+  }
+  return type != "linear" ||
          (beta_start == o.beta_start && beta_end == o.beta_end);
 }
 bool BucketInfo::operator==(const BucketInfo& o) const {
@@ -190,16 +219,42 @@ absl::Status StoreSpec::Validate() const {
       return FieldError(path + ".weight", "must be finite");
     if (ck.step < 0) return FieldError(path + ".step", "must be >= 0");
   }
+  const ImageInfo& image = model.image;
+  if (image.channels != 0 &&
+      (image.channels < 1 || image.height < 1 || image.width < 1)) {
+    return FieldError("model.image", "channels, height and width must be >= 1");
+  }
+  if (!(std::isfinite(image.pixel_min) && std::isfinite(image.pixel_max) &&
+        image.pixel_min < image.pixel_max)) {
+    return FieldError("model.image.pixel_range",
+                      "must be two finite values, the first below the second");
+  }
   const NoiseScheduleInfo& ns = noise_schedule;
+  if (!IsOneOf(ns.type, kScheduleTypeNames)) {
+    return FieldError("noise_schedule.type",
+                      absl::StrCat("is \"", ns.type, "\", not a known schedule"));
+  }
   if (ns.timesteps < 1) {
     return FieldError("noise_schedule.timesteps",
                       absl::StrCat("must be >= 1, got ", ns.timesteps));
   }
-  if (ns.type == ScheduleType::kLinear &&
-      !(ns.beta_start > 0 && ns.beta_start < ns.beta_end && ns.beta_end < 1)) {
+  if (ns.type == "linear" &&
+      !(ns.beta_start > 0 && ns.beta_start <= ns.beta_end && ns.beta_end < 1)) {
     return FieldError(
         "noise_schedule.beta_start",
-        "and beta_end must satisfy 0 < beta_start < beta_end < 1");
+        "and beta_end must satisfy 0 < beta_start <= beta_end < 1");
+  }
+  if (IsExplicitSchedule(ns.type) !=
+      (static_cast<int64_t>(ns.values.size()) == ns.timesteps)) {
+    return FieldError(
+        "noise_schedule.values",
+        absl::StrCat("must hold noise_schedule.timesteps (", ns.timesteps,
+                     ") values for \"betas\" and \"alpha_bars\" and be "
+                     "absent otherwise; got ",
+                     ns.values.size()));
+  }
+  if (!IsOneOf(loss, kLossNames)) {
+    return FieldError("loss", absl::StrCat("is \"", loss, "\", not a known loss"));
   }
   const std::vector<int64_t>& e = buckets.edges;
   if (e.size() < 2)
@@ -275,15 +330,25 @@ void StoreSpec::ToJson(json* out) const {
   }
   j["model"] = {{"architecture", model.architecture},
                 {"checkpoints", std::move(checkpoints)}};
-  json schedule = {
-      {"type", std::string(model::ScheduleTypeName(noise_schedule.type))},
-      {"timesteps", noise_schedule.timesteps}};
-  if (noise_schedule.type == ScheduleType::kLinear) {
+  if (model.image.channels != 0) {
+    j["model"]["image"] = {
+        {"channels", model.image.channels},
+        {"height", model.image.height},
+        {"width", model.image.width},
+        {"pixel_range", {model.image.pixel_min, model.image.pixel_max}}};
+  }
+  if (!model.prediction.empty()) j["model"]["prediction"] = model.prediction;
+  json schedule = {{"type", noise_schedule.type},
+                   {"timesteps", noise_schedule.timesteps}};
+  if (noise_schedule.type == "linear") {
     schedule["beta_start"] = noise_schedule.beta_start;
     schedule["beta_end"] = noise_schedule.beta_end;
   }
+  if (!noise_schedule.values.empty()) {
+    schedule["values"] = noise_schedule.values;
+  }
   j["noise_schedule"] = std::move(schedule);
-  j["loss"] = std::string(model::LossTypeName(loss));
+  j["loss"] = loss;
   j["buckets"] = {{"edges", buckets.edges}, {"replay", buckets.replay}};
   j["projection"] = {{"type", kernels::ProjectionTypeName(projection.type)},
                      {"dim", projection.dim},
@@ -319,19 +384,45 @@ absl::StatusOr<StoreSpec> StoreSpec::FromJson(const json& j,
       ASSIGN_OR_RETURN(ck.step, f.Int("step"));
       spec.model.checkpoints.push_back(std::move(ck));
     }
+    if (model.Has("image")) {
+      ASSIGN_OR_RETURN(Fields image, model.Object("image"));
+      ASSIGN_OR_RETURN(spec.model.image.channels, image.Int("channels"));
+      ASSIGN_OR_RETURN(spec.model.image.height, image.Int("height"));
+      ASSIGN_OR_RETURN(spec.model.image.width, image.Int("width"));
+      ASSIGN_OR_RETURN(const json* range, image.Array("pixel_range"));
+      if (range->size() != 2 || !(*range)[0].is_number() ||
+          !(*range)[1].is_number()) {
+        return FieldError("model.image.pixel_range", "must be two numbers");
+      }
+      spec.model.image.pixel_min = (*range)[0].get<double>();
+      spec.model.image.pixel_max = (*range)[1].get<double>();
+    }
+    if (model.Has("prediction")) {
+      ASSIGN_OR_RETURN(spec.model.prediction, model.String("prediction"));
+    }
 
     ASSIGN_OR_RETURN(Fields schedule, root.Object("noise_schedule"));
     ASSIGN_OR_RETURN(spec.noise_schedule.type,
-                     ParseEnum(schedule, "type", kScheduleNames));
+                     ParseName(schedule, "type", kScheduleTypeNames));
     ASSIGN_OR_RETURN(spec.noise_schedule.timesteps, schedule.Int("timesteps"));
-    if (spec.noise_schedule.type == ScheduleType::kLinear) {
+    if (IsExplicitSchedule(spec.noise_schedule.type)) {
+      ASSIGN_OR_RETURN(const json* values, schedule.Array("values"));
+      for (size_t i = 0; i < values->size(); ++i) {
+        if (!(*values)[i].is_number()) {
+          return FieldError(absl::StrCat("noise_schedule.values[", i, "]"),
+                            "must be a number");
+        }
+        spec.noise_schedule.values.push_back((*values)[i].get<double>());
+      }
+    }
+    if (spec.noise_schedule.type == "linear") {
       ASSIGN_OR_RETURN(spec.noise_schedule.beta_start,
                        schedule.Number("beta_start"));
       ASSIGN_OR_RETURN(spec.noise_schedule.beta_end,
                        schedule.Number("beta_end"));
     }
 
-    ASSIGN_OR_RETURN(spec.loss, ParseEnum(root, "loss", kLossNames));
+    ASSIGN_OR_RETURN(spec.loss, ParseName(root, "loss", kLossNames));
 
     ASSIGN_OR_RETURN(Fields buckets, root.Object("buckets"));
     ASSIGN_OR_RETURN(const json* edges, buckets.Array("edges"));

@@ -21,8 +21,6 @@
 #include "kernels/dtype.h"
 #include "kernels/projection.h"
 #include "nlohmann/json.hpp"
-#include "server/model/loss.h"
-#include "server/model/schedule.h"
 
 namespace retrace::store {
 
@@ -30,13 +28,17 @@ inline constexpr char kFormatName[] = "retrace-store";
 inline constexpr int64_t kFormatVersion = 1;
 inline constexpr char kManifestFileName[] = "manifest.json";
 
-// The manifest records the types that the model and the projection define;
-// their manifest spellings are "cosine"/"linear", "mse"/"l1" and
-// "sjlt"/"rademacher" (model::ScheduleTypeName, model::LossTypeName,
-// kernels::ProjectionTypeName).
+// The store format knows no model: it records the noise schedule and the
+// loss by name ("cosine", "linear", "betas", "alpha_bars"; "mse", "l1") and
+// leaves their meaning to the model library (server/model), which maps the
+// names to its types. The projection type is the kernels' own
+// ("sjlt"/"rademacher", kernels::ProjectionTypeName).
 using kernels::ProjectionType;
-using model::LossType;
-using model::ScheduleType;
+
+// The names a manifest may hold in noise_schedule.type and loss.
+inline constexpr const char* kScheduleTypeNames[] = {"cosine", "linear",
+                                                     "betas", "alpha_bars"};
+inline constexpr const char* kLossNames[] = {"mse", "l1"};
 
 struct CheckpointInfo {
   std::string file;     // as the build found it (path or name)
@@ -47,19 +49,38 @@ struct CheckpointInfo {
   bool operator==(const CheckpointInfo&) const;
 };
 
+// The shape of the model's input images and the range that 8-bit pixels
+// 0..255 map to linearly. channels == 0: not recorded (stores written before
+// model descriptions existed); readers then assume 1×28×28 in [−1, 1].
+struct ImageInfo {
+  int64_t channels = 0;
+  int64_t height = 0;
+  int64_t width = 0;
+  double pixel_min = -1.0;
+  double pixel_max = 1.0;
+
+  bool operator==(const ImageInfo&) const;
+};
+
 struct ModelInfo {
   std::string architecture;
   std::vector<CheckpointInfo> checkpoints;  // C >= 1, in checkpoint order c
+  ImageInfo image;
+  // What the network predicts; only "epsilon" exists today. Empty: not
+  // recorded (read as "epsilon").
+  std::string prediction;
 
   bool operator==(const ModelInfo&) const;
 };
 
 struct NoiseScheduleInfo {
-  ScheduleType type = ScheduleType::kCosine;
-  int64_t timesteps = 1000;  // T
-  // Only meaningful (and only serialized) for kLinear.
+  std::string type = "cosine";  // one of kScheduleTypeNames
+  int64_t timesteps = 1000;     // T
+  // Only meaningful (and only serialized) for "linear".
   double beta_start = 1e-4;
   double beta_end = 0.02;
+  // The T values of "betas" or "alpha_bars"; empty for the others.
+  std::vector<double> values;
 
   bool operator==(const NoiseScheduleInfo&) const;
 };
@@ -93,7 +114,7 @@ struct ProjectionInfo {
 struct StoreSpec {
   ModelInfo model;
   NoiseScheduleInfo noise_schedule;
-  LossType loss = LossType::kMse;
+  std::string loss = "mse";  // one of kLossNames
   BucketInfo buckets;
   ProjectionInfo projection;
   int64_t grad_timesteps = 1;  // m

@@ -55,7 +55,7 @@ StoreBuildConfig SmallConfig() {
 
 StoreBuildOptions OptionsFor(const TinyRun& run, const std::string& out) {
   StoreBuildOptions options;
-  options.run_dir = run.run_dir;
+  options.model_path = run.run_dir;
   options.out_dir = out;
   options.dataset_name = data::FormatMixtureSpec(run.spec);
   options.dataset_seed = run.spec.seed;

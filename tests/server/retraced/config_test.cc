@@ -85,6 +85,7 @@ TEST(ConfigTest, HelpExplainsEveryOption) {
   EXPECT_EQ(Parse({"--help"}, &c, nullptr, &out), 0);
   for (const char* flag : {"--config",
                            "--store",
+                           "--model",
                            "--run",
                            "--listen",
                            "--metrics-port",

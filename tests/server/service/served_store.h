@@ -97,7 +97,7 @@ inline const ServedStore& SharedStore() {
       config.samples_per_shard = 16;
       config.replay = replay ? jobs::ReplayMode::kOn : jobs::ReplayMode::kOff;
       jobs::StoreBuildOptions options;
-      options.run_dir = tmp + "/run";
+      options.model_path = tmp + "/run";
       options.out_dir = tmp + (replay ? "/store" : "/store-no-replay");
       options.dataset_name = data::FormatMixtureSpec(*spec);
       options.dataset_seed = spec->seed;

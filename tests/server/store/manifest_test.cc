@@ -17,7 +17,7 @@ using ::testing::HasSubstr;
 Manifest MakeManifest() {
   Manifest m;
   m.spec = testing::MakeSpec(kernels::DType::kBF16, /*replay=*/true, 10);
-  m.spec.noise_schedule.type = ScheduleType::kLinear;
+  m.spec.noise_schedule.type = "linear";
   m.spec.noise_schedule.beta_start = 1e-4;
   m.spec.noise_schedule.beta_end = 0.02;
   m.num_samples = 25;
@@ -162,6 +162,14 @@ TEST(ManifestTest, InvalidFieldsAreNamed) {
       {"/samples_per_shard", int64_t(1) << 59,
        "field 'samples_per_shard' is too large for rows of 144 bytes"},
       {"/noise_schedule/beta_end", 2.0, "noise_schedule.beta_start"},
+      {"/noise_schedule/type", "betas", "field 'noise_schedule.values'"},
+      {"/noise_schedule/type", "quadratic",
+       "field 'noise_schedule.type' is \"quadratic\"; expected one of"},
+      {"/loss", "huber", "field 'loss' is \"huber\"; expected one of"},
+      {"/model/image",
+       {{"channels", 3}, {"height", 32}, {"width", 32},
+        {"pixel_range", {1.0, -1.0}}},
+       "field 'model.image.pixel_range'"},
   };
   for (const FieldCase& c : cases) {
     SCOPED_TRACE(c.path + " = " + c.value.dump());
@@ -197,6 +205,29 @@ TEST(ManifestTest, MalformedJson) {
   EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(m.status().message(),
               HasSubstr("x/manifest.json: malformed JSON"));
+}
+
+TEST(ManifestTest, ExplicitScheduleAndImageRoundTrip) {
+  Manifest m = MakeManifest();
+  m.spec.noise_schedule.type = "alpha_bars";
+  m.spec.noise_schedule.timesteps = 4;
+  m.spec.noise_schedule.values = {0.9, 0.5, 0.25, 0.125};
+  m.spec.buckets.edges = {0, 2, 4};
+  m.spec.model.image = {3, 32, 16, 0.0, 1.0};
+  m.spec.model.prediction = "epsilon";
+  m.store_id = *ComputeStoreId(m.spec, m.num_samples, m.shards);
+  ASSERT_TRUE(m.Validate().ok()) << m.Validate();
+  const std::string text = *m.Serialize();
+  absl::StatusOr<Manifest> back = Manifest::Parse(text);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->spec.noise_schedule.values, m.spec.noise_schedule.values);
+  EXPECT_EQ(back->spec.model.image.channels, 3);
+  EXPECT_EQ(back->spec.model.image.width, 16);
+  EXPECT_EQ(back->spec.model.image.pixel_min, 0.0);
+  EXPECT_TRUE(back->spec == m.spec);
+  // A list whose length is not T is refused, naming the field.
+  m.spec.noise_schedule.values.pop_back();
+  EXPECT_THAT(m.spec.Validate().message(), HasSubstr("noise_schedule.values"));
 }
 
 TEST(ManifestTest, CosineScheduleOmitsBetas) {

@@ -14,9 +14,9 @@ StoreSpec MakeSpec(kernels::DType dtype, bool replay, int64_t samples_per_shard,
                                       std::string(64, char('a' + c % 6)),
                                       0.5 + 0.25 * double(c), 1000 * (c + 1)});
   }
-  spec.noise_schedule.type = ScheduleType::kCosine;
+  spec.noise_schedule.type = "cosine";
   spec.noise_schedule.timesteps = 1000;
-  spec.loss = LossType::kMse;
+  spec.loss = "mse";
   spec.buckets.edges = std::move(edges);
   spec.buckets.replay = replay;
   spec.projection.type = ProjectionType::kSjlt;
