@@ -94,7 +94,7 @@ if [ -f "$out/store/manifest.json" ]; then
   say "store: reusing $out/store"
 else
   say "building the store (D=$dim, $buckets timestep buckets + replay slot)"
-  "$batch" build-store --run "$out/run" --out "$out/store" --dim "$dim" \
+  "$batch" build-store --model "$out/run" --out "$out/store" --dim "$dim" \
     --buckets "$buckets" --progress-interval 15
 fi
 
@@ -105,7 +105,7 @@ fi
 
 say "starting retraced"
 rm -f "$out/port"
-"$retraced" --store "$out/store" --run "$out/run" --listen 127.0.0.1:0 \
+"$retraced" --store "$out/store" --model "$out/run" --listen 127.0.0.1:0 \
   --port-file "$out/port" --metrics-port -1 --no-verify-checksums \
   2>"$out/retraced.log" &
 server_pid=$!

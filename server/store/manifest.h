@@ -30,7 +30,7 @@ inline constexpr char kManifestFileName[] = "manifest.json";
 
 // The store format knows no model: it records the noise schedule and the
 // loss by name ("cosine", "linear", "betas", "alpha_bars"; "mse", "l1") and
-// leaves their meaning to the model library (server/model), which maps the
+// leaves their meaning to the model library, which maps the
 // names to its types. The projection type is the kernels' own
 // ("sjlt"/"rademacher", kernels::ProjectionTypeName).
 using kernels::ProjectionType;
