@@ -364,7 +364,7 @@ absl::string_view ModelKindName(ModelKind kind) {
 
 std::string ModelDescription::Resolve(const std::string& relative) const {
   if (relative.empty() || fs::path(relative).is_absolute()) return relative;
-  return (fs::path(base_dir) / relative).lexically_normal().string();
+  return (fs::path(base_dir) / relative).string();
 }
 
 absl::StatusOr<ModelDescription> ParseModelDescription(

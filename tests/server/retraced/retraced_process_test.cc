@@ -24,16 +24,18 @@ namespace {
 
 class Retraced {
  public:
-  explicit Retraced(std::vector<std::string> extra) {
+  // `model`: the --model argument; empty: the shared store's run directory.
+  explicit Retraced(std::vector<std::string> extra, std::string model = "") {
     const auto& s = testing::SharedStore();
+    if (model.empty()) model = s.run_dir;
     dir_ = ::testing::TempDir() + "/retraced-proc-" + std::to_string(getpid());
     std::filesystem::create_directories(dir_);
     std::filesystem::remove(dir_ + "/port");
     std::vector<std::string> args = {RETRACED_BINARY,
                                      "--store",
                                      s.store_dir,
-                                     "--run",
-                                     s.run_dir,
+                                     "--model",
+                                     model,
                                      "--listen",
                                      "127.0.0.1:0",
                                      "--port-file",
@@ -83,6 +85,20 @@ class Retraced {
     return v1::Attribution::NewStub(grpc::CreateChannel(
         absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   }
+  // The exit status once the process ends by itself (−1 after 120 s).
+  int WaitExit() {
+    const auto until =
+        std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (std::chrono::steady_clock::now() < until) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return status;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return -1;
+  }
   // The exit status after SIGTERM.
   int Terminate(std::thread* in_flight = nullptr) {
     kill(pid_, SIGTERM);
@@ -106,6 +122,40 @@ v1::AttributeRequest ImageRequest(int timesteps, int draws) {
   r.set_query_timesteps(timesteps);
   r.set_query_noise_draws(draws);
   return r;
+}
+
+// A model description whose checkpoint changed since the store was built
+// (its recorded sha256 no longer matches) stops retraced at start-up with
+// exit 1 and a message naming the description and the field.
+TEST(RetracedProcessTest, RefusesAChangedCheckpointAtStartUp) {
+  const auto& s = testing::SharedStore();
+  const std::string dir =
+      ::testing::TempDir() + "/retraced-bad-model-" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  std::string text = testing::ReadAll(s.run_dir + "/model.toml");
+  const size_t at = text.find("sha256 = \"");
+  ASSERT_NE(at, std::string::npos) << text;
+  const size_t digit = at + std::string("sha256 = \"").size();
+  text[digit] = text[digit] == '0' ? '1' : '0';
+  // Paths in the copy are relative to its own folder: point them back.
+  size_t pos = 0;
+  while ((pos = text.find("file = \"", pos)) != std::string::npos) {
+    pos += std::string("file = \"").size();
+    text.insert(pos, s.run_dir + "/");
+  }
+  const size_t run = text.find("run = \".\"");
+  ASSERT_NE(run, std::string::npos) << text;
+  text.replace(run, std::string("run = \".\"").size(),
+               "run = \"" + s.run_dir + "\"");
+  const std::string model = dir + "/model.toml";
+  std::ofstream(model) << text;
+  Retraced server({"--metrics-port", "-1"}, model);
+  const int status = server.WaitExit();
+  ASSERT_TRUE(WIFEXITED(status)) << server.Log();
+  EXPECT_EQ(WEXITSTATUS(status), 1) << server.Log();
+  EXPECT_NE(server.Log().find(model + ": field 'checkpoints[0].sha256'"),
+            std::string::npos)
+      << server.Log();
 }
 
 TEST(RetracedProcessTest, SigtermFinishesTheRequestInFlightAndExitsZero) {
