@@ -20,10 +20,25 @@ inline constexpr char kTorchScriptArchitecture[] = "torchscript";
 
 class TorchScriptModel final : public DiffusionModel {
  public:
-  // Loads the module from `path` onto the CPU. NOT_FOUND when the file does
-  // not exist; INVALID_ARGUMENT when it is not a loadable TorchScript archive
-  // or has no forward method; both name the file. `input_shape` is what callers
-  // feed the model (TorchScript does not record it).
+  // Loads the module from `path` onto the CPU and checks, before the first
+  // request, that retrace can use it. `input_shape` is what callers feed the
+  // model (TorchScript does not record it). Errors name the file:
+  //   NOT_FOUND         the file does not exist.
+  //   INVALID_ARGUMENT  the file is not a zip archive, holds no TorchScript
+  //                     code (a torch.save file), or its file-format version
+  //                     lies outside what the linked LibTorch reads (the
+  //                     message gives the version, the range and the LibTorch
+  //                     version; docs/models.md, "Versions"), or
+  //                     torch::jit::load fails;
+  //                     forward is missing or its schema is not
+  //                     forward(Tensor x_t, Tensor t) -> Tensor (further
+  //                     arguments only with defaults; the message quotes the
+  //                     schema found);
+  //                     a forward pass without autograd on zeros
+  //                     [1, C, H, W] of `input_shape` with t = [0] throws or
+  //                     returns another shape (the message names the image
+  //                     shape and the shapes or the model's error).
+  //   RESOURCE_EXHAUSTED  out of memory while loading or probing.
   static absl::StatusOr<std::unique_ptr<TorchScriptModel>> Create(
       const std::string& path, const ImageShape& input_shape = ImageShape{});
   ~TorchScriptModel() override;

@@ -9,12 +9,23 @@ then computes with PyTorch, independently of retrace's C++ code:
 Everything is written to OUT_DIR as raw little-endian arrays (float32, int64
 for t) plus manifest.json listing names, shapes and files.
 
+It also writes the files that TorchScriptModel::Create must refuse (the
+"refused" entry of the manifest): a copy of model.pt whose version record says
+99 (and a copy rewritten the same way with the true version, which must
+load), a torch.save state_dict, modules whose forward takes one or three inputs
+or returns a tuple, one whose output is smaller than its input and one that
+raises for 1-channel images. manifest.json records the file-format version
+that this PyTorch wrote into model.pt ("format_version", read from the
+archive) and torch.__version__.
+
 usage: make_torchscript_fixture.py OUT_DIR
 """
 import json
 import math
 import os
 import sys
+import zipfile
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -39,6 +50,86 @@ class TinyEps(torch.nn.Module):
         temb = self.time(torch.cat([torch.sin(args), torch.cos(args)], dim=1))
         h = self.conv1(x_t) + temb.unsqueeze(-1).unsqueeze(-1)
         return self.conv2(torch.nn.functional.silu(self.norm(h)))
+
+
+class OneInput(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ThreeInputs(torch.nn.Module):
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                label: torch.Tensor) -> torch.Tensor:
+        return x_t + label
+
+
+class ReturnsTuple(torch.nn.Module):
+    def forward(self, x_t: torch.Tensor,
+                t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return x_t, t
+
+
+class Shrinks(torch.nn.Module):
+    """Returns half the height and width of its input."""
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x_t, 2)
+
+
+class WantsRgb(torch.nn.Module):
+    """A convolution over 3 channels: 1-channel images make it raise."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(x_t)
+
+
+def archive_version(path):
+    """The file-format version record of a TorchScript zip archive."""
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist()
+                 if n.endswith("/.data/version") or n.endswith("/version")]
+        return int(z.read(sorted(names)[0]).decode().strip())
+
+
+def rewrite_version(src, dst, version):
+    """Copies the archive src to dst with its version record replaced; every
+    other entry keeps its name, bytes and compression (torch stores data
+    uncompressed and reads it in place)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/version"):
+                data = f"{version}\n".encode()
+            zout.writestr(info, data, compress_type=info.compress_type)
+
+
+def write_refused(out_dir):
+    """The files Create must refuse, by the thing it must name."""
+    files = {}
+
+    def save_script(name, module):
+        torch.jit.script(module).save(os.path.join(out_dir, name))
+        return name
+
+    rewrite_version(os.path.join(out_dir, "model.pt"),
+                    os.path.join(out_dir, "version99.pt"), 99)
+    files["version99"] = "version99.pt"
+    # The same rewrite keeping the version: must load (the copy is sound).
+    rewrite_version(os.path.join(out_dir, "model.pt"),
+                    os.path.join(out_dir, "rewritten.pt"),
+                    archive_version(os.path.join(out_dir, "model.pt")))
+    torch.save(TinyEps().state_dict(), os.path.join(out_dir, "state_dict.pt"))
+    files["state_dict"] = "state_dict.pt"
+    files["one_input"] = save_script("one_input.pt", OneInput())
+    files["three_inputs"] = save_script("three_inputs.pt", ThreeInputs())
+    files["returns_tuple"] = save_script("returns_tuple.pt", ReturnsTuple())
+    files["shrinks"] = save_script("shrinks.pt", Shrinks())
+    files["wants_rgb"] = save_script("wants_rgb.pt", WantsRgb())
+    return files
 
 
 def cosine_alpha_bars(steps):
@@ -80,6 +171,10 @@ def main():
 
     manifest = {
         "seed": SEED,
+        "torch_version": torch.__version__,
+        "format_version": archive_version(os.path.join(out_dir, "model.pt")),
+        "refused": write_refused(out_dir),
+        "rewritten": "rewritten.pt",
         "x": dump("x", x),
         "eps": dump("eps", eps),
         "t": dump("t", t, np.int64),

@@ -1,20 +1,27 @@
 // TorchScript models against PyTorch: make_torchscript_fixture.py (run by CTest
 // as a fixture) saves a scripted model together with x, ε, t, the eps it
 // predicts, the per-example loss and the parameter gradients, all computed in
-// Python. Here the C++ side recomputes them from the same inputs.
+// Python. Here the C++ side recomputes them from the same inputs. The fixture
+// also writes files that Create must refuse; their tests check the code and
+// that the message names the file and what is wrong with it.
 #include "server/model/torchscript_model.h"
 
+#include <caffe2/serialize/versions.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/types.h>
 #include <torch/utils.h>
+#include <torch/version.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "server/model/diffusion.h"
 
 namespace retrace::model {
@@ -54,9 +61,23 @@ class TorchScriptModelTest : public testing::Test {
     return out;
   }
 
+  std::string Refused(const std::string& key) const {
+    return dir_ + "/" + manifest_["refused"][key].get<std::string>();
+  }
+
   std::string dir_;
   nlohmann::json manifest_;
 };
+
+// Expects INVALID_ARGUMENT with a message containing every piece.
+void ExpectRefused(const absl::Status& status,
+                   const std::vector<std::string>& pieces) {
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  for (const std::string& piece : pieces) {
+    EXPECT_NE(status.message().find(piece), std::string::npos)
+        << "\"" << piece << "\" missing from: " << status.message();
+  }
+}
 
 void ExpectClose(const torch::Tensor& actual, const torch::Tensor& expected,
                  const std::string& what) {
@@ -120,6 +141,88 @@ TEST_F(TorchScriptModelTest, SaveAndLoadParameters) {
   }
 }
 
+// What this PyTorch writes and this LibTorch reads (docs/models.md,
+// "Versions", quotes these lines).
+TEST_F(TorchScriptModelTest, PythonFilesHaveASupportedFormatVersion) {
+  const uint64_t version = manifest_["format_version"].get<uint64_t>();
+  std::printf(
+      "python torch %s wrote file-format version %llu; LibTorch %s reads "
+      "%llu..%llu\n",
+      manifest_["torch_version"].get<std::string>().c_str(),
+      static_cast<unsigned long long>(version), TORCH_VERSION,
+      static_cast<unsigned long long>(
+          caffe2::serialize::kMinSupportedFileFormatVersion),
+      static_cast<unsigned long long>(
+          caffe2::serialize::kMaxSupportedFileFormatVersion));
+  EXPECT_GE(version, caffe2::serialize::kMinSupportedFileFormatVersion);
+  EXPECT_LE(version, caffe2::serialize::kMaxSupportedFileFormatVersion);
+  // The copy that the out-of-range file is made from, rewritten with its own
+  // version, loads: the refusal below is the version's alone.
+  auto model = TorchScriptModel::Create(
+      dir_ + "/" + manifest_["rewritten"].get<std::string>(),
+      ImageShape{1, 8, 8});
+  EXPECT_TRUE(model.ok()) << model.status();
+}
+
+TEST_F(TorchScriptModelTest, RefusesAnUnsupportedFormatVersion) {
+  const std::string path = Refused("version99");
+  auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
+  ExpectRefused(model.status(),
+                {path, "version 99",
+                 absl::StrCat(caffe2::serialize::kMinSupportedFileFormatVersion,
+                              "..",
+                              caffe2::serialize::kMaxSupportedFileFormatVersion),
+                 absl::StrCat("LibTorch ", TORCH_VERSION)});
+}
+
+TEST_F(TorchScriptModelTest, RefusesATorchSaveFile) {
+  const std::string path = Refused("state_dict");
+  auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
+  ExpectRefused(model.status(), {path, "no TorchScript code", "torch.jit.save"});
+}
+
+TEST_F(TorchScriptModelTest, RefusesAForwardWithOneInput) {
+  const std::string path = Refused("one_input");
+  auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
+  ExpectRefused(model.status(),
+                {path, "\"forward(Tensor x) -> Tensor\"",
+                 "expected \"forward(Tensor x_t, Tensor t) -> Tensor\""});
+}
+
+TEST_F(TorchScriptModelTest, RefusesAForwardWithThreeInputs) {
+  const std::string path = Refused("three_inputs");
+  auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
+  ExpectRefused(model.status(),
+                {path, "\"forward(Tensor x_t, Tensor t, Tensor label) -> Tensor\"",
+                 "expected \"forward(Tensor x_t, Tensor t) -> Tensor\""});
+}
+
+TEST_F(TorchScriptModelTest, RefusesAForwardReturningATuple) {
+  const std::string path = Refused("returns_tuple");
+  auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
+  ExpectRefused(model.status(),
+                {path, "-> Tuple[Tensor, Tensor]\"",
+                 "expected \"forward(Tensor x_t, Tensor t) -> Tensor\""});
+}
+
+TEST_F(TorchScriptModelTest, RefusesAModelWhoseOutputShapeDiffers) {
+  const std::string path = Refused("shrinks");
+  auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
+  ExpectRefused(model.status(),
+                {path, "image shape [1, 8, 8]", "a shape the model rejects",
+                 "returned shape [1, 1, 4, 4]", "input shape [1, 1, 8, 8]"});
+}
+
+TEST_F(TorchScriptModelTest, RefusesAnImageShapeTheModelRaisesFor) {
+  const std::string path = Refused("wants_rgb");
+  auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
+  // The model's own complaint (a 3-channel convolution) is passed on.
+  ExpectRefused(model.status(), {path, "image shape [1, 8, 8]",
+                                 "a shape the model rejects", "3 channels"});
+  auto rgb = TorchScriptModel::Create(path, ImageShape{3, 8, 8});
+  EXPECT_TRUE(rgb.ok()) << rgb.status();
+}
+
 TEST(TorchScriptModelErrorsTest, MissingFileIsNotFound) {
   const std::string path = testing::TempDir() + "/no_such_model.pt";
   auto model = TorchScriptModel::Create(path);
@@ -127,13 +230,21 @@ TEST(TorchScriptModelErrorsTest, MissingFileIsNotFound) {
   EXPECT_NE(model.status().message().find(path), std::string::npos);
 }
 
-TEST(TorchScriptModelErrorsTest, CorruptFileIsInvalidArgument) {
+TEST(TorchScriptModelErrorsTest, NonZipFileIsInvalidArgument) {
   const std::string path = testing::TempDir() + "/corrupt_model.pt";
   std::ofstream(path) << "this is not a TorchScript archive";
   auto model = TorchScriptModel::Create(path);
-  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument)
-      << model.status();
-  EXPECT_NE(model.status().message().find(path), std::string::npos);
+  ExpectRefused(model.status(), {path, "not a zip archive"});
+}
+
+TEST(TorchScriptModelErrorsTest, TruncatedFileIsInvalidArgument) {
+  // The first bytes of a zip archive (a local header signature) and no
+  // directory: still "not a zip archive", not a crash or a LibTorch trace.
+  const std::string path = testing::TempDir() + "/truncated_model.pt";
+  std::ofstream(path, std::ios::binary) << std::string("PK\x03\x04", 4)
+                                        << std::string(40, '\0');
+  auto model = TorchScriptModel::Create(path);
+  ExpectRefused(model.status(), {path, "not a zip archive"});
 }
 
 }  // namespace
