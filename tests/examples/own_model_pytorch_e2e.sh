@@ -22,7 +22,11 @@ fi
 retrace_batch=$1 retraced=$2 retrace=$3 work=$4
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 example=$here/../../examples/pytorch_ddpm
-python=${RETRACE_PYTHON:-/usr/bin/python3}
+python=${RETRACE_PYTHON-/usr/bin/python3}
+if [[ -z "$python" ]]; then
+  echo "skipped: no Python 3.11+ with torch and numpy was found at configure time"
+  exit 77
+fi
 threads=${RETRACE_TEST_THREADS:-2}
 export OMP_WAIT_POLICY=PASSIVE
 
@@ -44,7 +48,8 @@ rm -rf "$work/store"
 stamp "retraced"
 rm -f "$work/retraced.port"
 "$retraced" --store "$work/store" --model "$work/model/model.toml" \
-  --port 0 --port-file "$work/retraced.port" >"$work/retraced.log" 2>&1 &
+  --listen 127.0.0.1:0 --port-file "$work/retraced.port" --metrics-port -1 \
+  >"$work/retraced.log" 2>&1 &
 server_pid=$!
 cleanup() {
   if kill -0 "$server_pid" 2>/dev/null; then
