@@ -21,6 +21,7 @@ saves an untrained scripted copy (torch.jit.script(model).save(path)).
 """
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -94,7 +95,19 @@ def make_model(seed: int = 0) -> TinyUNet:
     return TinyUNet()
 
 
+def _fixed_hash_seed() -> None:
+    """Re-runs this script with PYTHONHASHSEED=0 unless it already has it.
+
+    torch.jit.script writes a module's constants in set-iteration order, which
+    follows Python's per-process string hash seed, so without a fixed seed the
+    same model gives differently ordered code (and another sha256) each run."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def main() -> int:
+    _fixed_hash_seed()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", metavar="OUT.pt", required=True,
                         help="write an untrained TorchScript copy here")

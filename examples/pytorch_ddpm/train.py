@@ -189,7 +189,19 @@ def reusable(out: str, want: dict) -> bool:
     return bool(have.get("files"))
 
 
+def _fixed_hash_seed() -> None:
+    """Re-runs this script with PYTHONHASHSEED=0 unless it already has it.
+
+    torch.jit.script writes a module's constants in set-iteration order, which
+    follows Python's per-process string hash seed, so without a fixed seed the
+    same model gives differently ordered code (and another sha256) each run."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
 def main() -> int:
+    _fixed_hash_seed()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="ddpm-shapes", help="output directory")
     parser.add_argument("--steps", type=int, default=300)
