@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "server/core/status.h"
 
 namespace retrace::data {
 namespace {
@@ -43,6 +44,22 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return bytes;
 }
 
+// "1 channel (gray)", "4 channels (RGBA)": a file's channels, in words.
+std::string ChannelsText(int channels) {
+  switch (channels) {
+    case 1:
+      return "1 channel (gray)";
+    case 2:
+      return "2 channels (gray + alpha)";
+    case 3:
+      return "3 channels (RGB)";
+    case 4:
+      return "4 channels (RGBA)";
+    default:
+      return absl::StrCat(channels, " channels");
+  }
+}
+
 void AppendBytes(void* context, void* data, int size) {
   static_cast<std::string*>(context)->append(static_cast<const char*>(data),
                                              static_cast<size_t>(size));
@@ -50,42 +67,103 @@ void AppendBytes(void* context, void* data, int size) {
 
 }  // namespace
 
+std::string ImageSpecText(const ImageSpec& spec) {
+  return absl::StrCat(spec.channels, "x", spec.height, "x", spec.width);
+}
+
+absl::Status ValidateImageSpec(const ImageSpec& spec) {
+  if (spec.channels == 0 && spec.height == 0 && spec.width == 0) {
+    return absl::InvalidArgumentError(
+        "no image shape was given: images are read into the shape of the "
+        "model that takes them ([channels, height, width])");
+  }
+  if (spec.channels != 1 && spec.channels != 3) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "image shape ", ImageSpecText(spec), " has ", spec.channels,
+        " channels; models take 1 (gray) or 3 (RGB)"));
+  }
+  if (spec.height < 1 || spec.height > kMaxImageSide || spec.width < 1 ||
+      spec.width > kMaxImageSide) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "image shape ", ImageSpecText(spec), " (channels x height x width) ",
+        "is outside the sizes retrace takes: height and width 1..",
+        kMaxImageSide));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<float>> DecodeImage(absl::string_view bytes,
                                                const ImageSpec& spec,
                                                absl::string_view what) {
-  if (spec.channels < 1 || spec.channels > 4 || spec.height < 1 ||
-      spec.width < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "image spec ", spec.channels, "x", spec.height, "x", spec.width,
-        " is invalid (1 to 4 channels, positive size)"));
-  }
+  RETURN_IF_ERROR(ValidateImageSpec(spec));
   if (bytes.empty() || bytes.size() > static_cast<size_t>(INT32_MAX)) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": empty or oversized image data"));
   }
+  const auto* data = reinterpret_cast<const stbi_uc*>(bytes.data());
+  const int size = static_cast<int>(bytes.size());
   int width = 0, height = 0, channels = 0;
-  // Loading with desired_channels = 0 keeps the file's own channel count, so
-  // it can be checked rather than converted.
-  std::unique_ptr<stbi_uc, StbiFree> decoded(stbi_load_from_memory(
-      reinterpret_cast<const stbi_uc*>(bytes.data()),
-      static_cast<int>(bytes.size()), &width, &height, &channels, 0));
+  // The header alone first: a file of the wrong size is refused without
+  // decoding it (a small PNG can expand to gigabytes of pixels).
+  if (stbi_info_from_memory(data, size, &width, &height, &channels) == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": cannot decode image (", stbi_failure_reason(),
+                     "; PNG or JPEG expected)"));
+  }
+  if (width != spec.width || height != spec.height) {
+    const bool too_large = width > kMaxImageSide || height > kMaxImageSide;
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " is ", height, "x", width, " (height x width) with ",
+        ChannelsText(channels),
+        too_large ? absl::StrCat(", larger than the ", kMaxImageSide, "x",
+                                 kMaxImageSide, " retrace takes")
+                  : "",
+        "; the model takes ", ImageSpecText(spec),
+        " (channels x height x width), and images are not resized"));
+  }
+  // desired_channels = 0 keeps the file's own channels; the conversion below
+  // is ours, not stb's (which would mix colour into gray with its own
+  // weights).
+  std::unique_ptr<stbi_uc, StbiFree> decoded(
+      stbi_load_from_memory(data, size, &width, &height, &channels, 0));
   if (decoded == nullptr) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": cannot decode image (", stbi_failure_reason(),
                      "; PNG or JPEG expected)"));
   }
-  if (width != spec.width || height != spec.height ||
-      channels != spec.channels) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": image is ", width, "x", height, " with ",
-                     channels, " channel(s), expected ", spec.width, "x",
-                     spec.height, " with ", spec.channels, " channel(s)"));
+  if (width != spec.width || height != spec.height || channels < 1 ||
+      channels > 4) {
+    // The header said otherwise; a malformed file.
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": the image's header and its pixels disagree on its shape"));
   }
+  const stbi_uc* pixels = decoded.get();
   const int64_t plane = int64_t{width} * height;
-  std::vector<float> out(static_cast<size_t>(plane * channels));
-  for (int64_t p = 0; p < plane; ++p) {
-    for (int64_t c = 0; c < channels; ++c) {
-      out[c * plane + p] = ByteToPixel(decoded.get()[p * channels + c]);
+  // Gray or gray + alpha (1, 2) carry one colour channel, RGB or RGBA (3, 4)
+  // three; alpha, when present, is the last channel and is dropped.
+  const int colour_channels = channels >= 3 ? 3 : 1;
+  if (spec.channels == 1 && colour_channels == 3) {
+    for (int64_t p = 0; p < plane; ++p) {
+      const stbi_uc* px = &pixels[p * channels];
+      if (px[0] != px[1] || px[1] != px[2]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, " is a colour image (the pixel at row ", p / width,
+            ", column ", p % width, " has R, G, B = ", int{px[0]}, ", ",
+            int{px[1]}, ", ", int{px[2]}, "); the model takes gray images (",
+            ImageSpecText(spec),
+            "), and retrace does not pick a gray formula: convert the image "
+            "as the model's training data was converted"));
+      }
+    }
+  }
+  std::vector<float> out(static_cast<size_t>(plane * spec.channels));
+  for (int64_t c = 0; c < spec.channels; ++c) {
+    // A gray file feeds every channel of an RGB model; a colour file that
+    // passed the check above has R = G = B, so its R is the gray value.
+    const int64_t source = colour_channels == 3 ? c : 0;
+    for (int64_t p = 0; p < plane; ++p) {
+      out[static_cast<size_t>(c * plane + p)] =
+          ByteToPixel(pixels[p * channels + source]);
     }
   }
   return out;
@@ -94,6 +172,7 @@ absl::StatusOr<std::vector<float>> DecodeImage(absl::string_view bytes,
 absl::StatusOr<ImageSet> LoadImageFolder(const std::string& root,
                                          const ImageSpec& spec) {
   std::error_code error;
+  RETURN_IF_ERROR(ValidateImageSpec(spec));
   if (!fs::is_directory(root, error)) {
     return absl::NotFoundError(absl::StrCat(
         "image folder ", root, " does not exist or is not a directory"));

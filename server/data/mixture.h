@@ -6,7 +6,8 @@
 //
 // Spec text: components joined by '+'; each is a source name followed by
 // ':'-separated options. Sources: "fashion-mnist", "mnist", "folder" (needs
-// path=). Options:
+// path=; gray or RGB PNG/JPEG files read into the caller's image shape,
+// DataLocations::folder_spec). Options:
 //   train | test | split=train|test   Fashion-MNIST split (default train)
 //   classes=0,3,7    keep only these source labels (default: all)
 //   limit=N          keep at most N of the matching samples
@@ -93,7 +94,11 @@ absl::StatusOr<Mixture> MixImageSets(const MixtureSpec& spec,
 struct DataLocations {
   std::string fashion_mnist_dir = kDebianFashionMnistDir;
   std::string mnist_dir;  // empty: DefaultMnistDir()
-  ImageSpec folder_spec;  // what folder images must be (28×28 gray)
+  // The shape of the model that reads the data: images of "folder"
+  // components are converted to it (image_folder.h says how) or refused.
+  // Callers set their model's shape; the default is the built-in model's
+  // 1x28x28, for the callers that train and serve only that model.
+  ImageSpec folder_spec = {1, 28, 28};
 };
 
 // The locations given on a command line: each directory that is empty keeps

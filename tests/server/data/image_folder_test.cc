@@ -13,6 +13,9 @@ namespace {
 
 using testing_files::FreshDir;
 
+// The built-in model's shape.
+constexpr ImageSpec kGray28 = {1, 28, 28};
+
 // Writes a w×h PNG with `channels` channels; pixel (x, y), channel c holds
 // (seed + 7x + 13y + 50c) mod 256.
 std::vector<uint8_t> WritePng(const std::string& path, int w, int h,
@@ -44,7 +47,7 @@ TEST(ImageFolderTest, ClassesFromSubFolders) {
   WritePng(root + "/.hidden/x.png", 5, 5, 3, 0);
   std::ofstream(root + "/dog/notes.txt") << "not an image";
 
-  auto set = LoadImageFolder(root, ImageSpec{});
+  auto set = LoadImageFolder(root, kGray28);
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ(set->name, "folder:" + root);
   EXPECT_EQ(set->class_names, (std::vector<std::string>{"cat", "dog"}));
@@ -75,27 +78,30 @@ TEST(ImageFolderTest, RgbIsChannelMajor) {
   }
 }
 
-TEST(ImageFolderTest, WrongSizeOrChannelsNamesFileAndExpectation) {
+TEST(ImageFolderTest, WrongSizeOrColourNamesFileAndExpectation) {
   const std::string root = FreshDir("wrong");
   std::filesystem::create_directories(root + "/a");
   WritePng(root + "/a/ok.png", 28, 28, 1, 0);
   WritePng(root + "/a/small.png", 27, 28, 1, 0);
-  auto set = LoadImageFolder(root, ImageSpec{});
+  auto set = LoadImageFolder(root, kGray28);
   EXPECT_EQ(set.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(set.status().message().find(root + "/a/small.png"),
             std::string::npos)
       << set.status();
-  EXPECT_NE(set.status().message().find("27x28"), std::string::npos);
-  EXPECT_NE(set.status().message().find("expected 28x28 with 1 channel"),
+  // 27 wide, 28 high.
+  EXPECT_NE(set.status().message().find(
+                "is 28x27 (height x width) with 1 channel (gray); the model "
+                "takes 1x28x28"),
             std::string::npos)
       << set.status();
 
   std::filesystem::remove(root + "/a/small.png");
+  // Channel c holds 50c more than channel 0: a colour image.
   WritePng(root + "/a/rgb.png", 28, 28, 3, 0);
-  set = LoadImageFolder(root, ImageSpec{});
+  set = LoadImageFolder(root, kGray28);
   EXPECT_EQ(set.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(set.status().message().find("rgb.png"), std::string::npos);
-  EXPECT_NE(set.status().message().find("3 channel(s)"), std::string::npos)
+  EXPECT_NE(set.status().message().find("colour image"), std::string::npos)
       << set.status();
 }
 
@@ -103,22 +109,22 @@ TEST(ImageFolderTest, CorruptMissingAndEmpty) {
   const std::string root = FreshDir("corrupt");
   std::filesystem::create_directories(root + "/a");
   std::ofstream(root + "/a/bad.jpg") << "definitely not a jpeg";
-  auto set = LoadImageFolder(root, ImageSpec{});
+  auto set = LoadImageFolder(root, kGray28);
   EXPECT_EQ(set.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(set.status().message().find(root + "/a/bad.jpg"), std::string::npos)
       << set.status();
   EXPECT_NE(set.status().message().find("cannot decode"), std::string::npos);
 
-  EXPECT_EQ(LoadImageFolder(root + "/missing", ImageSpec{}).status().code(),
+  EXPECT_EQ(LoadImageFolder(root + "/missing", kGray28).status().code(),
             absl::StatusCode::kNotFound);
   const std::string empty = FreshDir("empty");
-  EXPECT_EQ(LoadImageFolder(empty, ImageSpec{}).status().code(),
+  EXPECT_EQ(LoadImageFolder(empty, kGray28).status().code(),
             absl::StatusCode::kInvalidArgument);
   std::filesystem::create_directories(empty + "/only_text");
   std::ofstream(empty + "/only_text/readme.md") << "x";
-  EXPECT_EQ(LoadImageFolder(empty, ImageSpec{}).status().code(),
+  EXPECT_EQ(LoadImageFolder(empty, kGray28).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(DecodeImage("", ImageSpec{}, "empty").status().code(),
+  EXPECT_EQ(DecodeImage("", kGray28, "empty").status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
