@@ -144,7 +144,8 @@ TEST_F(ServerTest, ImageMatchesFeaturizerAndBruteForce) {
   QueryImage image;
   image.channels = 1;
   image.height = image.width = 28;
-  auto pixels = data::DecodeImage(r.image(), data::ImageSpec{}, "test");
+  auto pixels =
+      data::DecodeImage(r.image(), data::ImageSpec{1, 28, 28}, "test");
   ASSERT_TRUE(pixels.ok());
   image.pixels = *pixels;
   QueryFeatureOptions options;
@@ -211,10 +212,19 @@ TEST_F(ServerTest, EveryBadInputClassIsRefusedAndTheServerKeepsServing) {
        grpc::INVALID_ARGUMENT, "no input"},
       {"wrong image size",
        [](v1::AttributeRequest* r) {
-         std::vector<float> px(32 * 32, 0.0f);
-         r->set_image(*data::EncodePng(px.data(), 1, 32, 32));
+         std::vector<float> px(3 * 32 * 32, 0.0f);
+         r->set_image(*data::EncodePng(px.data(), 3, 32, 32));
        },
-       grpc::INVALID_ARGUMENT, "32"},
+       grpc::INVALID_ARGUMENT,
+       "image is 32x32 (height x width) with 3 channels (RGB); the model "
+       "takes 1x28x28"},
+      {"colour image for the gray model",
+       [](v1::AttributeRequest* r) {
+         std::vector<float> px(3 * 28 * 28, 0.0f);
+         px[2 * 28 * 28] = 1.0f;  // blue at row 0, column 0
+         r->set_image(*data::EncodePng(px.data(), 3, 28, 28));
+       },
+       grpc::INVALID_ARGUMENT, "image is a colour image"},
       {"wrong tensor shape",
        [](v1::AttributeRequest* r) {
          r->mutable_tensor()->add_shape(3);
