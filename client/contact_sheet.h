@@ -19,8 +19,10 @@
 // One panel per method in the response, in response order. Each list is a
 // grid of min(k, columns) thumbnails per row; every thumbnail is scaled with
 // nearest neighbour into a thumb_size box (an integer factor when it fits:
-// 28x28 -> 84x84) and captioned with its rank, score and label. Text uses a
-// TrueType font (DejaVu Sans by default).
+// 28x28 -> 84x84, 32x32 -> 64x64) and captioned with its rank, score and
+// label. Images keep their colours: RGB(A) thumbnails and queries are drawn
+// in colour (alpha dropped), gray ones in grey. Text uses a TrueType font
+// (DejaVu Sans by default).
 //
 // Thread safety: the functions share no state; stb's decoder keeps a global
 // failure reason, so concurrent calls may report each other's reasons.

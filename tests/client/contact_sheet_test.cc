@@ -227,6 +227,80 @@ TEST(ContactSheetTest, LargeAndColourThumbnailsAreShrunkIntoTheBox) {
   EXPECT_EQ(pixel(left + 42, top + 5), (std::vector<int>{225, 225, 225}));
 }
 
+// Colour pixel (x, y) of a 32x32 RGB thumbnail: red from the sample, green
+// and blue from the position.
+std::vector<int> ColourThumbnailPixel(int64_t index, int x, int y) {
+  return {static_cast<int>(30 + (index * 37) % 200), 8 * x, 255 - 8 * y};
+}
+
+TEST(ContactSheetTest, RgbThumbnailsAndQueryAreDrawnInColour) {
+  if (!HaveFont()) GTEST_SKIP() << kDefaultSheetFont << " is not installed";
+  constexpr int kSide = 32;
+  // The query: a colour gradient, 32 -> 168 is a factor of 5 (160x160,
+  // centred: 4 pixels in).
+  std::vector<uint8_t> query_pixels;
+  for (int y = 0; y < kSide; ++y) {
+    for (int x = 0; x < kSide; ++x) {
+      query_pixels.insert(query_pixels.end(), {static_cast<uint8_t>(7 * x), 90,
+                                               static_cast<uint8_t>(7 * y)});
+    }
+  }
+  const std::string query = EncodePng(kSide, kSide, 3, query_pixels);
+  v1::AttributeResponse response = Response(10, false, true, query);
+  for (v1::MethodResult& result : *response.mutable_results()) {
+    for (v1::AttributedSample& sample : *result.mutable_proponents()) {
+      std::vector<uint8_t> rgb;
+      for (int y = 0; y < kSide; ++y) {
+        for (int x = 0; x < kSide; ++x) {
+          for (int v : ColourThumbnailPixel(sample.index(), x, y)) {
+            rgb.push_back(static_cast<uint8_t>(v));
+          }
+        }
+      }
+      sample.set_thumbnail_png(EncodePng(kSide, kSide, 3, rgb));
+    }
+  }
+  absl::StatusOr<std::string> png =
+      RenderContactSheet(response, query, SheetOptions());
+  ASSERT_TRUE(png.ok()) << png.status();
+  const Image sheet = Decode(*png);
+  ASSERT_EQ(sheet.width, 1152);
+  ASSERT_EQ(sheet.height, 342);
+  auto pixel = [&](int x, int y) {
+    const uint8_t* p =
+        &sheet.rgb[(static_cast<size_t>(y) * sheet.width + x) * 3];
+    return std::vector<int>{p[0], p[1], p[2]};
+  };
+  for (int y = 0; y < kSide; ++y) {
+    for (int x = 0; x < kSide; ++x) {
+      const uint8_t* q = &query_pixels[(y * kSide + x) * 3];
+      ASSERT_EQ(pixel(16 + 4 + 5 * x + 2, 70 + 4 + 5 * y + 2),
+                (std::vector<int>{q[0], q[1], q[2]}))
+          << "query pixel " << x << ", " << y;
+    }
+  }
+  // Thumbnails: 32 -> 84 fits a factor of 2 (64x64, 10 pixels in).
+  for (int panel = 0; panel < 2; ++panel) {
+    const v1::MethodResult& result = response.results(panel);
+    for (int i = 0; i < result.proponents_size(); ++i) {
+      const int64_t index = result.proponents(i).index();
+      SCOPED_TRACE(
+          absl::StrCat("panel ", panel, " rank ", i + 1, " sample ", index));
+      const int left = 208 + panel * (452 + 24) + (i % 5) * (84 + 8) + 10;
+      const int top = 90 + (i / 5) * (84 + 30 + 8) + 10;
+      for (int y = 0; y < kSide; ++y) {
+        for (int x = 0; x < kSide; ++x) {
+          for (const int d : {0, 1}) {
+            ASSERT_EQ(pixel(left + 2 * x + d, top + 2 * y + d),
+                      ColourThumbnailPixel(index, x, y))
+                << "pixel " << x << ", " << y;
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(ContactSheetTest, Errors) {
   const v1::AttributeResponse empty;
   SheetOptions options;
