@@ -426,9 +426,8 @@ v1::StoreInfo AttributionEngine::StoreInfo() const {
   info.set_dim(static_cast<int32_t>(spec.projection.dim));
   info.set_dtype(kernels::DTypeName(spec.dtype));
   info.set_projection(kernels::ProjectionTypeName(spec.projection.type));
-  info.set_loss(std::string(model::LossTypeName(spec.loss)));
-  info.set_noise_schedule(
-      std::string(model::ScheduleTypeName(spec.noise_schedule.type)));
+  info.set_loss(spec.loss);
+  info.set_noise_schedule(spec.noise_schedule.type);
   for (int64_t e : spec.buckets.edges) {
     info.add_bucket_edges(static_cast<int32_t>(e));
   }
