@@ -95,6 +95,8 @@ Featurizer::~Featurizer() = default;
 
 GradientMethod Featurizer::method() const { return engine_->method(); }
 
+int Featurizer::gradient_workers() const { return engine_->workers(); }
+
 absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(
     model::DiffusionModel* model, const model::NoiseSchedule& schedule,
     FeaturizeSpec spec, FeaturizeOptions options) {
@@ -154,10 +156,11 @@ absl::StatusOr<std::unique_ptr<Featurizer>> Featurizer::Create(
   auto featurizer = std::unique_ptr<Featurizer>(
       new Featurizer(model, schedule, std::move(spec), options));
   featurizer->selected_names_ = std::move(names);
-  ASSIGN_OR_RETURN(featurizer->engine_,
-                   internal::CreateGroupGradientEngine(
-                       model, schedule, featurizer->spec_.loss,
-                       std::move(selected), options.method));
+  ASSIGN_OR_RETURN(
+      featurizer->engine_,
+      internal::CreateGroupGradientEngine(
+          model, schedule, featurizer->spec_.loss, std::move(selected),
+          options.method, options.gradient_workers));
   return featurizer;
 }
 

@@ -15,11 +15,12 @@
 //
 // Per-sample gradients come from the layerwise engine for the built-in UNet
 // (one batched forward/backward; group_gradients.h) and from one backward
-// pass per sample for other models (TorchScript). The gradient of the
-// selected parameters is never concatenated into one p-vector: its norm is
-// accumulated and it is projected parameter tensor by parameter tensor
-// (kernels/projection.h), each sample's rows scaled by 1/‖g‖ first so that
-// the fixed-point accumulator stays in range for any p.
+// pass per sample for other models (TorchScript), split over worker threads
+// with a replica of the model each (kParallel) when the model can be copied.
+// The gradient of the selected parameters is never concatenated into one
+// p-vector: its norm is accumulated and it is projected parameter tensor by
+// parameter tensor (kernels/projection.h), each sample's rows scaled by 1/‖g‖
+// first so that the fixed-point accumulator stays in range for any p.
 //
 // Memory: a pass holds (rows per pass)·p_selected floats of gradients plus
 // one batched forward pass of activations (FeaturizeOptions::max_rows bounds
@@ -29,9 +30,11 @@
 // model is borrowed and must outlive it; do not Load or mutate the model
 // while a call runs. Between calls the model may Load another checkpoint:
 // the layerwise engine reads the parameter tensors it was created with, so
-// Load must update them in place (UNetModel::Load does). LibTorch's intra-op
-// pool (at::set_num_threads) and RETRACE_CPU_THREADS (the projection) decide
-// the parallelism. Determinism: the same inputs, seeds, options and thread
+// Load must update them in place (UNetModel::Load does); the parallel engine
+// copies the model's parameters into its replicas at every call. LibTorch's
+// intra-op pool (at::set_num_threads), FeaturizeOptions::gradient_workers
+// (kParallel) and RETRACE_CPU_THREADS (the projection) decide the
+// parallelism. Determinism: the same inputs, seeds, options and thread
 // counts give bit-identical outputs.
 #ifndef RETRACE_SERVER_FEATURIZE_FEATURIZER_H_
 #define RETRACE_SERVER_FEATURIZE_FEATURIZER_H_
@@ -74,6 +77,12 @@ struct FeaturizeOptions {
   // Rows (sample × draw) per batched forward/backward pass; bounds memory.
   int64_t max_rows = 64;
   GradientMethod method = GradientMethod::kAuto;
+  // W, the worker threads of kParallel (which kAuto picks for models that
+  // the layerwise engine does not support but that have replicas, i.e.
+  // TorchScript models, when W > 1); 0 = std::thread::hardware_concurrency().
+  // Each worker holds a replica of the model. A caller that already runs
+  // several featurizers at once should divide the cores among them.
+  int gradient_workers = 0;
 };
 
 // The logged training draw of each sample (the replay slot), as regenerated
@@ -139,8 +148,10 @@ class Featurizer {
   const std::vector<std::string>& selected_parameters() const {
     return selected_names_;
   }
-  // The per-sample gradient method in use (kLayerwise or kLoop).
+  // The per-sample gradient method in use (kLayerwise, kLoop or kParallel).
   GradientMethod method() const;
+  // Threads the per-sample gradients run on (W for kParallel, else 1).
+  int gradient_workers() const;
 
  private:
   struct Projected;

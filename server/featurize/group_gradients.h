@@ -13,6 +13,33 @@
 // Engines:
 //   kLoop: one forward + backward per group through DiffusionModel::Forward
 //     (any model, TorchScript included). The reference in tests.
+//   kParallel: the loop's per-group forward + backward, split over W worker
+//     threads (any model that offers DiffusionModel::Clone: TorchScript).
+//     Worker w owns a replica of the model made at creation and computes a
+//     contiguous share of the groups (shares differ by at most one group;
+//     min(W, groups) workers take part). Each Compute first copies the
+//     original's parameters into every replica (a memcpy of p values per
+//     worker), so a Load into the original between calls is picked up.
+//     The per-group arithmetic is the loop's, each worker on one intra-op
+//     thread, so the result equals the loop's bit for bit when the loop also
+//     runs on one intra-op thread (and to float rounding otherwise).
+//
+//     Threads. Debian's LibTorch uses OpenMP for its intra-op parallelism:
+//     at::set_num_threads calls omp_set_num_threads, which sets the calling
+//     thread's own OpenMP thread count, but also a process-wide default that
+//     each thread adopts at its first parallel region, the thread count of
+//     the pthreadpool, and clears oneDNN's primitive cache; calling it from
+//     a worker would therefore change other threads. Each worker instead
+//     calls omp_set_num_threads(1) for itself (after LibTorch's lazy
+//     per-thread initialisation), so ATen and oneDNN (also OpenMP) run
+//     inline on it and W workers use W cores. OpenBLAS (the pthreads build)
+//     keeps one process-wide thread count and serialises concurrent
+//     multi-threaded calls, which made two workers slower than one; while a
+//     kParallel Compute runs it is set to 1, and the last Compute to finish
+//     restores it (other threads' BLAS calls run single-threaded meanwhile).
+//     Per-sample passes of a small model gain nothing from intra-op threads
+//     (measured: the loop with 2 threads is no faster than with 1), so one
+//     thread per worker and W = cores is the split that parallelises.
 //   kLayerwise: one forward + backward for all N rows through UNetMirror;
 //     per-row gradients of each Linear / Conv2d / GroupNorm layer follow from
 //     its recorded input and the gradient of the loss at its output:
@@ -29,9 +56,15 @@
 // keeps the activations of one batched forward pass (and, for k > 1, a
 // regrouped copy of one layer's input and output gradient at a time).
 //
+// Memory: kParallel also holds W replicas of the model's parameters and
+// buffers, and W threads that sleep between calls.
+//
 // Thread safety: not thread-safe (one Compute at a time); the model must not
-// be mutated (Load, SetTraining) while Compute runs. Compute uses LibTorch's
-// intra-op thread pool.
+// be mutated (Load, SetTraining) while Compute runs. kLoop and kLayerwise use
+// the calling thread and LibTorch's intra-op pool; kParallel runs on its own
+// worker threads while the caller waits. Replicas copy the parameters, not
+// the buffers or the training mode, at each Compute: the featurizer's models
+// are in evaluation mode and Load changes parameters only.
 #ifndef RETRACE_SERVER_FEATURIZE_GROUP_GRADIENTS_H_
 #define RETRACE_SERVER_FEATURIZE_GROUP_GRADIENTS_H_
 
@@ -48,12 +81,14 @@
 namespace retrace::featurize {
 
 enum class GradientMethod {
-  kAuto,       // kLayerwise when the model supports it, else kLoop
+  kAuto,       // kLayerwise when the model supports it, else kParallel when
+               // the model has replicas and W > 1, else kLoop
   kLayerwise,  // refuse (FAILED_PRECONDITION) models it does not support
   kLoop,
+  kParallel,  // refuse (FAILED_PRECONDITION) models without Clone
 };
 
-// "auto", "layerwise", "loop".
+// "auto", "layerwise", "loop", "parallel".
 const char* GradientMethodName(GradientMethod method);
 
 namespace internal {
@@ -68,18 +103,26 @@ class GroupGradientEngine {
       const at::Tensor& x, const at::Tensor& t, const at::Tensor& eps,
       int64_t group_size) = 0;
 
-  // kLoop or kLayerwise.
+  // kLoop, kLayerwise or kParallel.
   virtual GradientMethod method() const = 0;
+
+  // Threads the engine computes on: W for kParallel, else 1 (the calling
+  // thread, with LibTorch's intra-op pool).
+  virtual int workers() const { return 1; }
 };
 
 // `selected`: indices into model->NamedParameters(), increasing. The model
 // must outlive the engine. For kLayerwise (and kAuto on a UNetModel) the
 // mirror's output is checked against model->Forward on a small fixed input;
 // a mismatch is FAILED_PRECONDITION for kLayerwise and a fallback to kLoop
-// for kAuto.
+// for kAuto. `workers` is W for kParallel (and kAuto): 0 means
+// std::thread::hardware_concurrency(); negative is INVALID_ARGUMENT.
+// kParallel on a model whose Clone fails is FAILED_PRECONDITION; kAuto then
+// uses kLoop.
 absl::StatusOr<std::unique_ptr<GroupGradientEngine>> CreateGroupGradientEngine(
     model::DiffusionModel* model, const model::NoiseSchedule& schedule,
-    model::LossType loss, std::vector<int> selected, GradientMethod method);
+    model::LossType loss, std::vector<int> selected, GradientMethod method,
+    int workers = 0);
 
 }  // namespace internal
 }  // namespace retrace::featurize

@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -74,6 +75,17 @@ class DiffusionModel {
   // when names or shapes do not match this model. On error the model is
   // unchanged.
   virtual absl::Status Load(const std::string& path) = 0;
+
+  // A replica for another thread: its own parameter and buffer storage with
+  // this model's current values (plain leaf tensors, same requires_grad),
+  // the same training mode, sharing no mutable state with this model, so
+  // that the two may run Forward and backward passes at the same time.
+  // UNIMPLEMENTED for models that offer none (the default). The replica does
+  // not follow later Loads of this model; copy the parameters over.
+  virtual absl::StatusOr<std::unique_ptr<DiffusionModel>> Clone() const {
+    return absl::UnimplementedError("model " + Architecture() +
+                                    " offers no replicas (Clone)");
+  }
 };
 
 // Total number of scalar parameters (p in DESIGN.md §2).

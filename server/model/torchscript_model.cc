@@ -1,6 +1,7 @@
 #include "server/model/torchscript_model.h"
 
 #include <caffe2/serialize/versions.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/script.h>
 #include <torch/version.h>
 
@@ -231,11 +232,12 @@ absl::StatusOr<uint64_t> ReadFormatVersion(const std::string& path) {
     if (absl::StartsWith(entry.name, archive + "/code/")) has_code = true;
   }
   if (record == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "TorchScript model ", path,
-        " is a zip archive without a PyTorch version record (", archive,
-        "/version or ", archive, "/.data/version), not a file written by "
-        "torch.jit.save"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("TorchScript model ", path,
+                     " is a zip archive without a PyTorch version record (",
+                     archive, "/version or ", archive,
+                     "/.data/version), not a file written by "
+                     "torch.jit.save"));
   }
   std::optional<std::string> text = zip->ReadStored(*record, 32);
   uint64_t version = 0;
@@ -305,10 +307,10 @@ std::string DescribeSchema(const c10::FunctionSchema& schema) {
   for (const c10::Argument& ret : schema.returns()) {
     returns.push_back(ret.type()->annotation_str());
   }
-  const std::string out = returns.size() == 1
-                              ? returns[0]
-                              : absl::StrCat("(", absl::StrJoin(returns, ", "),
-                                             ")");
+  const std::string out =
+      returns.size() == 1
+          ? returns[0]
+          : absl::StrCat("(", absl::StrJoin(returns, ", "), ")");
   return absl::StrCat(schema.name(), "(", absl::StrJoin(args, ", "), ") -> ",
                       out);
 }
@@ -362,10 +364,12 @@ absl::Status ProbeImageShape(const std::string& path,
                              const ImageShape& shape) {
   const std::vector<int64_t> in = {1, shape.channels, shape.height,
                                    shape.width};
-  const std::string shape_text = absl::StrCat("[", absl::StrJoin(in, ", "), "]");
+  const std::string shape_text =
+      absl::StrCat("[", absl::StrJoin(in, ", "), "]");
   std::string failure;
   try {
     torch::NoGradGuard no_grad;
+    torch::jit::GraphOptimizerEnabledGuard unoptimized(false);
     at::Tensor x = torch::zeros(in, torch::kFloat);
     at::Tensor t = torch::zeros({1}, torch::kLong);
     c10::IValue out = module.forward({x, t});
@@ -387,8 +391,8 @@ absl::Status ProbeImageShape(const std::string& path,
   }
   if (!failure.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "TorchScript model ", path, ": the image shape [", shape.channels,
-        ", ", shape.height, ", ", shape.width,
+        "TorchScript model ", path, ": the image shape [", shape.channels, ", ",
+        shape.height, ", ", shape.width,
         "] is a shape the model rejects (a forward pass of zeros ", shape_text,
         " with t = [0] must return that shape): ", failure));
   }
@@ -438,6 +442,7 @@ absl::StatusOr<at::Tensor> TorchScriptModel::Forward(const at::Tensor& x_t,
   absl::StatusOr<at::Tensor> eps = internal::CallTorch(
       absl::StrCat("TorchScript model ", path_, " forward"),
       [&]() -> absl::StatusOr<at::Tensor> {
+        torch::jit::GraphOptimizerEnabledGuard unoptimized(false);
         c10::IValue out = impl_->module.forward({x_t, t});
         if (!out.isTensor()) {
           return absl::InvalidArgumentError(
@@ -462,6 +467,36 @@ std::vector<NamedParameter> TorchScriptModel::NamedParameters() const {
     out.push_back(NamedParameter{item.name, item.value});
   }
   return out;
+}
+
+absl::StatusOr<std::unique_ptr<DiffusionModel>> TorchScriptModel::Clone()
+    const {
+  return internal::CallTorch(
+      absl::StrCat("copying TorchScript model ", path_),
+      [&]() -> absl::StatusOr<std::unique_ptr<DiffusionModel>> {
+        auto impl = std::make_unique<Impl>();
+        {
+          // Under autograd the copied tensors would be clones with a history
+          // leading back to this model's parameters.
+          torch::NoGradGuard no_grad;
+          impl->module = impl_->module.deepcopy();
+        }
+        std::vector<NamedParameter> mine = NamedParameters();
+        std::vector<NamedParameter> copy;
+        for (const auto& item : impl->module.named_parameters(true)) {
+          copy.push_back(NamedParameter{item.name, item.value});
+        }
+        if (copy.size() != mine.size()) {
+          return absl::InternalError(absl::StrCat(
+              "copying TorchScript model ", path_, ": the copy has ",
+              copy.size(), " parameters, the original ", mine.size()));
+        }
+        for (size_t i = 0; i < copy.size(); ++i) {
+          copy[i].tensor.requires_grad_(mine[i].tensor.requires_grad());
+        }
+        return std::unique_ptr<DiffusionModel>(
+            new TorchScriptModel(path_, input_shape_, std::move(impl)));
+      });
 }
 
 void TorchScriptModel::SetTraining(bool training) {

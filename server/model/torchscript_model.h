@@ -4,6 +4,12 @@
 // returning eps of the same shape as x_t. NamedParameters are the module's
 // named_parameters() in the order Python's Module.named_parameters() lists
 // them, names dotted the same way.
+//
+// Forward runs the module with the graph executor's optimizations off (for
+// this call's thread only): the optimized plan, which the executor switches
+// to after a profiling run, rounds differently in the last bits, so the
+// first call and later calls would not agree bit for bit. Without them every
+// call gives the same bits, on every replica.
 #ifndef RETRACE_SERVER_MODEL_TORCHSCRIPT_MODEL_H_
 #define RETRACE_SERVER_MODEL_TORCHSCRIPT_MODEL_H_
 
@@ -54,6 +60,11 @@ class TorchScriptModel final : public DiffusionModel {
   // Loads another TorchScript file and copies its parameters in; the parameter
   // names and shapes must match this module's.
   absl::Status Load(const std::string& path) override;
+
+  // A deep copy of the scripted module (parameters and buffers in storage of
+  // their own, leaf tensors with the original's requires_grad), sharing only
+  // the compiled code, which is safe to run from several threads.
+  absl::StatusOr<std::unique_ptr<DiffusionModel>> Clone() const override;
 
   const std::string& path() const { return path_; }
 

@@ -141,6 +141,47 @@ TEST_F(TorchScriptModelTest, SaveAndLoadParameters) {
   }
 }
 
+// A replica computes what the original computes, owns its parameters (plain
+// leaves that require grad, so gradients can be taken on it), and the
+// original's calls give the same bits before and after.
+TEST_F(TorchScriptModelTest, CloneIsAnIndependentEqualReplica) {
+  auto model =
+      TorchScriptModel::Create(dir_ + "/model.pt", ImageShape{1, 8, 8});
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto replica = (*model)->Clone();
+  ASSERT_TRUE(replica.ok()) << replica.status();
+  EXPECT_EQ((*replica)->Architecture(), "torchscript");
+  torch::Tensor x = Read(manifest_["x"]);
+  torch::Tensor t = Read(manifest_["t"], torch::kLong);
+  auto a = (*model)->Forward(x, t);
+  auto b = (*replica)->Forward(x, t);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_TRUE(torch::equal(*a, *b));
+
+  std::vector<NamedParameter> mine = (*model)->NamedParameters();
+  std::vector<NamedParameter> theirs = (*replica)->NamedParameters();
+  ASSERT_EQ(mine.size(), theirs.size());
+  std::vector<torch::Tensor> leaves;
+  for (size_t i = 0; i < mine.size(); ++i) {
+    SCOPED_TRACE(mine[i].name);
+    EXPECT_EQ(mine[i].name, theirs[i].name);
+    EXPECT_NE(mine[i].tensor.data_ptr(), theirs[i].tensor.data_ptr());
+    EXPECT_TRUE(theirs[i].tensor.is_leaf());
+    EXPECT_TRUE(theirs[i].tensor.requires_grad());
+    leaves.push_back(theirs[i].tensor);
+  }
+  auto loss = (*replica)->Forward(x, t)->square().sum();
+  std::vector<torch::Tensor> grads = torch::autograd::grad({loss}, leaves);
+  EXPECT_EQ(grads.size(), leaves.size());
+  {
+    torch::NoGradGuard no_grad;
+    for (NamedParameter& p : theirs) p.tensor.add_(1.0);
+  }
+  auto again = (*model)->Forward(x, t);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(torch::equal(*again, *a));
+}
+
 // What this PyTorch writes and this LibTorch reads (docs/models.md,
 // "Versions", quotes these lines).
 TEST_F(TorchScriptModelTest, PythonFilesHaveASupportedFormatVersion) {
@@ -167,18 +208,19 @@ TEST_F(TorchScriptModelTest, PythonFilesHaveASupportedFormatVersion) {
 TEST_F(TorchScriptModelTest, RefusesAnUnsupportedFormatVersion) {
   const std::string path = Refused("version99");
   auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
-  ExpectRefused(model.status(),
-                {path, "version 99",
-                 absl::StrCat(caffe2::serialize::kMinSupportedFileFormatVersion,
-                              "..",
-                              caffe2::serialize::kMaxSupportedFileFormatVersion),
-                 absl::StrCat("LibTorch ", TORCH_VERSION)});
+  ExpectRefused(
+      model.status(),
+      {path, "version 99",
+       absl::StrCat(caffe2::serialize::kMinSupportedFileFormatVersion, "..",
+                    caffe2::serialize::kMaxSupportedFileFormatVersion),
+       absl::StrCat("LibTorch ", TORCH_VERSION)});
 }
 
 TEST_F(TorchScriptModelTest, RefusesATorchSaveFile) {
   const std::string path = Refused("state_dict");
   auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
-  ExpectRefused(model.status(), {path, "no TorchScript code", "torch.jit.save"});
+  ExpectRefused(model.status(),
+                {path, "no TorchScript code", "torch.jit.save"});
 }
 
 TEST_F(TorchScriptModelTest, RefusesAForwardWithOneInput) {
@@ -192,9 +234,10 @@ TEST_F(TorchScriptModelTest, RefusesAForwardWithOneInput) {
 TEST_F(TorchScriptModelTest, RefusesAForwardWithThreeInputs) {
   const std::string path = Refused("three_inputs");
   auto model = TorchScriptModel::Create(path, ImageShape{1, 8, 8});
-  ExpectRefused(model.status(),
-                {path, "\"forward(Tensor x_t, Tensor t, Tensor label) -> Tensor\"",
-                 "expected \"forward(Tensor x_t, Tensor t) -> Tensor\""});
+  ExpectRefused(
+      model.status(),
+      {path, "\"forward(Tensor x_t, Tensor t, Tensor label) -> Tensor\"",
+       "expected \"forward(Tensor x_t, Tensor t) -> Tensor\""});
 }
 
 TEST_F(TorchScriptModelTest, RefusesAForwardReturningATuple) {
@@ -241,8 +284,8 @@ TEST(TorchScriptModelErrorsTest, TruncatedFileIsInvalidArgument) {
   // The first bytes of a zip archive (a local header signature) and no
   // directory: still "not a zip archive", not a crash or a LibTorch trace.
   const std::string path = testing::TempDir() + "/truncated_model.pt";
-  std::ofstream(path, std::ios::binary) << std::string("PK\x03\x04", 4)
-                                        << std::string(40, '\0');
+  std::ofstream(path, std::ios::binary)
+      << std::string("PK\x03\x04", 4) << std::string(40, '\0');
   auto model = TorchScriptModel::Create(path);
   ExpectRefused(model.status(), {path, "not a zip archive"});
 }
