@@ -18,7 +18,7 @@ Checkpoint c is saved after step s_c = round((c + 1) * steps / C); its weight
 is w_c = lr * (s_c - s_{c-1}) (s_{-1} = 0), the learning rate times the
 number of steps it stands for, as TracIn wants.
 
-    python3 train.py --out DIR [--steps 300] [--seed 0] [--images-per-class 50]
+    python3 train.py --out DIR [--steps 300] [--seed 0] [--images-per-class 40]
                      [--checkpoints 2] [--queries 3] [--reuse]
 
 --reuse leaves DIR alone when train-stamp.json says it was produced by the
@@ -207,7 +207,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the images, the initialization and training")
-    parser.add_argument("--images-per-class", type=int, default=50)
+    parser.add_argument("--images-per-class", type=int, default=40)
     parser.add_argument("--checkpoints", type=int, default=2)
     parser.add_argument("--queries", type=int, default=3,
                         help="held-out query images per class")

@@ -72,7 +72,19 @@ if [[ ! -s "$work/retraced.port" ]]; then
   exit 1
 fi
 port=$(cat "$work/retraced.port")
-stamp "retraced listening on port $port"
+# retraced listens (answering UNAVAILABLE) while it loads the store and the
+# model; queries wait until the health check says SERVING.
+for _ in $(seq 1 600); do
+  "$retrace" health --server "127.0.0.1:$port" >/dev/null 2>&1 && break
+  if ! kill -0 "$server_pid" 2>/dev/null; then
+    echo "retraced exited while loading:" >&2
+    cat "$work/retraced.log" >&2
+    exit 1
+  fi
+  sleep 0.5
+done
+"$retrace" health --server "127.0.0.1:$port"
+stamp "retraced serving on port $port"
 
 stamp "check_full_gradients.py"
 "$python" "$example/check_full_gradients.py" --model "$work/model/model.toml" \
