@@ -22,7 +22,9 @@ every query gradient ḡ_c(x', s), and checks:
                recomputed here (store vectors · P applied to the query
                gradients), which must agree to float precision.
   (c) --sweep: builds a store per D (retrace-batch build-store), serves each
-               (retraced) and prints Spearman / top-10 recall per D and method.
+               (retraced) and prints Spearman / top-10 recall per D and method
+               as a markdown table: a measurement for docs/evaluation.md, with
+               no thresholds (small D is expected to fall short of them).
 
 Usage (the store and a running server already there):
     check_full_gradients.py --model DIR/model.toml --store STORE \\
