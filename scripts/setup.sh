@@ -9,7 +9,8 @@ packages=(
   libabsl-dev libssl-dev nlohmann-json3-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libcli11-dev libtomlplusplus-dev libstb-dev
-  libtorch-dev libopenblas0-pthread python3 python3-numpy python3-torch zlib1g-dev
+  libtorch-dev libopenblas0-pthread python3 python3-numpy python3-torch python3-matplotlib
+  zlib1g-dev
   dataset-fashion-mnist fonts-dejavu-core
   prometheus docker-compose python3-grpcio python3-protobuf openssl
 )
