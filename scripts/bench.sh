@@ -8,6 +8,9 @@
 # print `RATIO <name> <value>` lines (the DESIGN §7 targets); these are
 # collected and printed together at the end. Full outputs are kept in
 # build-bench/results/NAME.txt.
+# The featurize benchmark also runs a TorchScript model: the script exports
+# examples/pytorch_ddpm/model.py's untrained UNet into
+# build-bench/bench_models/ and passes it in RETRACE_BENCH_TORCHSCRIPT.
 # Environment: RETRACE_BENCH_BUILD_DIR (default build-bench),
 # RETRACE_BENCH_CMAKE_ARGS (e.g. -DRETRACE_KERNELS_ONLY=ON on a GPU machine
 # without gRPC and LibTorch).
@@ -53,6 +56,18 @@ cmake --build "$build_dir" -j "$(nproc)" --target "${targets[@]}"
 
 results="$build_dir/results"
 mkdir -p "$results"
+
+# The featurize benchmark's TorchScript case runs the example's untrained
+# 32x32 RGB UNet, exported with Debian's python3-torch (skipped without it).
+if [[ " ${names[*]} " =~ " featurize " ]]; then
+  ts_model="$build_dir/bench_models/pytorch_ddpm_untrained.ts.pt"
+  mkdir -p "$(dirname "$ts_model")"
+  if /usr/bin/python3 examples/pytorch_ddpm/model.py --export "$ts_model" --seed 0; then
+    export RETRACE_BENCH_TORCHSCRIPT="$ts_model"
+  else
+    echo "bench.sh: could not export the TorchScript example model; its cases skip" >&2
+  fi
+fi
 ratios=()
 failed=()
 for n in "${names[@]}"; do
