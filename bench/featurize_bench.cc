@@ -30,7 +30,7 @@
 //   RATIO featurize_vs_loop      loop / layerwise            (goal >= 3)
 //   RATIO featurize_vs_training  train/step / training_side  (goal >= 0.3)
 //   RATIO featurize_grads_vs_training  train/step / layerwise
-//   RATIO featurize_vs_fwd_bwd   train/fwd_bwd / training_side (DESIGN §7:
+//   RATIO featurize_vs_fwd_bwd   train/fwd_bwd / training_side (target:
 //                                overhead beyond forward+backward <= 20%
 //                                means >= 0.83)
 //   RATIO torchscript_featurize_vs_loop          featurize_ts/loop / parallel

@@ -1,4 +1,4 @@
-// Projection throughput (DESIGN §7: SJLT >= 10x faster than dense at
+// Projection throughput (target: SJLT >= 10x faster than dense at
 // p >= 1e7 on the same device). One iteration projects a whole p-vector:
 // Reset, the pieces of at most kPieceCoordinates coordinates each (streamed
 // from one reused buffer at increasing global offsets, as a model's parameter

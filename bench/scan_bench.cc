@@ -2,7 +2,7 @@
 // against the LibTorch way a user would write (fp16 -> fp32 conversion,
 // batched matmul per block of rows, then torch::topk) and against the
 // machine's measured memory read bandwidth, on the same in-memory store, in
-// one run. Prints a table and the RATIO lines of DESIGN §7.
+// one run. Prints a table and the RATIO lines (docs/benchmarks.md).
 //
 //   scan_bench [--n 200000] [--checkpoints 2] [--slots 6] [--dim 1024]
 //              [--queries 1,8,32] [--k 10] [--reps 3] [--torch-reps 1]

@@ -22,7 +22,7 @@
 // AttributeResponse.timings, means over all requests and over the slowest
 // 1%), and
 //   RATIO server_p99_vs_scan   vectors p99 at concurrency 32 / scan of a
-//                              batch of 32 (DESIGN §7: <= 2)
+//                              batch of 32 (target: <= 2)
 // 32 is the batcher's max batch (retraced's default), so at 32 clients a
 // request can ride in a full batch: the batch size the server is built for.
 // The vectors ratios at every concurrency are printed as plain lines.
@@ -791,7 +791,7 @@ int main(int argc, char** argv) {
       "server_p99_vs_scan is reported for vectors at concurrency %s "
       "(batch %s, the max batch)\n",
       at.c_str(), at.c_str());
-  // Soak (DESIGN §7: no memory growth): the same load again and again, per
+  // Soak (target: no memory growth): the same load again and again, per
   // part; after the first window (allocator and gRPC pools warming up)
   // resident memory should stay flat.
   for (const auto& [name, lazy] :

@@ -348,8 +348,8 @@ absl::Status ReadShardNorms(const std::string& dir, int64_t index,
 
 // ---- Self-influence --------------------------------------------------------
 
-// DESIGN §1 "Self-influence" from one sample's fp32 unit vectors [C][S][D]
-// and norms [C][S], in double: with a replay slot
+// Self-influence (docs/store-build.md) from one sample's fp32 unit vectors
+// [C][S][D] and norms [C][S], in double: with a replay slot
 // Σ_c w_c ⟨v_R, (1/B) Σ_b v_b⟩, else Σ_c w_c ‖(1/B) Σ_b v_b‖², where
 // v = ‖g‖·u (TracIn) or u (ReTrac).
 std::pair<float, float> SelfInfluence(const float* unit, const float* norms,

@@ -59,7 +59,7 @@ enum class ReplayMode {
 // What the store is built with (everything that determines its bytes, with
 // the run, the data and the thread count).
 struct StoreBuildConfig {
-  // Random projection P (DESIGN.md §2).
+  // Random projection P (docs/projection.md).
   kernels::ProjectionType projection = kernels::ProjectionType::kSjlt;
   int64_t dim = 1024;  // D
   int sparsity = 4;    // s, sjlt only

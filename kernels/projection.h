@@ -1,4 +1,4 @@
-// Random projection of gradients (DESIGN §2): y = P·x for a batch of B input
+// Random projection of gradients: y = P·x for a batch of B input
 // vectors of dimension p, giving B outputs of dimension D.
 //
 // P is never stored. Every entry is a pure function of (seed, global input

@@ -5,9 +5,9 @@
 #   scripts/bench.sh projection -- --benchmark_filter=sjlt   arguments for the binaries
 #   scripts/bench.sh scan -- --n 20000 --queries 1,8     a smaller scan store
 # Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt). They
-# print `RATIO <name> <value>` lines (the DESIGN §7 targets); these are
-# collected and printed together at the end. Full outputs are kept in
-# build-bench/results/NAME.txt.
+# print `RATIO <name> <value>` lines (the performance targets,
+# docs/benchmarks.md); these are collected and printed together at the end. Full
+# outputs are kept in build-bench/results/NAME.txt.
 # The featurize benchmark also runs a TorchScript model: the script exports
 # examples/pytorch_ddpm/model.py's untrained UNet into
 # build-bench/bench_models/ and passes it in RETRACE_BENCH_TORCHSCRIPT.

@@ -3,7 +3,7 @@
 #   1. installs what it needs (scripts/setup.sh, scripts/fetch_data.sh) and builds
 #      retrace-batch, retraced and retrace;
 #   2. trains the demo diffusion model on one Fashion-MNIST class (T-shirt/top)
-#      with MNIST zeros planted at the paper's 3.8% (DESIGN §8);
+#      with MNIST zeros planted at the paper's 3.8% (docs/demo.md);
 #   3. builds the attribution store of the run;
 #   4. starts retraced, queries it with a held-out Fashion-MNIST image and with an
 #      MNIST zero, prints the ranked tables and writes contact sheets;

@@ -1,6 +1,6 @@
-// Training sets mixed from several sources, e.g. the outlier experiment of
-// DESIGN.md §8: Fashion-MNIST class 0 (train split) plus MNIST zeros making up
-// 3.8% of the result:
+// Training sets mixed from several sources, e.g. the demo's outlier
+// experiment (docs/demo.md): Fashion-MNIST class 0 (train split) plus MNIST
+// zeros making up 3.8% of the result:
 //
 //   fashion-mnist:train:classes=0 + mnist:classes=0:fraction=0.038
 //

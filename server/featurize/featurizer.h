@@ -1,5 +1,5 @@
-// Featurizer: turns images into the projected gradient features of DESIGN.md
-// §1 — the training side (per sample, checkpoint and slot: the
+// Featurizer: turns images into the projected gradient features that
+// attribution scores — the training side (per sample, checkpoint and slot: the
 // full-dimensional norm ‖g‖ and the unit projected vector u = P·g/‖g‖) and the
 // query side (per checkpoint and bucket: q^raw and q^unit).
 // docs/featurization.md gives the definitions, RNG keys, timestep placement

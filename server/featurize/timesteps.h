@@ -1,5 +1,5 @@
 // Timestep buckets, timestep placement and RNG keys of featurization
-// (DESIGN.md §1, docs/featurization.md). No LibTorch: the store, the scorer
+// (docs/featurization.md). No LibTorch: the store, the scorer
 // and tests use these without its compile cost.
 //
 // Buckets: edges e_0 = 0 < e_1 < ... < e_B = T; bucket b is [e_b, e_{b+1}).

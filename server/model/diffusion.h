@@ -1,4 +1,4 @@
-// LibTorch forms of the diffusion training objective (DESIGN.md §1):
+// LibTorch forms of the diffusion training objective (docs/featurization.md):
 //   x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε,   ℓ(θ; x, t, ε) = mean |ε − ε_θ(x_t, t)|^p.
 // All functions validate their inputs and return errors instead of throwing.
 // Results stay on the autograd graph of their inputs.

@@ -88,7 +88,8 @@ class DiffusionModel {
   }
 };
 
-// Total number of scalar parameters (p in DESIGN.md §2).
+// Total number of scalar parameters: the gradient dimension p when every
+// parameter is selected (docs/featurization.md).
 int64_t CountParameters(const DiffusionModel& model);
 
 }  // namespace retrace::model

@@ -7,8 +7,8 @@
 // so the exact (t*, ε*) a sample received can be regenerated from
 // (run seed, step, batch position) alone: training noise is never stored.
 //
-// The replay log (DESIGN.md §1 "Replay slot") records, for every checkpoint c
-// and training sample n, the last training step before checkpoint c in which
+// The replay log (docs/training.md, "Replay log") records, for every checkpoint
+// c and training sample n, the last training step before checkpoint c in which
 // n took part: {step, batch position, timestep}, step = -1 when n was not used
 // before c. A checkpoint's `step` is the number of completed optimizer steps,
 // so "before checkpoint c" means steps s < step_c, and the weights θ_c are

@@ -1,9 +1,9 @@
 // Noise schedules of the DDPM forward process, without LibTorch.
 //
 // A schedule defines β_t and ᾱ_t = Π_{i≤t} (1 − β_i) for t = 0..T-1 and the
-// forward noising x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε (DESIGN.md §1). Timestep t here is
-// the 0-based index of the last noising step applied, so t = 0 is the least
-// noisy and t = T-1 the noisiest level.
+// forward noising x_t = √ᾱ_t·x + √(1−ᾱ_t)·ε (docs/featurization.md). Timestep t
+// here is the 0-based index of the last noising step applied, so t = 0 is the
+// least noisy and t = T-1 the noisiest level.
 //
 // Schedules:
 //   cosine (default): ᾱ(s) = f(s)/f(0) with f(s) = cos²(((s/T +

@@ -12,7 +12,7 @@ namespace {
 
 void Describe(CLI::App* app, ServerConfig* c) {
   app->description(
-      "retraced: the retrace attribution server. Serves one store (DESIGN §3) "
+      "retraced: the retrace attribution server. Serves one gradient store "
       "over gRPC (retrace.v1.Attribution, grpc.health.v1.Health, reflection) "
       "and Prometheus metrics over HTTP.");
   app->add_option("--config",

@@ -1,5 +1,5 @@
 // Turns one attribution request into the generic scan's per-slot weights and
-// query vectors (DESIGN §1, "Scores").
+// query vectors (the TracIn and ReTrac scores of docs/scoring.md).
 //
 // The scan computes, per query,
 //   score(n) = Σ_{(c,s)} a_{c,s} · f(n,c,s) · ⟨u_{n,c,s}, q_{c,s}⟩

@@ -1,5 +1,5 @@
-// Dynamic batching (DESIGN §6): queries from concurrent requests wait in one
-// queue and are scored together, one scan of the store per batch.
+// Dynamic batching (docs/operations.md): queries from concurrent requests
+// wait in one queue and are scored together, one scan of the store per batch.
 //
 //   Batcher batcher(
 //       [&](const std::vector<scoring::ScoreQuery>& b) { return

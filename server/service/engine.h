@@ -61,7 +61,7 @@ class AttributionEngine {
  public:
   explicit AttributionEngine(EngineParts parts);
 
-  // Errors (DESIGN §5), each message naming the problem:
+  // Errors (docs/api.md, "Errors"), each message naming the problem:
   //   InvalidArgument: no input, undecodable image, wrong shape, NaN/Inf,
   //     k out of range, unknown method/checkpoint/bucket, REPLAY without a
   //     replay slot, query vectors for another store or of the wrong size.

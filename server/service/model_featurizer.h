@@ -2,7 +2,7 @@
 // model description, server/run/model_description.h: the built-in UNet or a
 // TorchScript module, checkpoint by checkpoint) and projection, so
 // that a query image gets exactly the features the store was built with
-// (DESIGN §1 test side; docs/featurization.md).
+// (the query side of docs/featurization.md).
 #ifndef RETRACE_SERVER_SERVICE_MODEL_FEATURIZER_H_
 #define RETRACE_SERVER_SERVICE_MODEL_FEATURIZER_H_
 

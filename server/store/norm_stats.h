@@ -1,5 +1,6 @@
 // Per-(checkpoint, slot) statistics of the stored gradient norms: the
-// timestep-bias diagnostics of DESIGN §1 that the writer derives itself.
+// timestep-bias diagnostics that the writer derives itself
+// (docs/store-build.md, "Diagnostics").
 //
 // Pure functions; thread-safe.
 #ifndef RETRACE_SERVER_STORE_NORM_STATS_H_

@@ -240,7 +240,8 @@ TEST(BuildStoreTest, NormsSelfInfluenceAndDiagnosticsMatchIndependentValues) {
           EXPECT_NEAR(norms[b], expected, kNormRelTol * expected);
         }
       }
-      // Self-influence from the stored fp32 values (DESIGN §1, replay form).
+      // Self-influence from the stored fp32 values (docs/store-build.md,
+      // replay form).
       std::vector<double> mean_t(D, 0.0), mean_r(D, 0.0);
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t d = 0; d < D; ++d) {

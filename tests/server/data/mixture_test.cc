@@ -167,7 +167,7 @@ TEST(MixtureTest, Errors) {
   }
 }
 
-// The outlier experiment's data (DESIGN.md §8) from the real sources, when
+// The demo's outlier-experiment data (docs/demo.md) from the real sources, when
 // both are present.
 TEST(MixtureTest, FashionMnistClassZeroPlusMnistZeros) {
   DataLocations locations;

@@ -237,8 +237,8 @@ TEST(DiffusionTest, PerExampleLossHandComputed) {
             absl::StatusCode::kInvalidArgument);
 }
 
-// Not a pass/fail check: prints the cost of one training step, which the demo
-// budget (DESIGN.md §7) depends on.
+// Not a pass/fail check: prints the cost of one training step, which the demo's
+// time budget (docs/demo.md) depends on.
 TEST(UNetTest, ReportsStepTime) {
   auto model = MakeUNet();
   model->SetTraining(true);

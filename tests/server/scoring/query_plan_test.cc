@@ -68,7 +68,8 @@ double GenericScore(const TinyStore& t, const SlotPlan& p, int64_t n,
   return total;
 }
 
-// DESIGN §1 written out directly for one sample, with explicit filters.
+// The score formulas (docs/scoring.md) written out directly for one sample,
+// with explicit filters.
 double DesignScore(const TinyStore& t, const BucketQuery& q, int64_t n,
                    bool tracin, Pairing pairing, const std::vector<int>& cs_sel,
                    const std::vector<int>& bs_sel) {

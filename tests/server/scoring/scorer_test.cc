@@ -16,8 +16,8 @@ using testing::RandomQuery;
 using testing::TestStoreParams;
 using testing::WriteTestStore;
 
-// Brute-force DESIGN §1 scores in double precision, reading the stored
-// (already quantized) vectors back through the reader.
+// Brute-force TracIn/ReTrac scores (docs/scoring.md) in double precision,
+// reading the stored (already quantized) vectors back through the reader.
 std::vector<double> BruteForce(const store::StoreReader& r,
                                const BucketQuery& q, const PlanOptions& o,
                                bool tracin, const std::vector<float>& weights) {

@@ -233,8 +233,9 @@ inline std::string QueryPng(int variant) {
   return *png;
 }
 
-// DESIGN §1 MATCHED scores over every checkpoint and bucket, in double, from
-// the stored vectors: TracIn Σ w_c ‖g‖ ⟨u, q_raw⟩, ReTrac Σ w_c ⟨u, q_unit⟩.
+// Reference MATCHED scores (docs/scoring.md) over every checkpoint and bucket,
+// in double, from the stored vectors:
+// TracIn Σ w_c ‖g‖ ⟨u, q_raw⟩, ReTrac Σ w_c ⟨u, q_unit⟩.
 inline std::vector<double> BruteForceMatched(const store::StoreReader& r,
                                              const scoring::BucketQuery& q,
                                              bool tracin) {
