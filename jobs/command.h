@@ -29,6 +29,9 @@ Subcommand RegisterJoinStoreCommand(CLI::App& parent);
 // `retrace-batch held-out` (held_out_command.cc).
 Subcommand RegisterHeldOutCommand(CLI::App& parent);
 
+// `retrace-batch eval` (eval_command.cc); argv is recorded in the report.
+Subcommand RegisterEvalCommand(CLI::App& parent, int argc, char** argv);
+
 }  // namespace retrace::jobs
 
 #endif  // RETRACE_JOBS_COMMAND_H_

@@ -1,5 +1,6 @@
-// retrace-batch: offline jobs (training, the store build). main only
-// wires the command line to the subcommands in retrace_jobs.
+// retrace-batch: offline jobs (training, the store build, the evaluation).
+// main only wires the command line to the subcommands in retrace_jobs and
+// retrace_eval.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <vector>
@@ -10,11 +11,12 @@ int main(int argc, char** argv) {
   using namespace retrace::jobs;
   CLI::App app{
       "retrace-batch: offline jobs of retrace (train a diffusion "
-      "model with a replay log, build attribution stores)"};
+      "model with a replay log, build attribution stores, evaluate them)"};
   app.require_subcommand(1);
   std::vector<Subcommand> subcommands = {
       RegisterTrainCommand(app), RegisterBuildStoreCommand(app),
-      RegisterJoinStoreCommand(app), RegisterHeldOutCommand(app)};
+      RegisterJoinStoreCommand(app), RegisterHeldOutCommand(app),
+      RegisterEvalCommand(app, argc, argv)};
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
