@@ -223,7 +223,7 @@ void General(const json& report, std::string* md) {
   }
   absl::StrAppend(md, "\nReTrac's |G_0.2| as a fraction of TracIn's (mean ± sd over seeds): ",
                   absl::StrJoin(ratios, "; "), ".\n\n");
-  absl::StrAppend(md, "\n\n![how many queries a sample is top-k for](influence_hist.png)\n\n");
+  absl::StrAppend(md, "![how many queries a sample is top-k for](influence_hist.png)\n\n");
 }
 
 void Fidelity(const json& report, std::string* md) {
