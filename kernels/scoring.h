@@ -18,6 +18,28 @@
 // contract; between them scores agree within a float tolerance, not bit for
 // bit (different summation trees).
 //
+// Arithmetic paths of the CUDA scan (ScanOptions::cuda_path, chosen by
+// ChooseCudaScanPath from the store's dtype and dim only, never from the
+// batch, so that a query's scores are the same alone or batched):
+//  - kFp32, the exactness reference: each store value is converted to fp32
+//    and each dot is ONE fmaf chain over d in order, with fp32 queries; the
+//    per-slot terms are folded into the score with fmaf in cs order.
+//  - kTensorCore (fp16 and bf16 stores): each dot runs on tensor cores
+//    (WMMA 16x16x16, fp32 accumulation). The store values enter exactly; each
+//    fp32 query vector is scaled by a power of two (per query, slot and
+//    method, from its own largest value) and split into hi + lo in the
+//    store's type, so each query value is represented to a relative 2^-22
+//    (fp16) or 2^-16 (bf16); fp16 values below 2^-17 of their vector's
+//    largest are held to an absolute 2^-39 of that largest instead (the lo
+//    part is subnormal there). The products are exact; the accumulation follows
+//    one fixed sequence of MMA steps (d = 0, 16, 32, ...; hi then lo) whose
+//    internal adds are the hardware's (fp32 with truncation, not IEEE
+//    round-to-nearest), then the same fmaf fold in cs order. Scores agree with
+//    the kFp32 path within a relative 2^-16 + 2e-5 (bf16) or 2e-5 (fp16) of
+//    the sum of the absolute terms, not bit for bit.
+// Each path is deterministic on its own: same device, same inputs -> same
+// bits, whatever the batch, the chunking or the query's place in the batch.
+//
 // Errors: kInvalidArgument with a message naming the bad argument (k out of
 // 1..min(kMaxTopK, N), Q out of 1..kMaxQueries, null pointers, non-positive
 // sizes, non-finite query values or weights with their query and slot,
@@ -43,6 +65,10 @@ struct CUstream_st;
 
 namespace retrace::kernels {
 
+// Queries per scan. The CUDA kernels' launch configurations cover exactly
+// this many (8 tensor-core column fragments, 32 fp32 column groups); 128
+// would need a wider configuration of each, and the server's --max-batch
+// range follows this constant.
 inline constexpr int kMaxQueries = 64;
 inline constexpr int kMaxTopK = 4096;
 // Sample indices are packed into 32 bits next to the score during selection;
@@ -85,6 +111,14 @@ struct QueryBatch {
   const float* retrac_weights = nullptr;  // [Q, C, S] a_retrac
 };
 
+// Arithmetic of the CUDA scan (see the top of this file). kAuto takes
+// ChooseCudaScanPath's choice.
+enum class CudaScanPath { kAuto, kFp32, kTensorCore };
+
+// Stores with a smaller dim take the fp32 path under kAuto: one 16-value MMA
+// step would be mostly padding.
+inline constexpr int32_t kTensorCoreMinDim = 16;
+
 // Instruction set of the CPU scan. kAuto picks AVX2+FMA+F16C when the CPU
 // has them; tests and benchmarks force the portable path with kScalar.
 enum class CpuIsa { kAuto, kScalar, kAvx2 };
@@ -95,6 +129,7 @@ struct ScanOptions {
   bool want_breakdown = false;  // fill ScoredSample::breakdown
   int32_t num_threads = 0;      // CPU: worker threads, 0 = CpuThreads()
   CpuIsa isa = CpuIsa::kAuto;   // CPU only
+  CudaScanPath cuda_path = CudaScanPath::kAuto;  // CUDA only
 };
 
 struct ScoredSample {
@@ -128,6 +163,15 @@ KernelStatus ValidateScan(const StoreLayout& layout,
                           const QueryBatch& queries,
                           const ScanOptions& options);
 
+// The arithmetic path ScanCuda takes: `requested` unless it is kAuto; kAuto
+// picks kTensorCore for fp16 and bf16 stores with dim >= kTensorCoreMinDim
+// and kFp32 otherwise (fp32 stores keep fp32 arithmetic). The answer depends
+// on the layout and the request only. kInvalidArgument for kTensorCore on an
+// fp32 store or an unknown value. Host code; needs no device.
+KernelStatus ChooseCudaScanPath(const StoreLayout& layout,
+                                CudaScanPath requested, CudaScanPath* chosen);
+const char* CudaScanPathName(CudaScanPath path);
+
 // CPU backend and reference. Scans every chunk (host memory, read-only, may
 // be memory-mapped) with options.num_threads threads and writes the ranking of
 // every (query, method) to *result (replacing its contents). Query values and
@@ -160,25 +204,34 @@ KernelStatus MergeScanResults(const std::vector<ScanResult>& parts, int32_t k,
 // One scratch buffer must not be used by two calls at the same time.
 
 // Bytes of device scratch for ScanCuda(layout, chunks, queries.num_queries,
-// options). Fails as ValidateScan does (pointers are not inspected).
+// options). Fails as ValidateScan and ChooseCudaScanPath do (pointers are not
+// inspected; no device is needed). The size grows with Q, k, want_bottom and
+// want_breakdown, so scratch sized for the largest batch and k serves every
+// smaller request. It holds the [2Q, N] fp32 scores (never the per-slot
+// partial dots), the prepared queries and the selection's state.
 KernelStatus CudaScanScratchBytes(const StoreLayout& layout,
                                   const std::vector<StoreChunk>& chunks,
                                   int32_t num_queries,
                                   const ScanOptions& options,
                                   size_t* scratch_bytes);
 
-// Like ScanCpu, on the device. options.num_threads and options.isa are
-// ignored. kInvalidArgument when scratch_bytes is below what
-// CudaScanScratchBytes reports or the queries hold a non-finite value.
+// Like ScanCpu, on the device, with the arithmetic of options.cuda_path.
+// The exact top-k / bottom-k selection is a multi-block radix select over the
+// packed ranking keys (kernels/topk.h) that spreads every column over many
+// blocks, so a single query still uses the whole device.
+// options.num_threads and options.isa are ignored. kInvalidArgument when
+// scratch_bytes is below what CudaScanScratchBytes reports or the queries hold
+// a non-finite value.
 KernelStatus ScanCuda(const StoreLayout& layout,
                       const std::vector<StoreChunk>& chunks,
                       const QueryBatch& queries, const ScanOptions& options,
                       void* scratch, size_t scratch_bytes, CUstream_st* stream,
                       ScanResult* result);
 
-// Start-up check: scans a small random store on the device and compares the
-// ranking and scores with ScanCpu. kUnavailable without a device,
-// kInternal on a mismatch, kDeviceError when CUDA fails.
+// Start-up check: scans a small random store on the device with every path
+// the dtype allows and compares the ranking and scores with ScanCpu.
+// kUnavailable without a device, kInternal on a mismatch, kDeviceError when
+// CUDA fails.
 KernelStatus CudaSelfTest();
 
 }  // namespace retrace::kernels

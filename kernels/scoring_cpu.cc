@@ -680,7 +680,54 @@ KernelStatus ValidateScan(const StoreLayout& layout,
   if (options.num_threads < 0) {
     return KernelStatus::InvalidArgument("num_threads must be >= 0");
   }
+  const int path = static_cast<int>(options.cuda_path);
+  if (path < 0 || path > static_cast<int>(CudaScanPath::kTensorCore)) {
+    return KernelStatus::InvalidArgument("unknown CUDA scan path " +
+                                         std::to_string(path));
+  }
   return KernelStatus::Ok();
+}
+
+KernelStatus ChooseCudaScanPath(const StoreLayout& layout,
+                                CudaScanPath requested, CudaScanPath* chosen) {
+  if (chosen == nullptr) {
+    return KernelStatus::InvalidArgument("chosen pointer is null");
+  }
+  const bool sixteen_bit =
+      layout.dtype == DType::kF16 || layout.dtype == DType::kBF16;
+  switch (requested) {
+    case CudaScanPath::kAuto:
+      *chosen = sixteen_bit && layout.dim >= kTensorCoreMinDim
+                    ? CudaScanPath::kTensorCore
+                    : CudaScanPath::kFp32;
+      return KernelStatus::Ok();
+    case CudaScanPath::kFp32:
+      *chosen = CudaScanPath::kFp32;
+      return KernelStatus::Ok();
+    case CudaScanPath::kTensorCore:
+      if (!sixteen_bit) {
+        return KernelStatus::InvalidArgument(
+            std::string("the tensor-core scan needs an F16 or BF16 store, "
+                        "this one is ") +
+            DTypeName(layout.dtype));
+      }
+      *chosen = CudaScanPath::kTensorCore;
+      return KernelStatus::Ok();
+  }
+  return KernelStatus::InvalidArgument(
+      "unknown CUDA scan path " + std::to_string(static_cast<int>(requested)));
+}
+
+const char* CudaScanPathName(CudaScanPath path) {
+  switch (path) {
+    case CudaScanPath::kAuto:
+      return "auto";
+    case CudaScanPath::kFp32:
+      return "fp32";
+    case CudaScanPath::kTensorCore:
+      return "tensor-core";
+  }
+  return "unknown";
 }
 
 KernelStatus ScanCpu(const StoreLayout& layout,

@@ -24,6 +24,12 @@ namespace retrace::kernels::testing {
 // Float scores against the double reference: the error allowed, relative to
 // the sum of the absolute values of all terms of the score.
 constexpr double kF32MaxRelErr = 2e-5;
+// The CUDA tensor-core path (scoring.h): the same allowance for the fp32
+// accumulation (the hardware adds 16 products per step, so a dot has D/8
+// rounded adds against the fp32 path's D), plus the error of the split
+// query, at most 2^-16 of each value for bf16 (2^-22 for fp16) and so at most
+// 2^-16 of the sum of absolute terms.
+constexpr double kTensorCoreMaxRelErr = kF32MaxRelErr + 1.0 / 65536.0;
 
 struct TestStore {
   StoreLayout layout;
@@ -188,7 +194,7 @@ inline Reference BruteForce(const TestStore& st, const TestQueries& qs) {
 // so indices may differ from the exact ranking only between near-tied values.
 inline void ExpectRankedList(const std::vector<ScoredSample>& got,
                              const Reference& ref, int64_t rows, int q, int m,
-                             bool top, int k) {
+                             bool top, int k, double rel_err = kF32MaxRelErr) {
   SCOPED_TRACE(std::string(top ? "top" : "bottom") + " list, query " +
                std::to_string(q) + ", method " + std::to_string(m));
   ASSERT_EQ(got.size(), size_t(k));
@@ -210,10 +216,10 @@ inline void ExpectRankedList(const std::vector<ScoredSample>& got,
     EXPECT_TRUE(seen.insert(s.index).second)
         << "index " << s.index << " repeated";
     const double want = ref.Score(s.index, q, m);
-    const double tol = kF32MaxRelErr * ref.Magnitude(s.index, q, m) + 1e-30;
+    const double tol = rel_err * ref.Magnitude(s.index, q, m) + 1e-30;
     EXPECT_NEAR(s.score, want, tol) << "rank " << i << " index " << s.index;
     const double expected_here = ref.Score(order[size_t(i)], q, m);
-    EXPECT_NEAR(want, expected_here, 2 * kF32MaxRelErr * max_magnitude + 1e-30)
+    EXPECT_NEAR(want, expected_here, 2 * rel_err * max_magnitude + 1e-30)
         << "rank " << i << ": got index " << s.index << ", exact ranking has "
         << order[size_t(i)];
     if (i > 0) {
@@ -231,14 +237,15 @@ inline void ExpectRankedList(const std::vector<ScoredSample>& got,
 
 inline void ExpectMatchesReference(const ScanResult& result,
                                    const Reference& ref, int64_t rows, int k,
-                                   bool want_bottom) {
+                                   bool want_bottom,
+                                   double rel_err = kF32MaxRelErr) {
   ASSERT_EQ(result.per_query.size(), size_t(ref.num_queries));
   for (int q = 0; q < ref.num_queries; ++q) {
     for (int m = 0; m < kNumMethods; ++m) {
       const RankedList& list = result.Get(q, static_cast<Method>(m));
-      ExpectRankedList(list.top, ref, rows, q, m, true, k);
+      ExpectRankedList(list.top, ref, rows, q, m, true, k, rel_err);
       if (want_bottom) {
-        ExpectRankedList(list.bottom, ref, rows, q, m, false, k);
+        ExpectRankedList(list.bottom, ref, rows, q, m, false, k, rel_err);
       } else {
         EXPECT_TRUE(list.bottom.empty());
       }
