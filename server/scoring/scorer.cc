@@ -14,9 +14,6 @@
 namespace retrace::scoring {
 namespace {
 
-// Device memory left free beyond the store, for scan scratch and queries.
-constexpr int64_t kDeviceReserveBytes = int64_t{512} << 20;
-
 std::string Bytes(int64_t b) {
   return absl::StrFormat("%d bytes (%.2f GiB)", b,
                          b / double(int64_t{1} << 30));
@@ -86,7 +83,57 @@ MethodRanking ToRanking(const kernels::RankedList& list, const ScoreQuery& q,
   return m;
 }
 
+// Largest k any request can ask for on a store of `rows` samples.
+int32_t MaxK(int64_t rows) {
+  return static_cast<int32_t>(std::min<int64_t>(kernels::kMaxTopK, rows));
+}
+
 }  // namespace
+
+absl::StatusOr<DeviceFootprint> PlanDeviceFootprint(
+    const kernels::StoreLayout& layout,
+    const std::vector<kernels::StoreChunk>& chunks, int32_t max_batch,
+    kernels::CudaScanPath path) {
+  DeviceFootprint f;
+  const int64_t row_bytes =
+      layout.RowValues() * kernels::DTypeSize(layout.dtype) +
+      layout.SlotPairs() * int64_t{sizeof(float)};
+  int64_t rows = 0;
+  for (const kernels::StoreChunk& c : chunks) rows += c.rows;
+  f.store_bytes = rows * row_bytes;
+  // Raw and unit vectors, then TracIn and ReTrac weights, all fp32.
+  f.query_bytes = int64_t{max_batch} *
+                  (2 * layout.RowValues() + 2 * layout.SlotPairs()) *
+                  int64_t{sizeof(float)};
+  if (rows == 0) return f;  // nothing to scan: every request is refused
+  kernels::ScanOptions worst;
+  worst.k = MaxK(rows);
+  worst.want_bottom = true;
+  worst.want_breakdown = true;
+  worst.cuda_path = path;
+  size_t scratch = 0;
+  RETURN_IF_KERNEL_ERROR(kernels::CudaScanScratchBytes(
+      layout, chunks, max_batch, worst, &scratch));
+  f.scratch_bytes = static_cast<int64_t>(scratch);
+  return f;
+}
+
+absl::Status CheckDeviceFits(const DeviceFootprint& footprint,
+                             int64_t free_bytes, int64_t total_bytes) {
+  if (footprint.Total() + kDeviceHeadroomBytes <= free_bytes) {
+    return absl::OkStatus();
+  }
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "the store does not fit in device memory: it needs ",
+      Bytes(footprint.Total() + kDeviceHeadroomBytes), " (",
+      Bytes(footprint.store_bytes), " for vectors and norms, ",
+      Bytes(footprint.scratch_bytes), " of scan scratch and ",
+      Bytes(footprint.query_bytes), " for the queries of the largest batch, ",
+      Bytes(kDeviceHeadroomBytes), " of headroom); the device has ",
+      Bytes(free_bytes), " free of ", Bytes(total_bytes),
+      ". Lower the max batch, shard the store over several nodes (retraced "
+      "--role shard) or use the CPU backend"));
+}
 
 Scorer::Scorer(const store::StoreReader* store, kernels::Backend backend,
                const ScorerOptions& options)
@@ -124,6 +171,11 @@ absl::StatusOr<std::unique_ptr<Scorer>> Scorer::Create(
     return absl::InvalidArgumentError(
         absl::StrCat("Scorer: projection dim ", store->dim(), " is too large"));
   }
+  if (options.max_batch < 1 || options.max_batch > kernels::kMaxQueries) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Scorer: max batch ", options.max_batch,
+                     " is out of range 1..", kernels::kMaxQueries));
+  }
   kernels::Backend backend = kernels::Backend::kCpu;
   switch (options.device) {
     case DeviceChoice::kCpu:
@@ -141,12 +193,20 @@ absl::StatusOr<std::unique_ptr<Scorer>> Scorer::Create(
   }
   std::unique_ptr<Scorer> scorer(new Scorer(store, backend, options));
   if (backend == kernels::Backend::kCuda) {
+    kernels::CudaScanPath path = kernels::CudaScanPath::kFp32;
+    RETURN_IF_KERNEL_ERROR(
+        kernels::ChooseCudaScanPath(scorer->layout_, options.cuda_path, &path));
     RETURN_IF_KERNEL_ERROR(kernels::StreamCreate(&scorer->stream_));
     if (options.self_test) {
       RETURN_IF_ERROR(Annotate(FromKernelStatus(kernels::CudaSelfTest()),
                                "CUDA scan self test failed"));
     }
+    RETURN_IF_ERROR(scorer->ReserveDeviceMemory());
     RETURN_IF_ERROR(scorer->CopyStoreToDevice());
+    RETRACE_LOG(INFO) << "CUDA scan: " << kernels::CudaScanPathName(path)
+                      << " path, scratch for " << options.max_batch
+                      << " queries: "
+                      << Bytes(scorer->footprint_.scratch_bytes);
   }
   RETRACE_LOG(INFO) << "scorer ready: " << store->num_samples() << " samples, "
                     << kernels::BackendName(backend)
@@ -157,24 +217,29 @@ absl::StatusOr<std::unique_ptr<Scorer>> Scorer::Create(
   return scorer;
 }
 
+// Checks the whole footprint against free memory before allocating any of
+// it, then allocates the scratch and query buffers (the store follows in
+// CopyStoreToDevice).
+absl::Status Scorer::ReserveDeviceMemory() {
+  ASSIGN_OR_RETURN(
+      footprint_, PlanDeviceFootprint(layout_, host_chunks_, options_.max_batch,
+                                      options_.cuda_path));
+  size_t free_bytes = 0, total_bytes = 0;
+  RETURN_IF_KERNEL_ERROR(kernels::DeviceMemoryInfo(&free_bytes, &total_bytes));
+  RETURN_IF_ERROR(CheckDeviceFits(footprint_, static_cast<int64_t>(free_bytes),
+                                  static_cast<int64_t>(total_bytes)));
+  RETURN_IF_KERNEL_ERROR(kernels::DeviceAlloc(
+      static_cast<size_t>(std::max<int64_t>(footprint_.scratch_bytes, 1)),
+      &scratch_));
+  RETURN_IF_KERNEL_ERROR(kernels::DeviceAlloc(
+      static_cast<size_t>(footprint_.query_bytes), &device_queries_));
+  return absl::OkStatus();
+}
+
 absl::Status Scorer::CopyStoreToDevice() {
   const int64_t norm_bytes_per_row =
       layout_.SlotPairs() * int64_t{sizeof(float)};
   const int64_t row_bytes = store_->row_bytes();
-  int64_t needed = 0;
-  for (const auto& c : host_chunks_)
-    needed += c.rows * (row_bytes + norm_bytes_per_row);
-  size_t free_bytes = 0, total_bytes = 0;
-  RETURN_IF_KERNEL_ERROR(kernels::DeviceMemoryInfo(&free_bytes, &total_bytes));
-  if (needed + kDeviceReserveBytes > static_cast<int64_t>(free_bytes)) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the store does not fit in device memory: it needs ", Bytes(needed),
-        " for vectors and norms plus ", Bytes(kDeviceReserveBytes),
-        " of working space; the device has ", Bytes(int64_t(free_bytes)),
-        " free of ", Bytes(int64_t(total_bytes)),
-        ". Shard the store over several nodes (retraced --role shard) or use "
-        "the CPU backend"));
-  }
   void* staging = nullptr;
   RETURN_IF_KERNEL_ERROR(kernels::PinnedAlloc(
       static_cast<size_t>(options_.staging_bytes), &staging));
@@ -200,17 +265,6 @@ absl::Status Scorer::CopyStoreToDevice() {
   return uploader.Finish();
 }
 
-absl::Status Scorer::EnsureDeviceBuffer(void** ptr, size_t* capacity,
-                                        size_t bytes) {
-  if (*capacity >= bytes && *ptr != nullptr) return absl::OkStatus();
-  kernels::DeviceFree(*ptr);
-  *ptr = nullptr;
-  *capacity = 0;
-  RETURN_IF_KERNEL_ERROR(kernels::DeviceAlloc(bytes, ptr));
-  *capacity = bytes;
-  return absl::OkStatus();
-}
-
 absl::StatusOr<kernels::ScanResult> Scorer::ScanCuda(
     const kernels::QueryBatch& host_batch,
     const kernels::ScanOptions& options) {
@@ -219,9 +273,12 @@ absl::StatusOr<kernels::ScanResult> Scorer::ScanCuda(
   const size_t wts =
       static_cast<size_t>(host_batch.num_queries) * layout_.SlotPairs();
   const size_t total_floats = 2 * vec + 2 * wts;
-  RETURN_IF_ERROR(EnsureDeviceBuffer(&device_queries_,
-                                     &device_queries_capacity_,
-                                     total_floats * sizeof(float)));
+  if (total_floats * sizeof(float) >
+      static_cast<size_t>(footprint_.query_bytes)) {
+    return absl::InternalError(
+        absl::StrCat("scorer: a batch of ", host_batch.num_queries,
+                     " queries exceeds the query buffer sized at start-up"));
+  }
   float* base = static_cast<float*>(device_queries_);
   kernels::QueryBatch dev = host_batch;
   dev.raw = base;
@@ -241,12 +298,18 @@ absl::StatusOr<kernels::ScanResult> Scorer::ScanCuda(
   size_t scratch_bytes = 0;
   RETURN_IF_KERNEL_ERROR(kernels::CudaScanScratchBytes(
       layout_, device_chunks_, dev.num_queries, options, &scratch_bytes));
-  RETURN_IF_ERROR(
-      EnsureDeviceBuffer(&scratch_, &scratch_capacity_, scratch_bytes));
+  if (scratch_bytes > static_cast<size_t>(footprint_.scratch_bytes)) {
+    // Cannot happen: the scratch grows with Q and k, and Create sized it for
+    // max_batch queries at the largest k.
+    return absl::InternalError(
+        absl::StrCat("scorer: the scan needs ", scratch_bytes,
+                     " bytes of scratch, more than the ",
+                     footprint_.scratch_bytes, " sized at start-up"));
+  }
   kernels::ScanResult result;
-  RETURN_IF_KERNEL_ERROR(kernels::ScanCuda(layout_, device_chunks_, dev,
-                                           options, scratch_, scratch_capacity_,
-                                           stream_, &result));
+  RETURN_IF_KERNEL_ERROR(kernels::ScanCuda(
+      layout_, device_chunks_, dev, options, scratch_,
+      static_cast<size_t>(footprint_.scratch_bytes), stream_, &result));
   return result;
 }
 
@@ -254,10 +317,10 @@ absl::StatusOr<std::vector<QueryResult>> Scorer::Score(
     const std::vector<ScoreQuery>& queries) {
   const int64_t n = store_->num_samples();
   if (queries.empty() ||
-      queries.size() > static_cast<size_t>(kernels::kMaxQueries)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("a scan takes 1..", kernels::kMaxQueries, " queries, got ",
-                     queries.size()));
+      queries.size() > static_cast<size_t>(options_.max_batch)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a scan takes 1..", options_.max_batch,
+        " queries (the scorer's max batch), got ", queries.size()));
   }
   const int64_t max_k = std::min<int64_t>(kernels::kMaxTopK, n);
   const size_t row = static_cast<size_t>(layout_.RowValues());
@@ -270,6 +333,7 @@ absl::StatusOr<std::vector<QueryResult>> Scorer::Score(
   options.want_bottom = false;
   options.want_breakdown = false;
   options.num_threads = options_.cpu_threads;
+  options.cuda_path = options_.cuda_path;
   for (size_t i = 0; i < q_count; ++i) {
     const ScoreQuery& q = queries[i];
     if (q.k < 1 || q.k > max_k) {

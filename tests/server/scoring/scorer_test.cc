@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "tests/server/scoring/scorer_test_util.h"
@@ -227,6 +228,85 @@ TEST_F(ScorerTest, RejectsBadRequestsWithClearMessages) {
             absl::StatusCode::kInvalidArgument);
   // The scorer still answers after every refusal.
   EXPECT_TRUE(status_of(good).ok());
+}
+
+TEST(ScorerOptionsTest, MaxBatchIsCheckedAndEnforced) {
+  const std::string dir = WriteTestStore({}, "scorer_max_batch");
+  auto r = store::StoreReader::Open(dir);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ScorerOptions o;
+  o.device = DeviceChoice::kCpu;
+  for (int32_t bad : {0, -1, kernels::kMaxQueries + 1}) {
+    o.max_batch = bad;
+    const absl::Status s = Scorer::Create(r->get(), o).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("max batch"), absl::string_view::npos) << s;
+  }
+  o.max_batch = 2;
+  auto scorer = Scorer::Create(r->get(), o);
+  ASSERT_TRUE(scorer.ok()) << scorer.status();
+  ScoreQuery q;
+  q.vectors = RandomQuery((*scorer)->shape(), 5);
+  EXPECT_TRUE((*scorer)->Score({q, q}).ok());
+  const absl::Status s = (*scorer)->Score({q, q, q}).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("1..2 queries"), absl::string_view::npos) << s;
+}
+
+TEST(DeviceFootprintTest, CheckDeviceFitsNamesEveryPart) {
+  DeviceFootprint f;
+  f.store_bytes = int64_t{3} << 30;
+  f.scratch_bytes = int64_t{1} << 30;
+  f.query_bytes = int64_t{1} << 20;
+  const int64_t need = f.Total() + kDeviceHeadroomBytes;
+  EXPECT_TRUE(CheckDeviceFits(f, need, need * 2).ok());
+  const absl::Status s = CheckDeviceFits(f, need - 1, need * 2);
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  for (int64_t bytes : {need, f.store_bytes, f.scratch_bytes, f.query_bytes,
+                        need - 1, need * 2}) {
+    EXPECT_NE(s.message().find(std::to_string(bytes) + " bytes"),
+              absl::string_view::npos)
+        << "no " << bytes << " in: " << s.message();
+  }
+}
+
+TEST(DeviceFootprintTest, SizedForTheLargestRequest) {
+  if (!kernels::BuiltWithCuda()) GTEST_SKIP() << "built without CUDA";
+  const kernels::StoreLayout layout{kernels::DType::kF16, 2, 4, 64};
+  static const char kFake[16] = {};  // not read
+  const std::vector<kernels::StoreChunk> chunks = {
+      {kFake, reinterpret_cast<const float*>(kFake), 700, 0},
+      {kFake, reinterpret_cast<const float*>(kFake), 5300, 700}};
+  int64_t previous = 0;
+  for (int32_t max_batch : {1, 2, 16, kernels::kMaxQueries}) {
+    SCOPED_TRACE("max_batch=" + std::to_string(max_batch));
+    auto f = PlanDeviceFootprint(layout, chunks, max_batch,
+                                 kernels::CudaScanPath::kAuto);
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(f->store_bytes, 6000 * (8 * 64 * 2 + 8 * 4));
+    EXPECT_EQ(f->query_bytes, int64_t{max_batch} * (2 * 512 + 2 * 8) * 4);
+    // Every request of up to max_batch queries fits the scratch.
+    kernels::ScanOptions worst;
+    worst.k = 4096;
+    worst.want_bottom = true;
+    worst.want_breakdown = true;
+    size_t bytes = 0;
+    ASSERT_TRUE(
+        kernels::CudaScanScratchBytes(layout, chunks, max_batch, worst, &bytes)
+            .ok());
+    EXPECT_EQ(f->scratch_bytes, static_cast<int64_t>(bytes));
+    // At least the [2Q, N] scores and the breakdowns of k = 4096 entries.
+    EXPECT_GE(f->scratch_bytes, int64_t{2} * max_batch * 6000 * 4 +
+                                    int64_t{2} * max_batch * 2 * 4096 * 8 * 4);
+    EXPECT_GT(f->scratch_bytes, previous);
+    previous = f->scratch_bytes;
+  }
+  EXPECT_EQ(
+      PlanDeviceFootprint(kernels::StoreLayout{kernels::DType::kF32, 2, 4, 64},
+                          chunks, 4, kernels::CudaScanPath::kTensorCore)
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ScorerDeviceTest, CudaRequestWithoutDeviceIsUnavailable) {
