@@ -76,13 +76,6 @@ double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
 }
 
-uint64_t SplitMix64(uint64_t* state) {
-  uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
 // A stage's progress: a bar redrawn in place on a terminal, else a plain line
 // every interval (as training's, without a loss).
 class StageProgress {
@@ -590,7 +583,7 @@ absl::StatusOr<json> OutliersPart(const EvalData& d,
     mixture_index[d.train.sample_ids[i]] = int64_t(i);
   }
   int64_t positives = 0;
-  uint64_t state = seed ^ kRandomScoreSeed;
+  SplitMix64 rng(seed ^ kRandomScoreSeed);
   for (const store::SampleBlock& block : reader.shards()) {
     for (int64_t i = 0; i < block.count; ++i) {
       const int64_t s = block.first + i;
@@ -606,7 +599,7 @@ absl::StatusOr<json> OutliersPart(const EvalData& d,
       tracin[size_t(s)] = block.self_influence[2 * i];
       retrac[size_t(s)] = block.self_influence[2 * i + 1];
       loss[size_t(s)] = train_loss[size_t(it->second)];
-      random[size_t(s)] = double(SplitMix64(&state) >> 11);
+      random[size_t(s)] = double(rng.Next() >> 11);
     }
   }
   json detectors = json::array();
@@ -704,10 +697,10 @@ json GeneralPart(const QueryScores& scores, const EvalConfig& config) {
 std::vector<int64_t> LdsSubset(int64_t n, double fraction, int64_t m) {
   std::vector<int64_t> all(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) all[size_t(i)] = i;
-  uint64_t state = kLdsSubsetSeed + uint64_t(m) * 0x100000001b3ULL;
+  SplitMix64 rng(kLdsSubsetSeed + uint64_t(m) * 0x100000001b3ULL);
   const int64_t keep = std::llround(fraction * double(n));
   for (int64_t i = 0; i < keep; ++i) {
-    const int64_t j = i + int64_t(SplitMix64(&state) % uint64_t(n - i));
+    const int64_t j = i + int64_t(rng.Next() % uint64_t(n - i));
     std::swap(all[size_t(i)], all[size_t(j)]);
   }
   all.resize(size_t(keep));
@@ -834,8 +827,8 @@ absl::StatusOr<json> RunLds(const EvalConfig& config, const EvalOptions& options
                        })));
   }
   std::vector<double> random(static_cast<size_t>(num_q * n));
-  uint64_t state = kRandomScoreSeed;
-  for (double& v : random) v = double(SplitMix64(&state) >> 11) / 9007199254740992.0 - 0.5;
+  SplitMix64 rng(kRandomScoreSeed);
+  for (double& v : random) v = double(rng.Next() >> 11) / 9007199254740992.0 - 0.5;
   rows.push_back(row("-", "random", lds_of([&](int64_t q, int64_t s) {
                        return random[size_t(q * n + s)];
                      })));

@@ -77,19 +77,6 @@ double JaccardOfSortedSets(const std::vector<int64_t>& a,
          static_cast<double>(a.size() + b.size() - common);
 }
 
-class SplitMix64 {
- public:
-  explicit SplitMix64(uint64_t seed) : state_(seed) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-
- private:
-  uint64_t state_;
-};
 
 // Quantile q of ascending `sorted` (non-empty), numpy's "linear" method,
 // including its choice of interpolating from the nearer end.

@@ -124,6 +124,23 @@ TopListSummary SummarizeTopLists(const std::vector<std::vector<int64_t>>& lists,
                                  absl::Span<const double> taus);
 
 // A closed interval [lo, hi].
+// SplitMix64 (Steele, Lea and Flood): the evaluation's seeded generator, the
+// same sequence on every platform (unlike the standard library's
+// distributions).
+class SplitMix64 {
+ public:
+  explicit SplitMix64(uint64_t seed) : state_(seed) {}
+  uint64_t Next() {
+    uint64_t z = (state_ += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+
+ private:
+  uint64_t state_;
+};
+
 struct Interval {
   double lo = 0;
   double hi = 0;
