@@ -4,8 +4,11 @@
 #   scripts/bench.sh projection               the named ones
 #   scripts/bench.sh projection -- --benchmark_filter=sjlt   arguments for the binaries
 #   scripts/bench.sh scan -- --n 20000 --queries 1,8     a smaller scan store
-# Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt). They
-# print `RATIO <name> <value>` lines (the performance targets,
+# Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt), and
+# `scan` also runs scan_gpu_bench: the GPU scan against the device's copy
+# bandwidth, PyTorch on the device and the CPU backend (on a machine without a
+# device it prints why and skips; in a kernels-only build, without LibTorch,
+# it is the only scan program). They print `RATIO <name> <value>` lines (the performance targets,
 # docs/benchmarks.md); these are collected and printed together at the end. Full
 # outputs are kept in build-bench/results/NAME.txt.
 # The featurize benchmark also runs a TorchScript model: the script exports
@@ -13,7 +16,8 @@
 # build-bench/bench_models/ and passes it in RETRACE_BENCH_TORCHSCRIPT.
 # Environment: RETRACE_BENCH_BUILD_DIR (default build-bench),
 # RETRACE_BENCH_CMAKE_ARGS (e.g. -DRETRACE_KERNELS_ONLY=ON on a GPU machine
-# without gRPC and LibTorch).
+# without gRPC and LibTorch; scripts/setup.sh, which installs the full build's
+# Debian packages, is then not run), RETRACE_BENCH_SKIP_SETUP=1 (never run it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,14 +48,41 @@ for n in "${names[@]}"; do
   fi
 done
 
-bash scripts/setup.sh
+if [[ "${RETRACE_BENCH_SKIP_SETUP:-0}" != 1 &&
+      " ${RETRACE_BENCH_CMAKE_ARGS:-} " != *" -DRETRACE_KERNELS_ONLY=ON "* ]]; then
+  bash scripts/setup.sh
+fi
 
 build_dir=${RETRACE_BENCH_BUILD_DIR:-build-bench}
-targets=()
-for n in "${names[@]}"; do targets+=("${n}_bench"); done
+# Ninja for a new build folder (where it is installed); an existing one keeps
+# its generator (scripts/gpu-check.sh shares its build folder).
+generator=()
+if [ ! -f "$build_dir/CMakeCache.txt" ] && command -v ninja >/dev/null 2>&1; then
+  generator=(-G Ninja)
+fi
 # shellcheck disable=SC2086  # RETRACE_BENCH_CMAKE_ARGS is a list of words
-cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DRETRACE_BUILD_TESTS=OFF -DRETRACE_BUILD_BENCH=ON ${RETRACE_BENCH_CMAKE_ARGS:-} >/dev/null
+
+# The programs of benchmark NAME that this configuration builds (a kernels-only
+# build has no LibTorch, hence no scan_bench).
+known_targets=$(cmake --build "$build_dir" --target help | sed -n 's/^\(\.\.\. \)\{0,1\}\([A-Za-z0-9_]*\)[: ].*/\2/p')
+programs_of() {
+  local candidates=("$1_bench")
+  [ "$1" = scan ] && candidates+=(scan_gpu_bench)
+  for t in "${candidates[@]}"; do
+    if grep -qx "$t" <<<"$known_targets"; then echo "$t"; fi
+  done
+}
+targets=()
+for n in "${names[@]}"; do
+  mapfile -t progs < <(programs_of "$n")
+  if [ ${#progs[@]} -eq 0 ]; then
+    echo "bench.sh: benchmark '$n' is not built in this configuration (${RETRACE_BENCH_CMAKE_ARGS:-default})" >&2
+    exit 1
+  fi
+  targets+=("${progs[@]}")
+done
 cmake --build "$build_dir" -j "$(nproc)" --target "${targets[@]}"
 
 results="$build_dir/results"
@@ -71,11 +102,15 @@ fi
 ratios=()
 failed=()
 for n in "${names[@]}"; do
-  echo "== $n ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
-  if ! "$build_dir/bench/${n}_bench" --benchmark_color=false "${bench_args[@]}" 2>&1 |
-      tee "$results/$n.txt"; then
-    failed+=("$n")
-  fi
+  : >"$results/$n.txt"
+  mapfile -t progs < <(programs_of "$n")
+  for prog in "${progs[@]}"; do
+    echo "== $n: $prog ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+    if ! "$build_dir/bench/$prog" --benchmark_color=false "${bench_args[@]}" 2>&1 |
+        tee -a "$results/$n.txt"; then
+      failed+=("$prog")
+    fi
+  done
   while IFS= read -r line; do ratios+=("$line"); done < <(grep -o 'RATIO .*' "$results/$n.txt" || true)
 done
 
