@@ -36,8 +36,14 @@
 # the device tool's run verb:
 #   command:   bash scripts/gpu-check.sh "$OUT"
 #   carry:     ["third_party-gpu"]
+#   kind:      nvidia-h200
 #   timeout_s: 480
-# The files under $OUT come back (8 files at most: this script writes 6).
+# The files under $OUT come back (8 files at most: this script writes 6). A
+# rerun on the still-warm machine finds build-gpu/ there (ignored build
+# outputs are kept between calls) and only rebuilds what changed; give it a
+# smaller budget to fit what device time is left, e.g.
+#   command:   RETRACE_GPU_CHECK_BUDGET_S=200 bash scripts/gpu-check.sh "$OUT"
+#   timeout_s: 260
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
