@@ -35,6 +35,10 @@
 //                  [--subsample 100000] [--python python3]
 //                  [--torch-script bench/scan_torch.py] [--no-torch]
 //                  [--no-projection] [--cpu-rehearsal]
+//                  [--cuda-path auto|fp32|tensor-core]
+// The scan runs with --cuda-path (kernels::ChooseCudaScanPath's choice under
+// auto); when that is not the fp32 path, the fp32 path is also timed at the
+// smallest k, for comparison (column fp32path_ms).
 // The Python interpreter may also be set with RETRACE_BENCH_PYTHON.
 #include <algorithm>
 #include <cmath>
@@ -102,6 +106,7 @@ struct Args {
   bool torch = true;
   bool projection = true;
   bool cpu_rehearsal = false;
+  rk::CudaScanPath cuda_path = rk::CudaScanPath::kAuto;
 };
 
 Args Parse(int argc, char** argv) {
@@ -154,7 +159,19 @@ Args Parse(int argc, char** argv) {
       a.torch_script = v;
     else if (f == "--torch-reps")  // scan_bench's flag, same command line
       continue;
-    else {
+    else if (f == "--cuda-path") {
+      const std::string p = v;
+      if (p == "auto") {
+        a.cuda_path = rk::CudaScanPath::kAuto;
+      } else if (p == "fp32") {
+        a.cuda_path = rk::CudaScanPath::kFp32;
+      } else if (p == "tensor-core") {
+        a.cuda_path = rk::CudaScanPath::kTensorCore;
+      } else {
+        std::fprintf(stderr, "--cuda-path: auto, fp32 or tensor-core\n");
+        std::exit(2);
+      }
+    } else {
       std::fprintf(stderr, "unknown flag %s\n", f.c_str());
       std::exit(2);
     }
@@ -773,18 +790,21 @@ int GpuBench(const Args& a) {
   for (int q : a.queries) {
     for (const Batch& b : Batches(q)) {
       for (int k : a.ks) {
-        rk::ScanOptions opt;
-        opt.k = k;
-        for (const auto* probe : {&probe_full, &probe_sub}) {
-          size_t bytes = 0;
-          rk::KernelStatus s =
-              rk::CudaScanScratchBytes(layout, *probe, b.count, opt, &bytes);
-          if (!s.ok()) {
-            std::printf("CudaScanScratchBytes failed: %s\n",
-                        s.ToString().c_str());
-            return 1;
+        for (rk::CudaScanPath path : {a.cuda_path, rk::CudaScanPath::kFp32}) {
+          for (const auto* probe : {&probe_full, &probe_sub}) {
+            rk::ScanOptions opt;
+            opt.k = k;
+            opt.cuda_path = path;
+            size_t bytes = 0;
+            rk::KernelStatus s =
+                rk::CudaScanScratchBytes(layout, *probe, b.count, opt, &bytes);
+            if (!s.ok()) {
+              std::printf("CudaScanScratchBytes failed: %s\n",
+                          s.ToString().c_str());
+              return 1;
+            }
+            scratch_bytes = std::max(scratch_bytes, bytes);
           }
-          scratch_bytes = std::max(scratch_bytes, bytes);
         }
       }
     }
@@ -882,10 +902,20 @@ int GpuBench(const Args& a) {
         b.count, hq.raw.data() + b.first * row, hq.unit.data() + b.first * row,
         hq.tracin.data() + b.first * cs, hq.retrac.data() + b.first * cs};
   };
+  rk::CudaScanPath chosen = rk::CudaScanPath::kAuto;
+  if (rk::KernelStatus s = rk::ChooseCudaScanPath(layout, a.cuda_path, &chosen);
+      !s.ok()) {
+    std::printf("ChooseCudaScanPath failed: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  std::printf("scan path: %s (asked for %s)\n", rk::CudaScanPathName(chosen),
+              rk::CudaScanPathName(a.cuda_path));
   auto scan = [&](const std::vector<rk::StoreChunk>& chunks, const Batch& b,
-                  int k, rk::ScanResult* result) {
+                  int k, rk::ScanResult* result,
+                  rk::CudaScanPath path = rk::CudaScanPath::kAuto) {
     rk::ScanOptions opt;
     opt.k = k;
+    opt.cuda_path = path == rk::CudaScanPath::kAuto ? a.cuda_path : path;
     rk::KernelStatus s =
         rk::ScanCuda(layout, chunks, device_batch(b), opt, d_scratch.as<void>(),
                      scratch_bytes, nullptr, result);
@@ -899,6 +929,7 @@ int GpuBench(const Args& a) {
   // comparison, and the CPU agreement text.
   const int k_cpu = std::min<int64_t>(rk::kMaxTopK, sub);
   std::map<std::pair<int, int>, double> scan_seconds;
+  std::map<int, double> fp32_path_seconds;  // at the smallest k
   std::map<std::pair<int, int>, std::vector<rk::ScanResult>> scan_results;
   std::map<std::pair<int, int>, std::string> cpu_text;
   Agreement cpu_total;
@@ -930,6 +961,20 @@ int GpuBench(const Args& a) {
         if (rep > 0) best = std::min(best, rb::Now() - t0);
       }
       scan_seconds[{q, k}] = best;
+      if (k == a.ks.front() && chosen != rk::CudaScanPath::kFp32) {
+        double best_fp32 = 1e30;
+        rk::ScanResult r;
+        for (int rep = 0; rep <= a.reps; ++rep) {
+          if (!CudaOk(cudaDeviceSynchronize(), "cudaDeviceSynchronize"))
+            return 1;
+          const double t0 = rb::Now();
+          for (const Batch& b : batches)
+            if (!scan(full, b, k, &r, rk::CudaScanPath::kFp32)) return 1;
+          if (rep > 0) best_fp32 = std::min(best_fp32, rb::Now() - t0);
+        }
+        fp32_path_seconds[q] = best_fp32;
+        std::printf("Q=%d k=%d: fp32 path %.3f ms\n", q, k, best_fp32 * 1e3);
+      }
       scan_results[{q, k}] = std::move(results);
       Agreement agree;
       for (size_t b = 0; b < batches.size(); ++b) {
@@ -988,9 +1033,11 @@ int GpuBench(const Args& a) {
   }
 
   // The table and the ratios.
-  std::printf("\n%5s %5s %7s %10s %10s %7s %11s %11s %9s %13s %11s\n", "Q", "k",
-              "batches", "scan_ms", "scan_GB/s", "vs_d2d", "torch32_ms",
-              "torch16_ms", "vs_torch", "cpu_agree", "torch_agree");
+  std::printf("\nscan path %s\n", rk::CudaScanPathName(chosen));
+  std::printf("%5s %5s %7s %10s %10s %7s %12s %11s %11s %9s %13s %11s\n", "Q",
+              "k", "batches", "scan_ms", "scan_GB/s", "vs_d2d", "fp32path_ms",
+              "torch32_ms", "torch16_ms", "vs_torch", "cpu_agree",
+              "torch_agree");
   double worst_d2d = -1, worst_torch = -1;
   std::string worst_d2d_at, worst_torch_at;
   const int k_d2d = a.ks.front();
@@ -1010,11 +1057,15 @@ int GpuBench(const Args& a) {
       if (torch_ms > 0)
         torch_agree = CompareWithTorch(
             torch, q, k, "fp32", scan_results[{q, k}], Batches(q), nullptr);
+      auto fp32_it = fp32_path_seconds.find(q);
+      const double fp32_ms = k == k_d2d && fp32_it != fp32_path_seconds.end()
+                                 ? fp32_it->second * 1e3
+                                 : -1.0;
       std::printf(
-          "%5d %5d %7zu %10.3f %10.1f %7.2f %11.3f %11.3f %9.2f %13s "
+          "%5d %5d %7zu %10.3f %10.1f %7.2f %12.3f %11.3f %11.3f %9.2f %13s "
           "%11s\n",
-          q, k, Batches(q).size(), t * 1e3, bw / 1e9, vs_d2d, ms_of("fp32"),
-          ms_of("fp16"), vs_torch, cpu_text[{q, k}].c_str(),
+          q, k, Batches(q).size(), t * 1e3, bw / 1e9, vs_d2d, fp32_ms,
+          ms_of("fp32"), ms_of("fp16"), vs_torch, cpu_text[{q, k}].c_str(),
           torch_agree.c_str());
       if (k == k_d2d && (q == 1 || q == 8 || q == 32) && vs_d2d > 0 &&
           (worst_d2d < 0 || vs_d2d < worst_d2d)) {
@@ -1030,7 +1081,8 @@ int GpuBench(const Args& a) {
   }
   std::printf(
       "(scan_GB/s: store and norm bytes over the scan's time; vs_d2d: "
-      "that over the copy's read + write bandwidth; vs_torch: the "
+      "that over the copy's read + write bandwidth; fp32path_ms: the "
+      "fp32 path's time at the smallest k; vs_torch: the "
       "faster PyTorch variant's time over the scan's; cpu_agree: "
       "entries at the same rank as the CPU's on the first rows; "
       "torch_agree: the first %d entries of queries 0 and Q-1 against "

@@ -116,7 +116,7 @@ write_summary() {
     if [ -s "$bench_log" ]; then
       echo
       echo "benchmark figures (bench.txt):"
-      grep -E '^(device|device-to-device|projection on CUDA|scan_gpu_bench|store generated|pytorch: (same|DATA|not)|GPU vs CPU|GPU and CPU lists)' "$bench_log" | sed 's/^/  /'
+      grep -E '^(device|device-to-device|projection on CUDA|scan_gpu_bench|scan path|store generated|pytorch: (same|DATA|not)|GPU vs CPU|GPU and CPU lists)' "$bench_log" | sed 's/^/  /'
       sed -n '/^    Q     k batches/,/^$/p' "$bench_log" | sed 's/^/  /'
       echo
       grep -E '^(RATIO |# (gpu_scan|sjlt_vs_dense))' "$bench_log" | sort -u
