@@ -30,6 +30,8 @@ struct EvalFlags {
   bool quick = false;
   std::string data;
   std::string seeds;
+  std::string model;
+  std::string queries;
   int64_t steps = 0;
   int64_t dim = 0;
   int64_t buckets = 0;
@@ -69,6 +71,11 @@ bool ParseList(const std::string& text, std::vector<T>* out) {
 int RunEvalCommand(const EvalFlags& flags) {
   eval::EvalConfig config = flags.quick ? eval::EvalConfig::Quick() : eval::EvalConfig();
   if (!flags.data.empty()) config.data = flags.data;
+  config.model = flags.model;
+  config.queries = flags.queries;
+  // --quick includes LDS, which a model description cannot have: only an
+  // explicit --lds asks for it (and is refused).
+  if (!config.model.empty()) config.lds = false;
   if (!flags.seeds.empty() && !ParseList(flags.seeds, &config.seeds)) {
     return Usage("--seeds must be integers separated by commas, got \"" +
                  flags.seeds + "\"");
@@ -135,6 +142,12 @@ Subcommand RegisterEvalCommand(CLI::App& parent, int argc, char** argv) {
                   std::string("Training mixture; components with fraction= are the "
                               "planted outliers (default \"") +
                       eval::kDefaultEvalData + "\")");
+  app->add_option("--model", flags->model,
+                  "Evaluate a model trained elsewhere: its description (model.toml "
+                  "or a folder holding one); nothing is trained, --lds is refused");
+  app->add_option("--queries", flags->queries,
+                  "Held-out queries as DIR/<class>/<image> (needed when the "
+                  "training data is an image folder)");
   app->add_option("--seeds", flags->seeds,
                   "Seeds of the whole pipeline, e.g. 1,2,3 (default 1,2,3)");
   app->add_option("--steps", flags->steps, "Training steps (default 300)");

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <ctime>
 #include <map>
+#include <optional>
 #include <memory>
 #include <set>
 #include <string>
@@ -175,19 +176,23 @@ absl::Status MakeDir(const std::string& dir) {
 
 // ---- data ----
 
-// One query: a held-out image of one component.
+// One query: a held-out image of one source.
 struct Query {
-  int32_t source = 0;  // component index
+  int32_t source = 0;  // index into EvalData::source_names
   int64_t index_in_source = 0;
   std::vector<float> pixels;  // [C, H, W] in [−1, 1]
 };
 
+// The training set and the queries. A source is a built-in dataset component
+// of the mixture, or one class (sub-folder) of an image-folder component.
 struct EvalData {
   data::MixtureSpec spec;
   data::Mixture train;
-  std::vector<std::string> source_names;  // one per component
-  std::vector<bool> planted;              // per component
+  std::vector<std::string> source_names;
+  std::vector<int32_t> train_source;  // per training image (mixture order)
+  std::vector<bool> planted;          // per component
   std::vector<Query> queries;
+  bool folder_sources = false;  // some component is an image folder
 };
 
 std::string ComponentName(const data::MixtureSpec& spec, const data::Mixture& m,
@@ -206,9 +211,120 @@ std::string ComponentName(const data::MixtureSpec& spec, const data::Mixture& m,
   return name;
 }
 
-// The training mixture of `seed` and, per component, the first
-// queries_per_source images of the same source and classes that the mixture
-// does not contain (Fashion-MNIST: from the test split).
+std::string ClassName(const data::Mixture& m, int32_t component, int32_t label) {
+  const std::vector<std::string>& names = m.source_class_names[size_t(component)];
+  return size_t(label) < names.size() && !names[size_t(label)].empty()
+             ? names[size_t(label)]
+             : absl::StrCat("class ", label);
+}
+
+// Fills source_names, train_source and planted from the mixture.
+void AssignSources(EvalData* d) {
+  std::map<std::pair<int32_t, int32_t>, int32_t> index;  // (component, label)
+  auto source_of = [&](int32_t component, int32_t label) {
+    const bool folder = d->spec.components[size_t(component)].source == "folder";
+    const std::pair<int32_t, int32_t> key{component, folder ? label : -1};
+    auto it = index.find(key);
+    if (it != index.end()) return it->second;
+    const int32_t i = int32_t(d->source_names.size());
+    d->source_names.push_back(folder ? ClassName(d->train, component, label)
+                                     : ComponentName(d->spec, d->train, component));
+    index.emplace(key, i);
+    return i;
+  };
+  for (size_t c = 0; c < d->spec.components.size(); ++c) {
+    d->planted.push_back(d->spec.components[c].fraction.has_value());
+    if (d->spec.components[c].source == "folder") {
+      d->folder_sources = true;
+    } else {
+      source_of(int32_t(c), -1);  // built-in components in spec order
+    }
+  }
+  for (const data::SampleProvenance& p : d->train.provenance) {
+    d->train_source.push_back(source_of(p.component, p.source_label));
+  }
+}
+
+// Per built-in component, the first queries_per_source images of the same
+// dataset and classes that the mixture does not contain (Fashion-MNIST: from
+// the test split).
+absl::Status AddHeldOutQueries(const EvalConfig& config,
+                               const data::DataLocations& locations,
+                               EvalData* d) {
+  std::set<std::pair<std::string, int64_t>> trained;
+  for (const data::SampleProvenance& p : d->train.provenance) {
+    trained.emplace(d->train.sources[size_t(p.component)], p.index_in_source);
+  }
+  for (size_t i = 0; i < d->spec.components.size(); ++i) {
+    data::MixtureSpec held;
+    held.shuffle = false;
+    data::MixtureComponent c = d->spec.components[i];
+    if (c.source == "folder") {
+      return absl::InvalidArgumentError(
+          "the training data has an image folder; give held-out queries with "
+          "--queries DIR (DIR/<class>/<image>, classes named as in training)");
+    }
+    const std::string name = ComponentName(d->spec, d->train, int32_t(i));
+    const int32_t source = int32_t(
+        std::find(d->source_names.begin(), d->source_names.end(), name) -
+        d->source_names.begin());
+    c.limit.reset();
+    c.fraction.reset();
+    c.label.reset();
+    if (c.source == "fashion-mnist") c.split = data::Split::kTest;
+    held.components.push_back(c);
+    ASSIGN_OR_RETURN(data::Mixture pool, data::BuildMixture(held, locations));
+    int64_t taken = 0;
+    for (int64_t n = 0; n < pool.images.size() && taken < config.queries_per_source;
+         ++n) {
+      const data::SampleProvenance& p = pool.provenance[size_t(n)];
+      if (trained.count({pool.sources[0], p.index_in_source}) != 0) continue;
+      Query q;
+      q.source = source;
+      q.index_in_source = p.index_in_source;
+      absl::Span<const float> image = pool.images.Image(n);
+      q.pixels.assign(image.begin(), image.end());
+      d->queries.push_back(std::move(q));
+      ++taken;
+    }
+    if (taken < config.queries_per_source) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "component ", i, " (", name, ") has only ", taken,
+          " held-out images; lower --queries-per-source"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The first queries_per_source images of each class folder of `root`; every
+// class must be a source of the training set.
+absl::Status AddFolderQueries(const EvalConfig& config, const std::string& root,
+                              EvalData* d) {
+  const data::ImageSet& t = d->train.images;
+  ASSIGN_OR_RETURN(data::ImageSet set,
+                   data::LoadImageFolder(root, {t.channels, t.height, t.width}));
+  std::map<int32_t, int64_t> taken;
+  for (int64_t n = 0; n < set.size(); ++n) {
+    const int32_t label = set.labels[size_t(n)];
+    const std::string& name = set.class_names[size_t(label)];
+    auto it = std::find(d->source_names.begin(), d->source_names.end(), name);
+    if (it == d->source_names.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--queries: class folder \"", name, "\" is not a class of the "
+          "training set (", absl::StrJoin(d->source_names, ", "), ")"));
+    }
+    if (taken[label]++ >= config.queries_per_source) continue;
+    Query q;
+    q.source = int32_t(it - d->source_names.begin());
+    q.index_in_source = n;
+    absl::Span<const float> image = set.Image(n);
+    q.pixels.assign(image.begin(), image.end());
+    d->queries.push_back(std::move(q));
+  }
+  return absl::OkStatus();
+}
+
+// The built-in mode: the training mixture of `seed`.
 absl::StatusOr<EvalData> LoadEvalData(const EvalConfig& config,
                                       const data::DataLocations& locations,
                                       uint64_t seed) {
@@ -216,40 +332,29 @@ absl::StatusOr<EvalData> LoadEvalData(const EvalConfig& config,
   ASSIGN_OR_RETURN(d.spec, data::ParseMixtureSpec(config.data));
   d.spec.seed = seed;
   ASSIGN_OR_RETURN(d.train, data::BuildMixture(d.spec, locations));
-  std::set<std::pair<std::string, int64_t>> trained;
-  for (const data::SampleProvenance& p : d.train.provenance) {
-    trained.emplace(d.train.sources[size_t(p.component)], p.index_in_source);
+  AssignSources(&d);
+  if (config.queries.empty()) {
+    RETURN_IF_ERROR(AddHeldOutQueries(config, locations, &d));
+  } else {
+    RETURN_IF_ERROR(AddFolderQueries(config, config.queries, &d));
   }
-  for (size_t i = 0; i < d.spec.components.size(); ++i) {
-    d.source_names.push_back(ComponentName(d.spec, d.train, int32_t(i)));
-    d.planted.push_back(d.spec.components[i].fraction.has_value());
-    data::MixtureSpec held;
-    held.shuffle = false;
-    data::MixtureComponent c = d.spec.components[i];
-    c.limit.reset();
-    c.fraction.reset();
-    c.label.reset();
-    if (c.source == "fashion-mnist") c.split = data::Split::kTest;
-    held.components.push_back(c);
-    ASSIGN_OR_RETURN(data::Mixture source, data::BuildMixture(held, locations));
-    int64_t taken = 0;
-    for (int64_t n = 0; n < source.images.size() && taken < config.queries_per_source;
-         ++n) {
-      const data::SampleProvenance& p = source.provenance[size_t(n)];
-      if (trained.count({source.sources[0], p.index_in_source}) != 0) continue;
-      Query q;
-      q.source = int32_t(i);
-      q.index_in_source = p.index_in_source;
-      absl::Span<const float> image = source.images.Image(n);
-      q.pixels.assign(image.begin(), image.end());
-      d.queries.push_back(std::move(q));
-      ++taken;
-    }
-    if (taken < config.queries_per_source) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "component ", i, " (", d.source_names.back(), ") has only ", taken,
-          " held-out images; lower --queries-per-source"));
-    }
+  return d;
+}
+
+// The model-description mode: the description's own training data.
+absl::StatusOr<EvalData> LoadDescribedData(const EvalConfig& config,
+                                           const run::ModelDescription& model,
+                                           data::DataLocations locations) {
+  EvalData d;
+  ASSIGN_OR_RETURN(d.spec, run::TrainingMixtureSpec(model));
+  locations.folder_spec = {model.image.channels, model.image.height,
+                           model.image.width};
+  ASSIGN_OR_RETURN(d.train, run::LoadTrainingData(model, locations));
+  AssignSources(&d);
+  if (config.queries.empty()) {
+    RETURN_IF_ERROR(AddHeldOutQueries(config, locations, &d));
+  } else {
+    RETURN_IF_ERROR(AddFolderQueries(config, config.queries, &d));
   }
   return d;
 }
@@ -306,7 +411,14 @@ absl::StatusOr<double> BuildStoreIfNeeded(const EvalConfig& config,
   o.model_path = run_dir;
   o.out_dir = store_dir;
   o.dataset_name = data::FormatMixtureSpec(d.spec);
-  o.dataset_seed = seed;
+  o.dataset_seed = d.spec.seed;
+  o.dataset_shuffle = d.spec.shuffle;
+  for (const data::MixtureComponent& c : d.spec.components) {
+    if (c.source == "folder") {
+      o.dataset_root = c.path;
+      break;
+    }
+  }
   o.progress_out = options.progress_out;
   o.progress_is_tty = options.progress_is_tty;
   o.progress_interval_s = options.progress_interval_s;
@@ -383,6 +495,12 @@ at::Tensor QueriesTensor(const std::vector<Query>& queries, int64_t c,
   return out;
 }
 
+// Pixels of the data library's [−1, 1] mapped onto the model's range.
+at::Tensor InModelRange(at::Tensor images, const run::ModelDescription& d) {
+  run::ToModelRange(d.image, images.data_ptr<float>(), images.numel());
+  return images;
+}
+
 // Loads the last checkpoint of the model described in `run_dir`.
 struct LoadedModel {
   run::ModelDescription description;
@@ -405,16 +523,19 @@ absl::StatusOr<LoadedModel> LoadLastCheckpoint(const std::string& run_dir) {
 
 // ---- queries: every score of every sample ----
 
-// scores.f32: float32 [Q][kNumColumns][N] in store order.
+// scores.f32: float32 [Q][columns][N] in store order; columns: the first two
+// of kColumns (matched) or all four (matched and replay, when the store has
+// a replay slot).
 struct QueryScores {
   int64_t queries = 0;
   int64_t samples = 0;
+  int columns = kNumColumns;
   std::vector<float> values;
   double featurize_seconds = 0;
   double score_seconds = 0;
   absl::Span<const float> Column(int64_t q, int column) const {
     return absl::MakeConstSpan(values).subspan(
-        size_t((q * kNumColumns + column) * samples), size_t(samples));
+        size_t((q * columns + column) * samples), size_t(samples));
   }
 };
 
@@ -427,12 +548,13 @@ absl::StatusOr<QueryScores> ScoreQueries(const EvalData& d,
   QueryScores s;
   s.queries = int64_t(d.queries.size());
   s.samples = reader.num_samples();
+  s.columns = reader.has_replay() ? kNumColumns : 2;
   const std::string path = seed_dir + "/scores.f32";
   const std::string meta = seed_dir + "/queries.json";
   if (FileExists(meta)) {
     ASSIGN_OR_RETURN(json m, ReadJson(meta));
     ASSIGN_OR_RETURN(std::string bytes, ReadFile(path));
-    const size_t expected = size_t(s.queries * kNumColumns * s.samples);
+    const size_t expected = size_t(s.queries * s.columns * s.samples);
     if (bytes.size() != expected * sizeof(float)) {
       return absl::DataLossError(absl::StrCat(path, ": ", bytes.size(),
                                               " bytes, expected ",
@@ -457,7 +579,7 @@ absl::StatusOr<QueryScores> ScoreQueries(const EvalData& d,
   scorer_options.device = scoring::DeviceChoice::kCpu;
   ASSIGN_OR_RETURN(std::unique_ptr<scoring::Scorer> scorer,
                    scoring::Scorer::Create(&reader, scorer_options));
-  s.values.assign(size_t(s.queries * kNumColumns * s.samples), 0.0f);
+  s.values.assign(size_t(s.queries * s.columns * s.samples), 0.0f);
   StageProgress progress(options, "queries", s.queries);
   for (int64_t q = 0; q < s.queries; ++q) {
     if (Stopped(options)) return Cancelled();
@@ -475,8 +597,9 @@ absl::StatusOr<QueryScores> ScoreQueries(const EvalData& d,
     ASSIGN_OR_RETURN(service::FeaturizedQuery features,
                      featurizer->Featurize(image, fo));
     s.featurize_seconds += Seconds(start);
-    std::vector<scoring::ScoreQuery> batch(2);
-    for (int p = 0; p < 2; ++p) {
+    const int pairings = s.columns / 2;
+    std::vector<scoring::ScoreQuery> batch(static_cast<size_t>(pairings));
+    for (int p = 0; p < pairings; ++p) {
       batch[size_t(p)].vectors = features.vectors;
       batch[size_t(p)].plan.pairing =
           p == 0 ? scoring::Pairing::kMatched : scoring::Pairing::kReplay;
@@ -486,11 +609,11 @@ absl::StatusOr<QueryScores> ScoreQueries(const EvalData& d,
     ASSIGN_OR_RETURN(std::vector<scoring::QueryResult> results,
                      scorer->Score(batch));
     s.score_seconds += Seconds(start);
-    for (int p = 0; p < 2; ++p) {
+    for (int p = 0; p < pairings; ++p) {
       const scoring::QueryResult& r = results[size_t(p)];
       for (int m = 0; m < 2; ++m) {
         const scoring::MethodRanking& ranking = m == 0 ? r.tracin : r.retrac;
-        float* out = &s.values[size_t((q * kNumColumns + p * 2 + m) * s.samples)];
+        float* out = &s.values[size_t((q * s.columns + p * 2 + m) * s.samples)];
         for (const scoring::RankedSample& sample : ranking.proponents) {
           out[sample.index] = sample.score;
         }
@@ -603,6 +726,13 @@ absl::StatusOr<json> OutliersPart(const EvalData& d,
     }
   }
   json detectors = json::array();
+  if (positives == 0) {
+    return json{{"positives", 0},
+                {"samples", n},
+                {"detectors", std::move(detectors)},
+                {"note", "no planted component (no fraction= in the training "
+                         "data), so no outlier detection"}};
+  }
   detectors.push_back(Detector("TracIn self-influence", tracin, positive, positives));
   detectors.push_back(Detector("ReTrac self-influence", retrac, positive, positives));
   detectors.push_back(Detector("per-sample loss", loss, positive, positives));
@@ -612,12 +742,12 @@ absl::StatusOr<json> OutliersPart(const EvalData& d,
               {"detectors", std::move(detectors)}};
 }
 
-// Per store sample, the component it came from.
-std::vector<int32_t> StoreComponents(const EvalData& d,
-                                     const store::StoreReader& reader) {
+// Per store sample, the source it came from (index into source_names).
+std::vector<int32_t> StoreSources(const EvalData& d,
+                                  const store::StoreReader& reader) {
   std::map<int64_t, int32_t> by_id;
   for (size_t i = 0; i < d.train.sample_ids.size(); ++i) {
-    by_id[d.train.sample_ids[i]] = d.train.provenance[i].component;
+    by_id[d.train.sample_ids[i]] = d.train_source[i];
   }
   std::vector<int32_t> out(size_t(reader.num_samples()), -1);
   for (const store::SampleBlock& block : reader.shards()) {
@@ -637,7 +767,7 @@ json TracingPart(const EvalData& d, const std::vector<int32_t>& components,
   for (int32_t c : components) {
     if (c >= 0) ++counts[size_t(c)];
   }
-  for (int column = 0; column < kNumColumns; ++column) {
+  for (int column = 0; column < scores.columns; ++column) {
     for (size_t src = 0; src < num_sources; ++src) {
       double own_k = 0, own_wide = 0;
       int64_t queries = 0;
@@ -671,7 +801,7 @@ const std::vector<double> kTaus = {0.2, 0.5};
 
 json GeneralPart(const QueryScores& scores, const EvalConfig& config) {
   json rows = json::array();
-  for (int column = 0; column < kNumColumns; ++column) {
+  for (int column = 0; column < scores.columns; ++column) {
     std::vector<std::vector<int64_t>> lists;
     for (int64_t q = 0; q < scores.queries; ++q) {
       lists.push_back(TopK(ToDouble(scores.Column(q, column)), config.top_k));
@@ -820,7 +950,7 @@ absl::StatusOr<json> RunLds(const EvalConfig& config, const EvalOptions& options
                 {"ci95", {Finite(ci.lo), Finite(ci.hi)}},
                 {"per_query", std::move(pq)}};
   };
-  for (int column = 0; column < kNumColumns; ++column) {
+  for (int column = 0; column < scores.columns; ++column) {
     rows.push_back(row(kColumns[column].pairing, kColumns[column].method,
                        lds_of([&](int64_t q, int64_t s) {
                          return double(scores.Column(q, column)[size_t(s)]);
@@ -853,7 +983,8 @@ absl::StatusOr<json> RunLds(const EvalConfig& config, const EvalOptions& options
 
 json GeneralSummary(const json& seeds) {
   json out = json::array();
-  for (int column = 0; column < kNumColumns; ++column) {
+  const int columns = int(seeds.at(0).at("general").size());
+  for (int column = 0; column < columns; ++column) {
     json row = {{"pairing", kColumns[column].pairing},
                 {"method", kColumns[column].method}};
     auto stat = [&](const std::string& key, auto get) {
@@ -873,7 +1004,7 @@ json GeneralSummary(const json& seeds) {
     out.push_back(std::move(row));
   }
   // ReTrac / TracIn of |G_0.2| per seed and pairing.
-  for (int pairing = 0; pairing < 2; ++pairing) {
+  for (int pairing = 0; pairing < columns / 2; ++pairing) {
     std::vector<double> ratio;
     for (const json& s : seeds) {
       const double tracin =
@@ -967,6 +1098,8 @@ EvalConfig EvalConfig::Quick() {
 nlohmann::json EvalConfig::ToJson() const {
   return {{"data", data},
           {"seeds", seeds},
+          {"model", model},
+          {"queries", queries},
           {"steps", steps},
           {"batch_size", batch_size},
           {"checkpoint_every", checkpoint_every},
@@ -1007,6 +1140,18 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     return absl::InvalidArgumentError(
         "queries per source, k and the grid must be positive (and the wide k "
         "at least k)");
+  }
+  // The model-description mode evaluates a model retrace did not train:
+  // nothing is trained, each seed is a store (store and projection seed).
+  std::optional<run::ModelDescription> described;
+  if (!config.model.empty()) {
+    if (config.lds) {
+      return absl::InvalidArgumentError(
+          "--lds retrains the model on subsets, which retrace can do only for "
+          "the built-in UNet it trains itself; drop --lds or --model");
+    }
+    ASSIGN_OR_RETURN(described, run::LoadModelDescription(
+                                    config.model, /*verify_checksums=*/true));
   }
   RETURN_IF_ERROR(MakeDir(options.out_dir));
   const Clock::time_point eval_start = Clock::now();
@@ -1057,15 +1202,25 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     }
     Say(options, absl::StrCat("seed ", seed, " (", si + 1, " of ",
                               config.seeds.size(), "): loading data"));
-    ASSIGN_OR_RETURN(EvalData d, LoadEvalData(config, locations, seed));
-    const std::string run_dir = seed_dir + "/run";
+    EvalData d;
+    if (described.has_value()) {
+      ASSIGN_OR_RETURN(d, LoadDescribedData(config, *described, locations));
+    } else {
+      ASSIGN_OR_RETURN(d, LoadEvalData(config, locations, seed));
+    }
+    const std::string run_dir =
+        described.has_value() ? config.model : seed_dir + "/run";
     const std::string store_dir = seed_dir + "/store";
     json t = json::object();
-    Say(options, absl::StrCat("seed ", seed, ": training on ", d.train.images.size(),
-                              " images (", config.steps, " steps)"));
-    ASSIGN_OR_RETURN(double train_s,
-                     TrainIfNeeded(TrainConfigFor(config, d.spec, seed), d.train.images,
-                                   d.train.sample_ids, run_dir, options, true));
+    double train_s = 0;
+    if (!described.has_value()) {
+      Say(options, absl::StrCat("seed ", seed, ": training on ",
+                                d.train.images.size(), " images (",
+                                config.steps, " steps)"));
+      ASSIGN_OR_RETURN(train_s, TrainIfNeeded(TrainConfigFor(config, d.spec, seed),
+                                              d.train.images, d.train.sample_ids,
+                                              run_dir, options, true));
+    }
     Say(options, absl::StrCat("seed ", seed, ": building the store"));
     ASSIGN_OR_RETURN(double build_s,
                      BuildStoreIfNeeded(config, d, seed, run_dir, store_dir, options));
@@ -1073,10 +1228,6 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     reader_options.verify_checksums = false;
     ASSIGN_OR_RETURN(std::unique_ptr<store::StoreReader> reader,
                      store::StoreReader::Open(store_dir, reader_options));
-    if (!reader->has_replay()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(store_dir, " has no replay slot; the eval needs one"));
-    }
     Say(options, absl::StrCat("seed ", seed, ": attributing ", d.queries.size(),
                               " held-out queries"));
     ASSIGN_OR_RETURN(QueryScores scores,
@@ -1085,7 +1236,8 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     Say(options, absl::StrCat("seed ", seed, ": analyses"));
     Clock::time_point start = Clock::now();
     ASSIGN_OR_RETURN(LoadedModel loaded, LoadLastCheckpoint(run_dir));
-    const at::Tensor train_images = ImagesTensor(d.train.images);
+    const at::Tensor train_images =
+        InModelRange(ImagesTensor(d.train.images), loaded.description);
     ASSIGN_OR_RETURN(std::vector<double> train_loss,
                      GridLosses(*loaded.net, loaded.schedule, loaded.loss,
                                 train_images, config, /*image_key=*/0));
@@ -1096,7 +1248,7 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     analysis["sources"] = d.source_names;
     analysis["norms"] = NormsPart(reader->manifest());
     ASSIGN_OR_RETURN(analysis["outliers"], OutliersPart(d, *reader, train_loss, seed));
-    const std::vector<int32_t> components = StoreComponents(d, *reader);
+    const std::vector<int32_t> components = StoreSources(d, *reader);
     analysis["tracing"] = TracingPart(d, components, scores, config);
     analysis["general"] = GeneralPart(scores, config);
     const double attribution_s = scores.featurize_seconds + scores.score_seconds;
@@ -1123,14 +1275,22 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
         fo.noise_draws = config.noise_draws;
         fo.request_seed = kQuerySeed;
         // The first queries of each source, in turn.
+        std::vector<std::vector<size_t>> by_source(d.source_names.size());
+        for (size_t i = 0; i < d.queries.size(); ++i) {
+          by_source[size_t(d.queries[i].source)].push_back(i);
+        }
         std::vector<Query> picked;
-        for (size_t i = 0; picked.size() < size_t(config.fidelity_queries) &&
-                           i < d.queries.size();
-             ++i) {
-          const size_t per = size_t(config.queries_per_source);
-          const size_t sources = d.source_names.size();
-          const size_t idx = (i % sources) * per + i / sources;
-          if (idx < d.queries.size()) picked.push_back(d.queries[idx]);
+        for (size_t round = 0; picked.size() < size_t(config.fidelity_queries);
+             ++round) {
+          bool any = false;
+          for (const std::vector<size_t>& list : by_source) {
+            if (round < list.size() &&
+                picked.size() < size_t(config.fidelity_queries)) {
+              picked.push_back(d.queries[list[round]]);
+              any = true;
+            }
+          }
+          if (!any) break;
         }
         // Training images in store order.
         const std::vector<int64_t> to_mixture = StoreToMixture(d, *reader);
@@ -1142,8 +1302,10 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
             FidelityResult r,
             MeasureProjectionFidelity(
                 loaded.description, reader->manifest(), ordered,
-                QueriesTensor(picked, d.train.images.channels,
-                              d.train.images.height, d.train.images.width),
+                InModelRange(QueriesTensor(picked, d.train.images.channels,
+                                           d.train.images.height,
+                                           d.train.images.width),
+                             loaded.description),
                 fo));
         json rows = json::array();
         for (const FidelityRow& row : r.rows) {

@@ -1,7 +1,8 @@
 // `retrace-batch eval`: the attribution evaluation (docs/evaluation.md) as a
-// job. For each seed it trains the built-in UNet on a mixture, builds the
-// run's store and attributes held-out queries from every source of the
-// mixture in process (the featurizer and scan that retraced uses), then
+// job. For each seed it trains the built-in UNet on a mixture (or takes a
+// model description of a model trained elsewhere), builds the store and
+// attributes held-out queries from every source of the training set in
+// process (the featurizer and scan that retraced uses), then
 // measures
 //   (a) gradient norm against timestep, from the store's statistics;
 //   (b) outlier detection: self-influence (TracIn, ReTrac) against the plain
@@ -48,6 +49,18 @@ struct EvalConfig {
   // the planted outliers of (b); every component is a query source of (c).
   std::string data = kDefaultEvalData;
   std::vector<uint64_t> seeds = {1, 2, 3};
+
+  // A model description (server/run/model_description.h: a model.toml, or a
+  // folder holding one) of a model trained elsewhere: then nothing is
+  // trained, `data` and the recipe below are unused (the description names
+  // its training data), each seed is a store (store and projection seed),
+  // the replay pairing is reported only when the description names a
+  // training run with a replay log, and --lds is refused.
+  std::string model;
+  // Held-out queries as an image tree DIR/<class>/<image> whose classes are
+  // classes of the training set (required when the training data is an
+  // image folder); empty: held-out images of the built-in datasets.
+  std::string queries;
 
   // The training recipe (retrace-batch train's flags of the same names).
   int64_t steps = 300;

@@ -42,17 +42,7 @@ std::string Method(const json& row) {
   return m == "tracin" ? "TracIn" : m == "retrac" ? "ReTrac" : m;
 }
 
-void Config(const json& report, std::string* md) {
-  const json& c = report.at("config");
-  absl::StrAppend(md, "## Setup\n\n");
-  absl::StrAppend(md, "- Created ", report.value("created", ""), " on ",
-                  report.value("machine", ""), ".\n");
-  if (!report.value("command", "").empty()) {
-    absl::StrAppend(md, "- Command: `", report.value("command", ""), "`\n");
-  }
-  absl::StrAppend(md, "- Training set: `", c.at("data").get<std::string>(),
-                  "`; seeds ", c.at("seeds").dump(), " (each seed draws the mixture, ",
-                  "trains, builds the store and attributes its queries).\n");
+void TrainingRecipe(const json& c, std::string* md) {
   absl::StrAppendFormat(
       md,
       "- Built-in UNet (base %d channels), %d steps of batch %d, lr %g, a "
@@ -61,6 +51,32 @@ void Config(const json& report, std::string* md) {
       c.at("batch_size").get<int>(), c.at("learning_rate").get<double>(),
       c.at("checkpoint_every").get<int>(), c.at("dim").get<int>(),
       c.at("buckets").get<int>());
+}
+
+void Config(const json& report, std::string* md) {
+  const json& c = report.at("config");
+  absl::StrAppend(md, "## Setup\n\n");
+  absl::StrAppend(md, "- Created ", report.value("created", ""), " on ",
+                  report.value("machine", ""), ".\n");
+  if (!report.value("command", "").empty()) {
+    absl::StrAppend(md, "- Command: `", report.value("command", ""), "`\n");
+  }
+  if (!c.value("model", "").empty()) {
+    absl::StrAppend(md, "- Model: the description `", c.at("model").get<std::string>(),
+                    "` (not trained by the eval; the training data it names); seeds ",
+                    c.at("seeds").dump(), " (each seed builds a store with that ",
+                    "store and projection seed and attributes the queries).\n");
+    absl::StrAppendFormat(md, "- Store D = %d, %d buckets.\n", c.at("dim").get<int>(),
+                          c.at("buckets").get<int>());
+  } else {
+    absl::StrAppend(md, "- Training set: `", c.at("data").get<std::string>(),
+                    "`; seeds ", c.at("seeds").dump(), " (each seed draws the mixture, ",
+                    "trains, builds the store and attributes its queries).\n");
+    TrainingRecipe(c, md);
+  }
+  if (!c.value("queries", "").empty()) {
+    absl::StrAppend(md, "- Queries from `", c.at("queries").get<std::string>(), "`.\n");
+  }
   absl::StrAppendFormat(
       md,
       "- Queries: %d held-out images per source, %d timesteps × %d noise "
@@ -76,14 +92,18 @@ void Config(const json& report, std::string* md) {
 }
 
 void Timings(const json& report, std::string* md) {
+  const bool described = !report.at("config").value("model", "").empty();
   absl::StrAppend(md, "## Timings\n\n| seed | train | store build | queries | ",
                   "featurize | score | queries/s | loss baseline |\n",
                   "|---|---|---|---|---|---|---|---|\n");
   for (const json& s : report.at("seeds")) {
     const json& t = s.at("timings");
     auto dur = [&](const char* key) {
-      return t.contains(key) ? jobs::FormatDuration(t.at(key).get<double>())
-                             : std::string("reused");
+      if (t.contains(key)) return jobs::FormatDuration(t.at(key).get<double>());
+      // A model description is not trained by the eval; other stages found
+      // complete on disk were reused.
+      return std::string(described && std::string(key) == "train_seconds" ? "–"
+                                                                          : "reused");
     };
     absl::StrAppend(md, "| ", s.at("seed").dump(), " | ", dur("train_seconds"),
                     " | ", dur("build_seconds"), " | ", Num(t.at("queries")),
@@ -138,6 +158,10 @@ void Norms(const json& report, std::string* md) {
 void Outliers(const json& report, std::string* md) {
   const json& seeds = report.at("seeds");
   const json& first = seeds[0].at("outliers");
+  if (first.at("detectors").empty()) {
+    absl::StrAppend(md, "## (b) Outlier detection\n\n", first.value("note", ""), ".\n\n");
+    return;
+  }
   absl::StrAppend(md, "## (b) Outlier detection\n\n", first.at("positives").dump(),
                   " planted samples among ", first.at("samples").dump(),
                   " (first seed). Mean ± sd over seeds (per-seed values in ",

@@ -65,6 +65,9 @@ def roc_area(points):
 
 def check_outliers(seed, outliers):
     n, positives = outliers["samples"], outliers["positives"]
+    if positives == 0:
+        check(outliers["detectors"] == [] and outliers.get("note"), f"seed {seed}: no planted samples but detectors")
+        return
     check(0 < positives < n, f"seed {seed}: {positives} planted of {n}")
     names = [d["name"] for d in outliers["detectors"]]
     check(len(names) == 4 and "random ranking" in names, f"seed {seed}: detectors {names}")
@@ -80,22 +83,22 @@ def check_outliers(seed, outliers):
         check(close(roc_area(roc), d["auroc"], 1e-6), f"{what}: ROC area {roc_area(roc)} != AUROC {d['auroc']}")
 
 
-def check_tracing(seed, rows, config):
+def check_tracing(seed, rows, config, columns):
     k, wide = f"top{config['top_k']}_own_share", f"top{config['top_k_wide']}_own_share"
     groups = {}
     for r in rows:
         in_range(r[k], 0, 1, f"seed {seed}: {k}")
         in_range(r[wide], 0, 1, f"seed {seed}: {wide}")
         in_range(r["base_rate"], 0, 1, f"seed {seed}: base rate")
-        check(r["queries"] == config["queries_per_source"], f"seed {seed}: {r['queries']} queries of {r['source']}")
+        check(0 < r["queries"] <= config["queries_per_source"], f"seed {seed}: {r['queries']} queries of {r['source']}")
         groups.setdefault((r["pairing"], r["method"]), []).append(r["base_rate"])
-    check(len(groups) == 4, f"seed {seed}: tracing groups {sorted(groups)}")
+    check(len(groups) == columns, f"seed {seed}: tracing groups {sorted(groups)}")
     for key, rates in groups.items():
         check(close(sum(rates), 1.0, 1e-9), f"seed {seed}: base rates of {key} sum to {sum(rates)}")
 
 
-def check_general(seed, rows):
-    check(len(rows) == 4, f"seed {seed}: {len(rows)} general rows")
+def check_general(seed, rows, columns):
+    check(len(rows) == columns, f"seed {seed}: {len(rows)} general rows")
     for r in rows:
         what = f"seed {seed}, {r['pairing']} {r['method']}"
         q, k, hist = r["queries"], r["k"], r["histogram"]
@@ -160,15 +163,18 @@ def main():
     config = report["config"]
     seeds = report["seeds"]
     check([s["seed"] for s in seeds] == config["seeds"], "seeds differ from the config's")
-    num_sources = len(seeds[0]["sources"])
+    # Matched only, or matched and replay: the same for every seed.
+    columns = len(seeds[0]["general"])
+    check(columns in (2, 4), f"{columns} pairing/method columns")
     for s in seeds:
         seed = s["seed"]
         check_norms(seed, s["norms"], config)
         check_outliers(seed, s["outliers"])
-        check_tracing(seed, s["tracing"], config)
-        check_general(seed, s["general"])
+        check_tracing(seed, s["tracing"], config, columns)
+        check_general(seed, s["general"], columns)
         t = s["timings"]
-        check(t["queries"] == num_sources * config["queries_per_source"], f"seed {seed}: {t['queries']} queries")
+        per_source = sum(r["queries"] for r in s["tracing"]) // columns
+        check(t["queries"] == per_source, f"seed {seed}: {t['queries']} queries, tracing counts {per_source}")
         check(t["queries_per_second"] > 0, f"seed {seed}: queries per second {t['queries_per_second']}")
     check_summary(report)
     if reused:
