@@ -111,8 +111,9 @@ void Timings(const json& report, std::string* md) {
                     " | ", Num(t.at("queries_per_second"), 2), " | ",
                     dur("loss_baseline_seconds"), " |\n");
   }
-  absl::StrAppend(md, "\nqueries/s: the attribution alone (featurize + scan of ",
-                  "both pairings, every sample ranked), one query at a time.\n");
+  absl::StrAppend(md, "\nqueries/s: the attribution alone (featurize + scan under ",
+                  "each pairing the store has, every sample ranked), one query at a ",
+                  "time.\n");
   if (report.contains("fidelity")) {
     absl::StrAppend(md, "Projection fidelity: ",
                     jobs::FormatDuration(report["fidelity"].value("seconds", 0.0)), ". ");
