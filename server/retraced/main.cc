@@ -67,6 +67,8 @@ absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
   scoring::ScorerOptions scorer_options;
   scorer_options.device = Device(config.device);
   scorer_options.cpu_threads = config.threads;
+  // Scratch for the largest batch the batcher will form, reserved at start-up.
+  scorer_options.max_batch = config.max_batch;
   ASSIGN_OR_RETURN(loaded->scorer, scoring::Scorer::Create(loaded->store.get(),
                                                            scorer_options));
   RETRACE_LOG(INFO) << "scoring on "
