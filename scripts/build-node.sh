@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Configures and builds retrace for a GPU node against a given LibTorch. This
+# is the one set of configure and build commands that both the GPU image
+# (Dockerfile.gpu) and a bare GPU machine (scripts/gpu-node-check.sh) run, so
+# that a run of either exercises the other's build steps.
+#
+#   scripts/build-node.sh --build-dir DIR (--torch-prefix DIR | --torch-python PY)
+#       [--deps-prefix DIR] [--cuda-compiler NVCC] [--cuda-architectures LIST]
+#       [--no-tests] [--no-bench] [--target NAME]... [-- CMAKE_ARG...]
+#
+#   --build-dir DIR         CMake build tree (created).
+#   --torch-prefix DIR      where LibTorch's CMake package is: a LibTorch
+#                           distribution's root, or PyTorch's
+#                           torch.utils.cmake_prefix_path.
+#   --torch-python PY       a Python that imports torch; its
+#                           torch.utils.cmake_prefix_path is the prefix (what a
+#                           PyTorch installation offers, e.g. a CUDA wheel).
+#   --deps-prefix DIR       another prefix with the other dependencies (gRPC,
+#                           protobuf, abseil, ...), e.g. Debian packages
+#                           unpacked with `dpkg -x` (pass its usr/). Searched by
+#                           CMake before the system; its bin/ goes on PATH and
+#                           its libraries on LD_LIBRARY_PATH for the build's
+#                           tools (protoc, grpc_cpp_plugin).
+#   --cuda-compiler NVCC    nvcc to build the kernels with (default: CMake's
+#                           search, CUDACXX or nvcc on PATH).
+#   --cuda-architectures L  CMAKE_CUDA_ARCHITECTURES (default "80-real;90",
+#                           the project's default); LibTorch's own
+#                           TORCH_CUDA_ARCH_LIST is set to match, so that its
+#                           CMake files do not try to detect a GPU.
+#   --no-tests, --no-bench  leave the tests / benchmarks out (the image).
+#   --target NAME           build only these targets (repeatable; default all).
+#   --dry-run               print the commands without running them.
+#   -- CMAKE_ARG...         passed to the configure step as they are.
+#
+# Always builds Release with -DRETRACE_WITH_CUDA=ON: a GPU node without the
+# CUDA kernels is a configuration error, not a fallback. Prints each command
+# before it runs it. Exit status: that of the first failing command, 2 for a
+# usage error.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
+
+src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+build_dir="" torch_prefix="" torch_python="" deps_prefix="" cuda_compiler=""
+cuda_architectures="80-real;90"
+tests=ON bench=ON dry_run=0
+targets=() extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --build-dir) build_dir=${2:?}; shift 2 ;;
+    --torch-prefix) torch_prefix=${2:?}; shift 2 ;;
+    --torch-python) torch_python=${2:?}; shift 2 ;;
+    --deps-prefix) deps_prefix=${2:?}; shift 2 ;;
+    --cuda-compiler) cuda_compiler=${2:?}; shift 2 ;;
+    --cuda-architectures) cuda_architectures=${2:?}; shift 2 ;;
+    --no-tests) tests=OFF; shift ;;
+    --no-bench) bench=OFF; shift ;;
+    --target) targets+=("${2:?}"); shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) usage ;;
+    *) echo "build-node: unknown argument '$1'" >&2; usage ;;
+  esac
+done
+[ -n "$build_dir" ] || { echo "build-node: --build-dir is required" >&2; exit 2; }
+if { [ -n "$torch_prefix" ] && [ -n "$torch_python" ]; } ||
+   { [ -z "$torch_prefix" ] && [ -z "$torch_python" ]; }; then
+  echo "build-node: give exactly one of --torch-prefix and --torch-python" >&2
+  exit 2
+fi
+
+run() {
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  if [ $dry_run -eq 0 ]; then "$@"; fi
+}
+
+if [ -n "$torch_python" ]; then
+  torch_prefix=$("$torch_python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+  echo "build-node: LibTorch of $("$torch_python" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)') at $torch_prefix"
+fi
+if [ ! -d "$torch_prefix" ] && [ $dry_run -eq 0 ]; then
+  echo "build-node: LibTorch prefix '$torch_prefix' is not a directory" >&2
+  exit 1
+fi
+
+prefix_path="$torch_prefix"
+if [ -n "$deps_prefix" ]; then
+  prefix_path="$deps_prefix;$torch_prefix"
+  multiarch=$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)
+  export PATH="$deps_prefix/bin:$PATH"
+  export LD_LIBRARY_PATH="$deps_prefix/lib/$multiarch:$deps_prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+# "80-real;90" -> "8.0;9.0": LibTorch's spelling of the same architectures.
+torch_arch_list=$(tr ';' '\n' <<<"$cuda_architectures" |
+  sed -e 's/-real$//' -e 's/-virtual$//' -e 's/^\([0-9]*\)\([0-9]\)$/\1.\2/' |
+  paste -sd ';')
+export TORCH_CUDA_ARCH_LIST="$torch_arch_list"
+
+generator=()
+if command -v ninja >/dev/null; then generator=(-G Ninja); fi
+
+configure=(cmake -S "$src" -B "$build_dir" "${generator[@]}"
+  -DCMAKE_BUILD_TYPE=Release
+  "-DCMAKE_PREFIX_PATH=$prefix_path"
+  -DRETRACE_WITH_CUDA=ON
+  "-DCMAKE_CUDA_ARCHITECTURES=$cuda_architectures"
+  "-DTORCH_CUDA_ARCH_LIST=$torch_arch_list"
+  "-DRETRACE_BUILD_TESTS=$tests" "-DRETRACE_BUILD_BENCH=$bench")
+if [ -n "$cuda_compiler" ]; then
+  configure+=("-DCMAKE_CUDA_COMPILER=$cuda_compiler")
+fi
+run "${configure[@]}" "${extra[@]}"
+
+build=(cmake --build "$build_dir" --parallel "${BUILD_JOBS:-$(nproc)}")
+if [ ${#targets[@]} -gt 0 ]; then build+=(--target "${targets[@]}"); fi
+run "${build[@]}"
