@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
 # Installs every build and runtime dependency of retrace from Debian's packages.
 # Non-interactive and idempotent: when everything is present it prints nothing.
+#
+#   scripts/setup.sh                  everything
+#   scripts/setup.sh --without-torch  everything but Debian's (CPU-only)
+#                                     LibTorch, for builds against another
+#                                     LibTorch (Dockerfile.gpu: PyTorch's CUDA
+#                                     wheel), which must not meet Debian's
+#                                     headers and libraries on the same paths
 set -euo pipefail
+
+without_torch=0
+case "${1:-}" in
+  "") ;;
+  --without-torch) without_torch=1 ;;
+  *) echo "usage: $0 [--without-torch]" >&2; exit 2 ;;
+esac
 
 packages=(
   build-essential cmake ninja-build pkg-config git ca-certificates
@@ -14,6 +28,14 @@ packages=(
   dataset-fashion-mnist fonts-dejavu-core
   prometheus docker-compose python3-grpcio python3-protobuf openssl
 )
+
+if [ $without_torch -eq 1 ]; then
+  kept=()
+  for p in "${packages[@]}"; do
+    case "$p" in libtorch-dev|python3-torch) ;; *) kept+=("$p") ;; esac
+  done
+  packages=("${kept[@]}")
+fi
 
 missing=()
 for p in "${packages[@]}"; do
