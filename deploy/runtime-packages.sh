@@ -5,17 +5,43 @@
 # and the runtime stage installs exactly that list (apt adds what those
 # packages depend on), so the runtime image never drifts from what was linked.
 #
-#   deploy/runtime-packages.sh BINARY...
+#   deploy/runtime-packages.sh [--provided DIR]... BINARY...
+#
+# --provided DIR: libraries that resolve under DIR are not looked up; the
+# image provides them itself (Dockerfile.gpu copies PyTorch's CUDA LibTorch
+# and the NVIDIA libraries it bundles, which no Debian package owns, and
+# checks with ldd in the runtime stage that every library resolves).
 #
 # Exit status 1, naming the library, when a needed library is not found or is
 # not owned by any installed package (e.g. something under /usr/local, which
 # the runtime image would lack).
 set -euo pipefail
 
+provided=()
+while [ $# -gt 0 ] && [ "$1" = "--provided" ]; do
+  if [ $# -lt 2 ]; then
+    echo "usage: $0 [--provided DIR]... BINARY..." >&2
+    exit 2
+  fi
+  dir=$(readlink -m "$2")
+  provided+=("${dir%/}")
+  shift 2
+done
 if [ $# -eq 0 ]; then
-  echo "usage: $0 BINARY..." >&2
+  echo "usage: $0 [--provided DIR]... BINARY..." >&2
   exit 2
 fi
+
+# Whether a library path lies under one of the --provided directories.
+is_provided() {
+  local path dir
+  path=$(readlink -m "$1")
+  for dir in "${provided[@]}"; do
+    case "$path/" in "$dir"/*) return 0 ;; esac
+    case "$1/" in "$dir"/*) return 0 ;; esac
+  done
+  return 1
+}
 
 # dpkg records a file under the path its package shipped it at. On Debian 12
 # /lib is a symbolic link to /usr/lib and alternatives (libblas.so.3) are
@@ -55,6 +81,9 @@ for binary in "$@"; do
       status=1
       continue
     fi
+    if [ ${#provided[@]} -gt 0 ] && is_provided "$path"; then
+      continue
+    fi
     if ! pkg=$(owner "$path"); then
       echo "runtime-packages: $binary needs $lib ($path), which no package owns" >&2
       status=1
@@ -64,4 +93,5 @@ for binary in "$@"; do
   done
 done
 [ $status -eq 0 ] || exit $status
+[ ${#packages[@]} -gt 0 ] || exit 0
 printf '%s\n' "${packages[@]}" | sort -u

@@ -42,10 +42,38 @@ else
   echo "libtorch_cpu.so not installed: alternatives case not exercised"
 fi
 
+# --provided (Dockerfile.gpu): a library resolved under a provided directory
+# is left out, and without --provided a library no package owns is an error.
+# protoc's libprotoc is copied into a directory of its own and found there
+# through LD_LIBRARY_PATH, as the GPU image's LibTorch is found outside dpkg.
+libprotoc=$(ldd /usr/bin/protoc | awk '$1 ~ /^libprotoc\.so/ {print $1, $3}')
+if [ -n "$libprotoc" ]; then
+  read -r libprotoc_name libprotoc_path <<<"$libprotoc"
+  libprotoc_pkg=$(bash "$script" /usr/bin/protoc | grep '^libprotoc' || true)
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  cp "$libprotoc_path" "$tmp/$libprotoc_name"
+  if LD_LIBRARY_PATH="$tmp" bash "$script" /usr/bin/protoc >/dev/null 2>&1; then
+    fail "a library that no package owns must be an error without --provided"
+  fi
+  got=$(LD_LIBRARY_PATH="$tmp" bash "$script" --provided "$tmp" /usr/bin/protoc) ||
+    fail "--provided $tmp: runtime-packages.sh failed"
+  want_provided=$(echo "$want" | grep -vx "$libprotoc_pkg")
+  [ "$got" = "$want_provided" ] ||
+    fail "--provided: got [$(echo $got)], want [$(echo $want_provided)]"
+  echo "protoc with $libprotoc_name provided: $(echo $got)"
+  # Everything provided: no package, and no empty line either.
+  got=$(bash "$script" --provided / /usr/bin/protoc)
+  [ -z "$got" ] || fail "--provided /: expected no package, got [$(echo $got)]"
+fi
+
 if bash "$script" /nonexistent/binary 2>/dev/null; then
   fail "a missing binary must be an error"
 fi
 if bash "$script" 2>/dev/null; then
   fail "no argument must be a usage error"
+fi
+if bash "$script" --provided 2>/dev/null; then
+  fail "--provided without a directory must be a usage error"
 fi
 echo "PASS"
