@@ -12,9 +12,10 @@
 # and the NVIDIA libraries it bundles, which no Debian package owns, and
 # checks with ldd in the runtime stage that every library resolves).
 #
-# Exit status 1, naming the library, when a needed library is not found or is
-# not owned by any installed package (e.g. something under /usr/local, which
-# the runtime image would lack).
+# The NVIDIA driver's libcuda.so.1 and libnvidia-ml.so.1 are never listed (the
+# container runtime mounts the host's). Exit status 1, naming the library,
+# when a needed library is not found or is not owned by any installed package
+# (e.g. something under /usr/local, which the runtime image would lack).
 set -euo pipefail
 
 provided=()
@@ -71,6 +72,12 @@ for binary in "$@"; do
   mapfile -t needed < <(objdump -p "$binary" | awk '$1 == "NEEDED" {print $2}')
   ldd_out=$(ldd "$binary")
   for lib in "${needed[@]}"; do
+    # The NVIDIA driver's libraries come from the host: the NVIDIA Container
+    # Toolkit mounts them into the container, and an image must not carry a
+    # driver package of its own (nor can it know the host's driver version).
+    case "$lib" in
+      libcuda.so.1|libnvidia-ml.so.1) continue ;;
+    esac
     path=$(awk -v lib="$lib" '$1 == lib && $2 == "=>" {print $3}' <<<"$ldd_out")
     if [ -z "$path" ] || [ "$path" = "not" ]; then
       # The dynamic loader itself has no "=>" line; it comes with libc6.
