@@ -12,11 +12,19 @@ mounted into prometheus, where that configuration scrapes retraced's metrics
 port by its service name. A second run with the RETRACE_* variables set
 checks that they choose the host paths.
 
+The GPU override (docker-compose.gpu.yml, docs/operations.md "The GPU
+image") is resolved the same way, together with docker-compose.yml: it must
+change only how retraced's image is built (Dockerfile.gpu) and tagged (a tag
+naming Dockerfile.gpu's LibTorch and CUDA pins, never `latest`), keep exactly
+one NVIDIA GPU reservation, and leave everything else as the base file has
+it; without the override the CPU-LibTorch Dockerfile stays the default.
+
 Exit status 77 (skipped) when docker-compose is not installed.
 Environment: RETRACE_SOURCE_DIR (the repository).
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +36,7 @@ SKIP = 77
 SOURCE_DIR = os.environ.get("RETRACE_SOURCE_DIR") or os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", ".."))
 COMPOSE_FILE = os.path.join(SOURCE_DIR, "docker-compose.yml")
+GPU_OVERRIDE = os.path.join(SOURCE_DIR, "docker-compose.gpu.yml")
 
 DOCKER_COMPOSE = shutil.which("docker-compose")
 if DOCKER_COMPOSE is None:
@@ -43,16 +52,19 @@ except ImportError as e:
 VARIABLES = ("RETRACE_STORE_DIR", "RETRACE_RUN_DIR", "RETRACE_MNIST_DIR")
 
 
-def compose_config(extra_env=None):
+def compose_config(extra_env=None, files=(COMPOSE_FILE,)):
     env = {k: v for k, v in os.environ.items()
            if k not in VARIABLES and not k.startswith("COMPOSE_")}
     env.update(extra_env or {})
+    file_args = []
+    for f in files:
+        file_args += ["-f", f]
     # An empty --env-file, so that an operator's .env next to the compose
     # file does not change what is checked.
     with tempfile.NamedTemporaryFile("w", suffix=".env") as empty_env:
         return subprocess.run(
-            [DOCKER_COMPOSE, "--env-file", empty_env.name, "-f", COMPOSE_FILE,
-             "config"],
+            [DOCKER_COMPOSE, "--env-file", empty_env.name] + file_args +
+            ["config"],
             capture_output=True, text=True, env=env,
             cwd=os.path.dirname(COMPOSE_FILE), timeout=120)
 
@@ -167,6 +179,76 @@ class ComposeConfig(unittest.TestCase):
         self.assertEqual(sources["/var/lib/retrace/run"], "/srv/retrace/run")
         self.assertEqual(sources["/var/lib/retrace/data/mnist"],
                          "/srv/retrace/mnist")
+
+
+def dockerfile_gpu_args():
+    """Dockerfile.gpu's ARG defaults (NAME=value lines)."""
+    with open(os.path.join(SOURCE_DIR, "Dockerfile.gpu"), encoding="utf-8") as f:
+        return dict(re.findall(r'^ARG (\w+)="?([^"\n]*)"?$', f.read(), re.M))
+
+
+class ComposeGpuOverride(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.base_result = compose_config()
+        cls.result = compose_config(files=(COMPOSE_FILE, GPU_OVERRIDE))
+        cls.base = yaml.safe_load(cls.base_result.stdout) \
+            if cls.base_result.returncode == 0 else None
+        cls.config = yaml.safe_load(cls.result.stdout) \
+            if cls.result.returncode == 0 else None
+
+    def setUp(self):
+        self.assertEqual(self.result.returncode, 0,
+                         "docker-compose config with the GPU override failed:\n"
+                         + self.result.stderr)
+        self.assertEqual(self.base_result.returncode, 0, self.base_result.stderr)
+
+    def test_no_warnings(self):
+        self.assertNotIn("WARNING", self.result.stderr, self.result.stderr)
+
+    def test_builds_the_gpu_dockerfile(self):
+        build = self.config["services"]["retraced"]["build"]
+        self.assertEqual(build["dockerfile"], "Dockerfile.gpu")
+        self.assertEqual(build["context"], SOURCE_DIR)
+        self.assertTrue(os.path.exists(os.path.join(SOURCE_DIR, "Dockerfile.gpu")))
+
+    def test_cpu_dockerfile_stays_the_default(self):
+        build = self.base["services"]["retraced"]["build"]
+        self.assertIn(build.get("dockerfile", "Dockerfile"), ("Dockerfile", None))
+
+    def test_image_tag_names_the_pins(self):
+        image = self.config["services"]["retraced"]["image"]
+        self.assertNotIn("latest", image)
+        args = dockerfile_gpu_args()
+        self.assertEqual(image, "retrace:gpu-torch%s-%s"
+                         % (args["TORCH_VERSION"], args["TORCH_CUDA"]))
+        self.assertNotEqual(image, self.base["services"]["retraced"]["image"],
+                            "the GPU image must not overwrite the CPU image's tag")
+
+    def test_one_nvidia_gpu_reservation(self):
+        devices = (self.config["services"]["retraced"]["deploy"]["resources"]
+                   ["reservations"]["devices"])
+        self.assertEqual(len(devices), 1, devices)
+        self.assertEqual(devices[0]["driver"], "nvidia")
+        self.assertEqual(devices[0]["count"], 1)
+        self.assertIn("gpu", devices[0]["capabilities"])
+
+    def test_only_the_image_changes(self):
+        gpu = dict(self.config["services"]["retraced"])
+        cpu = dict(self.base["services"]["retraced"])
+        for key in ("build", "image"):
+            gpu.pop(key)
+            cpu.pop(key)
+        # Merging files may reorder lists and rewrite a short-form volume;
+        # compare what they mean.
+        for service in (gpu, cpu):
+            service["ports"] = sorted(map(repr, service["ports"]))
+            service["volumes"] = sorted(mounts(service))
+        self.assertEqual(gpu, cpu)
+        self.assertEqual(self.config["services"]["prometheus"],
+                         self.base["services"]["prometheus"])
+        self.assertEqual(self.config.get("volumes"), self.base.get("volumes"))
 
 
 if __name__ == "__main__":
