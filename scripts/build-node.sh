@@ -6,7 +6,8 @@
 #
 #   scripts/build-node.sh --build-dir DIR (--torch-prefix DIR | --torch-python PY)
 #       [--deps-prefix DIR] [--cuda-compiler NVCC] [--cuda-architectures LIST]
-#       [--no-tests] [--no-bench] [--target NAME]... [-- CMAKE_ARG...]
+#       [--build-type TYPE] [--no-tests] [--no-bench] [--target NAME]...
+#       [--configure-only | --build-only] [--dry-run] [-- CMAKE_ARG...]
 #
 #   --build-dir DIR         CMake build tree (created).
 #   --torch-prefix DIR      where LibTorch's CMake package is: a LibTorch
@@ -27,12 +28,16 @@
 #                           the project's default); LibTorch's own
 #                           TORCH_CUDA_ARCH_LIST is set to match, so that its
 #                           CMake files do not try to detect a GPU.
+#   --build-type TYPE       CMAKE_BUILD_TYPE (default Release).
 #   --no-tests, --no-bench  leave the tests / benchmarks out (the image).
 #   --target NAME           build only these targets (repeatable; default all).
+#   --configure-only        run only the configure step,
+#   --build-only            only the build step (of a configured tree): for
+#                           callers that time or limit the two apart.
 #   --dry-run               print the commands without running them.
 #   -- CMAKE_ARG...         passed to the configure step as they are.
 #
-# Always builds Release with -DRETRACE_WITH_CUDA=ON: a GPU node without the
+# Always builds with -DRETRACE_WITH_CUDA=ON: a GPU node without the
 # CUDA kernels is a configuration error, not a fallback. Prints each command
 # before it runs it. Exit status: that of the first failing command, 2 for a
 # usage error.
@@ -43,7 +48,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; ex
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir="" torch_prefix="" torch_python="" deps_prefix="" cuda_compiler=""
 cuda_architectures="80-real;90"
-tests=ON bench=ON dry_run=0
+tests=ON bench=ON dry_run=0 build_type=Release steps=both
 targets=() extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -57,13 +62,18 @@ while [ $# -gt 0 ]; do
     --no-bench) bench=OFF; shift ;;
     --target) targets+=("${2:?}"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --build-type) build_type=${2:?}; shift 2 ;;
+    --configure-only) steps=configure; shift ;;
+    --build-only) steps=build; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) usage ;;
     *) echo "build-node: unknown argument '$1'" >&2; usage ;;
   esac
 done
 [ -n "$build_dir" ] || { echo "build-node: --build-dir is required" >&2; exit 2; }
-if { [ -n "$torch_prefix" ] && [ -n "$torch_python" ]; } ||
+if [ "$steps" = build ]; then
+  :  # the configured tree already knows its LibTorch
+elif { [ -n "$torch_prefix" ] && [ -n "$torch_python" ]; } ||
    { [ -z "$torch_prefix" ] && [ -z "$torch_python" ]; }; then
   echo "build-node: give exactly one of --torch-prefix and --torch-python" >&2
   exit 2
@@ -74,11 +84,11 @@ run() {
   if [ $dry_run -eq 0 ]; then "$@"; fi
 }
 
-if [ -n "$torch_python" ]; then
+if [ -n "$torch_python" ] && [ "$steps" != build ]; then
   torch_prefix=$("$torch_python" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
   echo "build-node: LibTorch of $("$torch_python" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)') at $torch_prefix"
 fi
-if [ ! -d "$torch_prefix" ] && [ $dry_run -eq 0 ]; then
+if [ "$steps" != build ] && [ ! -d "$torch_prefix" ] && [ $dry_run -eq 0 ]; then
   echo "build-node: LibTorch prefix '$torch_prefix' is not a directory" >&2
   exit 1
 fi
@@ -101,7 +111,7 @@ generator=()
 if command -v ninja >/dev/null; then generator=(-G Ninja); fi
 
 configure=(cmake -S "$src" -B "$build_dir" "${generator[@]}"
-  -DCMAKE_BUILD_TYPE=Release
+  "-DCMAKE_BUILD_TYPE=$build_type"
   "-DCMAKE_PREFIX_PATH=$prefix_path"
   -DRETRACE_WITH_CUDA=ON
   "-DCMAKE_CUDA_ARCHITECTURES=$cuda_architectures"
@@ -110,7 +120,10 @@ configure=(cmake -S "$src" -B "$build_dir" "${generator[@]}"
 if [ -n "$cuda_compiler" ]; then
   configure+=("-DCMAKE_CUDA_COMPILER=$cuda_compiler")
 fi
-run "${configure[@]}" "${extra[@]}"
+if [ "$steps" != build ]; then
+  run "${configure[@]}" "${extra[@]}"
+fi
+[ "$steps" != configure ] || exit 0
 
 build=(cmake --build "$build_dir" --parallel "${BUILD_JOBS:-$(nproc)}")
 if [ ${#targets[@]} -gt 0 ]; then build+=(--target "${targets[@]}"); fi
