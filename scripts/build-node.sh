@@ -7,7 +7,8 @@
 #   scripts/build-node.sh --build-dir DIR (--torch-prefix DIR | --torch-python PY)
 #       [--deps-prefix DIR] [--cuda-compiler NVCC] [--cuda-architectures LIST]
 #       [--build-type TYPE] [--no-tests] [--no-bench] [--target NAME]...
-#       [--configure-only | --build-only] [--dry-run] [-- CMAKE_ARG...]
+#       [--configure-only | --build-only] [--keep-going] [--no-cuda]
+#       [--dry-run] [-- CMAKE_ARG...]
 #
 #   --build-dir DIR         CMake build tree (created).
 #   --torch-prefix DIR      where LibTorch's CMake package is: a LibTorch
@@ -34,10 +35,14 @@
 #   --configure-only        run only the configure step,
 #   --build-only            only the build step (of a configured tree): for
 #                           callers that time or limit the two apart.
+#   --keep-going            build as much as possible past a failure.
+#   --no-cuda               -DRETRACE_WITH_CUDA=OFF: only for rehearsing on a
+#                           machine without nvcc (gpu-node-check.sh
+#                           --no-require-gpu); never for a node.
 #   --dry-run               print the commands without running them.
 #   -- CMAKE_ARG...         passed to the configure step as they are.
 #
-# Always builds with -DRETRACE_WITH_CUDA=ON: a GPU node without the
+# Builds with -DRETRACE_WITH_CUDA=ON unless --no-cuda: a GPU node without the
 # CUDA kernels is a configuration error, not a fallback. Prints each command
 # before it runs it. Exit status: that of the first failing command, 2 for a
 # usage error.
@@ -48,7 +53,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; ex
 src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build_dir="" torch_prefix="" torch_python="" deps_prefix="" cuda_compiler=""
 cuda_architectures="80-real;90"
-tests=ON bench=ON dry_run=0 build_type=Release steps=both
+tests=ON bench=ON dry_run=0 build_type=Release steps=both keep_going=0 cuda=ON
 targets=() extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -65,6 +70,8 @@ while [ $# -gt 0 ]; do
     --build-type) build_type=${2:?}; shift 2 ;;
     --configure-only) steps=configure; shift ;;
     --build-only) steps=build; shift ;;
+    --keep-going) keep_going=1; shift ;;
+    --no-cuda) cuda=OFF; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) usage ;;
     *) echo "build-node: unknown argument '$1'" >&2; usage ;;
@@ -113,12 +120,14 @@ if command -v ninja >/dev/null; then generator=(-G Ninja); fi
 configure=(cmake -S "$src" -B "$build_dir" "${generator[@]}"
   "-DCMAKE_BUILD_TYPE=$build_type"
   "-DCMAKE_PREFIX_PATH=$prefix_path"
-  -DRETRACE_WITH_CUDA=ON
-  "-DCMAKE_CUDA_ARCHITECTURES=$cuda_architectures"
-  "-DTORCH_CUDA_ARCH_LIST=$torch_arch_list"
+  "-DRETRACE_WITH_CUDA=$cuda"
   "-DRETRACE_BUILD_TESTS=$tests" "-DRETRACE_BUILD_BENCH=$bench")
-if [ -n "$cuda_compiler" ]; then
-  configure+=("-DCMAKE_CUDA_COMPILER=$cuda_compiler")
+if [ "$cuda" = ON ]; then
+  configure+=("-DCMAKE_CUDA_ARCHITECTURES=$cuda_architectures"
+              "-DTORCH_CUDA_ARCH_LIST=$torch_arch_list")
+  if [ -n "$cuda_compiler" ]; then
+    configure+=("-DCMAKE_CUDA_COMPILER=$cuda_compiler")
+  fi
 fi
 if [ "$steps" != build ]; then
   run "${configure[@]}" "${extra[@]}"
@@ -127,4 +136,13 @@ fi
 
 build=(cmake --build "$build_dir" --parallel "${BUILD_JOBS:-$(nproc)}")
 if [ ${#targets[@]} -gt 0 ]; then build+=(--target "${targets[@]}"); fi
+if [ $keep_going -eq 1 ]; then
+  # The generator the tree was configured with decides the spelling.
+  if grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja' "$build_dir/CMakeCache.txt" 2>/dev/null ||
+     { [ ! -f "$build_dir/CMakeCache.txt" ] && [ ${#generator[@]} -gt 0 ]; }; then
+    build+=(-- -k 0)
+  else
+    build+=(-- -k)
+  fi
+fi
 run "${build[@]}"
