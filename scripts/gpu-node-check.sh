@@ -164,7 +164,8 @@ write_summary() {
     if [ -s "$bench_log" ]; then
       echo
       echo "server benchmark (bench.txt):"
-      sed -n '/^ *part  *clients/,/^$/p' "$bench_log" | sed 's/^/  /'
+      sed -n '/^part  *clients/,/^$/p' "$bench_log" | sed 's/^/  /'
+      grep -E '^soak [a-z]+: [0-9]+ requests' "$bench_log" | sed 's/^/  /'
       grep -E '^RATIO ' "$bench_log" | sort -u
     fi
     echo
@@ -195,7 +196,7 @@ run_stage() {
     return
   fi
   say "== $name (limit ${limit}s)"
-  echo "== [$(ts)] $name: $*" >>"$log"
+  echo "== [$(ts)] $name: $(head -n 1 <<<"$*" | cut -c 1-400)" >>"$log"
   local t0
   t0=$(date +%s)
   timeout -k 10 "$limit" "$@" >>"$log" 2>&1
@@ -402,7 +403,8 @@ EOF
     return 1
   fi
 }
-run_stage prefix 90 "$prefix_log" -- bash -c "$(declare -f unpack_prefix); prefix='$prefix' carry='$carry' libdirs='$libdirs' unpack_prefix"
+run_stage prefix 90 "$prefix_log" -- bash -c "prefix='$prefix' carry='$carry' libdirs='$libdirs'
+$(declare -f unpack_prefix); unpack_prefix"
 if [ $stage_rc -ne 0 ]; then
   tail -n 20 "$prefix_log" >&2
   record prefix "$(status_of $stage_rc)" "$stage_seconds" "see prefix.txt"
@@ -433,6 +435,10 @@ cmake_args=(
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRETRACE_BUILD_TESTS=ON -DRETRACE_BUILD_BENCH=ON
   "-DCMAKE_PREFIX_PATH=$prefix/usr;$prefix/usr/lib/x86_64-linux-gnu/cmake;$prefix/usr/share/cmake"
   "-DCMAKE_INCLUDE_PATH=$prefix/usr/include"
+  # Multiarch headers (openssl/configuration.h): the compiler searches only
+  # the system's /usr/include/x86_64-linux-gnu by itself.
+  "-DCMAKE_CXX_STANDARD_INCLUDE_DIRECTORIES=$prefix/usr/include/x86_64-linux-gnu"
+  "-DCMAKE_C_STANDARD_INCLUDE_DIRECTORIES=$prefix/usr/include/x86_64-linux-gnu"
   "-DCMAKE_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu;$prefix/lib/x86_64-linux-gnu"
   "-DCMAKE_PROGRAM_PATH=$prefix/usr/bin"
   "-DProtobuf_PROTOC_EXECUTABLE=$prefix/usr/bin/protoc"
@@ -487,6 +493,43 @@ if [ ${#not_from_prefix[@]} -gt 0 ]; then
 fi
 record configure ok "$stage_seconds" "${generator[*]:-existing generator}, CUDA archs ${archs:-none}; ${#from_prefix[@]} packages from the prefix"
 
+# Prints the headers and libraries that the build took from elsewhere
+# although the prefix holds the same file: /usr/include/grpcpp/grpcpp.h
+# beside the prefix's include/grpcpp/grpcpp.h, a google/protobuf header of
+# another include folder (a LibTorch that ships its own), a libprotobuf.so of
+# the system. Headers come from ninja's dependency log, libraries from the
+# link commands of targets $@ (all when none). On the device such files are
+# absent or another version; on a rehearsal machine that has the packages
+# installed they would hide a search path that misses the prefix. Ninja
+# builds only.
+system_files_used() {
+  grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja' "$cache" || return 0
+  local list="$build/.prefix-files"
+  {
+    (cd "$prefix/usr/include" && find . \( -type f -o -type l \)) | sed 's|^\./|include/|'
+    (cd "$prefix" && find usr/lib lib -maxdepth 2 \( -type f -o -type l \) -name 'lib*' 2>/dev/null) | sed 's|.*/|lib/|'
+  } >"$list"
+  {
+    (cd "$build" && ninja -t deps) | awk 'NF == 1 && substr($1, 1, 1) == "/" { print $1 }'
+    (cd "$build" && ninja -t commands "$@") | tr ' ' '\n' | grep -E '^/.*/lib[^/]*\.(so|a)(\.[0-9.]+)?$'
+  } | sort -u | awk -v prefix="$prefix/" -v list="$list" '
+    BEGIN { while ((getline line < list) > 0) held[line] = 1 }
+    index($0, prefix) == 1 { next }
+    {
+      path = $0
+      # Headers: every tail after an "/include/" of the path.
+      rest = path
+      while ((i = index(rest, "/include/")) > 0) {
+        rest = substr(rest, i + 9)
+        if (("include/" rest) in held) { print path; next }
+      }
+      # Libraries: the file name.
+      n = split(path, parts, "/")
+      if (parts[n] ~ /^lib/ && ("lib/" parts[n]) in held) print path
+    }' | head -n 20
+  rm -f "$list"
+}
+
 # ---- 4. build --------------------------------------------------------------------
 keep_going=()
 if grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja' "$cache"; then keep_going=(-- -k 0); else keep_going=(-- -k); fi
@@ -503,24 +546,8 @@ echo "gpu-labelled test targets: $(echo $gpu_targets)" >>"$build_log"
 run_stage build 330 "$build_log" -- "${nice_cmd[@]}" cmake --build "$build" -j "$jobs" "${target_args[@]}" "${keep_going[@]}"
 build_rc=$stage_rc
 build_note="-j $jobs, $([ $build_all_first = 1 ] && echo 'the whole tree' || echo "${#targets[@]} targets: $(echo "${targets[@]}")")"
-# Headers and libraries of the system that the prefix also holds must not
-# have been used (on the device they are absent; here they would hide a
-# missing search path).
 leaks=""
-if [ $build_rc -ne 0 ] || ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja' "$cache"; then
-  :
-else
-  prefix_inc_dirs=$(cd "$prefix/usr/include" && ls -d -- */ 2>/dev/null | sed 's|/$||' | tr '\n' '|')
-  prefix_inc_dirs=${prefix_inc_dirs%|}
-  if [ -n "$prefix_inc_dirs" ]; then
-    leaks=$( (cd "$build" && ninja -t deps) | grep -E "^\s+/usr/include/($prefix_inc_dirs)/" | sort -u | head -n 20)
-  fi
-  prefix_libs=$(cd "$prefix" && find usr/lib/x86_64-linux-gnu lib/x86_64-linux-gnu -maxdepth 1 \( -name '*.so' -o -name '*.a' \) -printf '%f\n' 2>/dev/null | sed 's/\./\\./g' | tr '\n' '|')
-  prefix_libs=${prefix_libs%|}
-  if [ -n "$prefix_libs" ]; then
-    leaks+=$( (cd "$build" && ninja -t commands "${targets[@]}") | grep -oE "/(usr/)?lib/x86_64-linux-gnu/($prefix_libs)( |$)" | sort -u | head -n 20)
-  fi
-fi
+[ $build_rc -eq 0 ] && leaks=$(system_files_used "${targets[@]}")
 if [ -n "$leaks" ]; then
   echo "system files that the prefix also holds were used:" >>"$build_log"
   echo "$leaks" >>"$build_log"
@@ -543,7 +570,15 @@ not_run=$(sed -n '/The following tests did not run:/,/^$/p' "$ctest_log" | grep 
 total=${total:-0}
 failed_n=${failed_n:-0}
 [ "$not_run" -gt "$skipped" ] && skipped=$not_run
-not_built=$(grep -cE '_NOT_BUILT' "$ctest_log")
+# A gpu test whose executable was not built is not listed by -L gpu at all:
+# each one must have had its tests discovered.
+not_built=0
+for t in $gpu_targets; do
+  if [ -z "$(find "$build" -name "$t\[1\]_tests.cmake" -print -quit 2>/dev/null)" ]; then
+    echo "gpu test $t was not built" >>"$ctest_log"
+    not_built=$((not_built + 1))
+  fi
+done
 test_line="$((total - failed_n - skipped)) passed, $failed_n failed, $skipped skipped or not run, of $total"
 if timed_out $ctest_rc; then
   record ctest "$(status_of $ctest_rc)" "$stage_seconds" "$test_line"
@@ -595,8 +630,14 @@ if [ $build_all_first = 1 ]; then
   record build-all ok 0 "built in stage build"
 else
   run_stage build-all 600 "$build_log" -- "${nice_cmd[@]}" cmake --build "$build" -j "$jobs" "${keep_going[@]}"
-  if [ $stage_rc -eq 0 ]; then
-    record build-all ok "$stage_seconds" "the whole tree (every test and benchmark)"
+  leaks=""
+  [ $stage_rc -eq 0 ] && leaks=$(system_files_used)
+  if [ -n "$leaks" ]; then
+    echo "system files that the prefix also holds were used:" >>"$build_log"
+    echo "$leaks" >>"$build_log"
+    record build-all "FAILED (system files used)" "$stage_seconds" "$(join "$leaks")"
+  elif [ $stage_rc -eq 0 ]; then
+    record build-all ok "$stage_seconds" "the whole tree (every test and benchmark); no system header or library that the prefix holds was used"
   else
     record build-all "$(status_of $stage_rc)" "$stage_seconds" "see build.log"
   fi
