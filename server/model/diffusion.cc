@@ -34,6 +34,17 @@ absl::Status CheckFloatBatch(const at::Tensor& tensor, absl::string_view what) {
 
 }  // namespace
 
+absl::Status DiffusionModel::To(const c10::Device& device) {
+  if (device.is_cpu() && this->device().is_cpu()) return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat(
+      "model ", Architecture(), " cannot move to device ", device.str()));
+}
+
+c10::Device DiffusionModel::device() const {
+  const std::vector<NamedParameter> params = NamedParameters();
+  return params.empty() ? c10::Device(c10::kCPU) : params.front().tensor.device();
+}
+
 int64_t CountParameters(const DiffusionModel& model) {
   int64_t total = 0;
   for (const NamedParameter& p : model.NamedParameters()) {

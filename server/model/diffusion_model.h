@@ -4,8 +4,8 @@
 // module (torchscript_model.h). Training, featurization and the store build
 // only talk to this interface.
 //
-// Tensors live in host memory (LibTorch CPU) unless an implementation says
-// otherwise. Forward keeps the autograd graph when grad mode is on, so callers
+// Tensors live in host memory (LibTorch CPU) until To() moves the model to
+// another device (device.h); Forward then takes inputs on that device. Forward keeps the autograd graph when grad mode is on, so callers
 // take gradients with respect to NamedParameters() by calling backward() or
 // torch::autograd::grad on a loss built from the returned tensor.
 //
@@ -15,6 +15,7 @@
 #define RETRACE_SERVER_MODEL_DIFFUSION_MODEL_H_
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <memory>
@@ -75,6 +76,16 @@ class DiffusionModel {
   // when names or shapes do not match this model. On error the model is
   // unchanged.
   virtual absl::Status Load(const std::string& path) = 0;
+
+  // Moves the parameters and buffers to `device` in place: the tensors that
+  // NamedParameters() returns afterwards live there, and Forward takes x_t
+  // and t on that device. A later Load copies host values in. The default
+  // accepts only the CPU for a model on the CPU (UNIMPLEMENTED otherwise);
+  // errors from LibTorch as Forward.
+  virtual absl::Status To(const c10::Device& device);
+
+  // The device of the parameters (the CPU for a model without parameters).
+  c10::Device device() const;
 
   // A replica for another thread: its own parameter and buffer storage with
   // this model's current values (plain leaf tensors, same requires_grad),

@@ -503,6 +503,15 @@ void TorchScriptModel::SetTraining(bool training) {
   impl_->module.train(training);
 }
 
+absl::Status TorchScriptModel::To(const c10::Device& device) {
+  return internal::CallTorch(
+      absl::StrCat("moving TorchScript model ", path_, " to ", device.str()),
+      [&]() -> absl::Status {
+        impl_->module.to(device);
+        return absl::OkStatus();
+      });
+}
+
 absl::Status TorchScriptModel::Save(const std::string& path) const {
   return internal::CallTorch(absl::StrCat("saving TorchScript model to ", path),
                              [&]() -> absl::Status {

@@ -55,6 +55,10 @@ class TorchScriptModel final : public DiffusionModel {
   std::string Architecture() const override { return kTorchScriptArchitecture; }
   ImageShape InputShape() const override { return input_shape_; }
   void SetTraining(bool training) override;
+  // Module::to: the module's parameters and buffers. Tensors the module's
+  // code creates without a device stay on the CPU (write
+  // torch.arange(..., device=t.device)).
+  absl::Status To(const c10::Device& device) override;
   // Saves the whole scripted module (code and parameters) with Module::save.
   absl::Status Save(const std::string& path) const override;
   // Loads another TorchScript file and copies its parameters in; the parameter

@@ -39,7 +39,8 @@ struct TimeEmbeddingImpl : nn::Module {
   // with f_k = kMaxPeriod^(−k/half), k < half = dim/2.
   Tensor forward(const Tensor& t) {
     const int64_t half = dim / 2;
-    Tensor k = torch::arange(half, torch::TensorOptions().dtype(torch::kFloat));
+    Tensor k = torch::arange(
+        half, torch::TensorOptions().dtype(torch::kFloat).device(t.device()));
     Tensor freqs = torch::exp(k * (-std::log(kMaxPeriod) / half));
     Tensor args = t.to(torch::kFloat).unsqueeze(1) * freqs.unsqueeze(0);
     Tensor features = torch::cat({torch::sin(args), torch::cos(args)}, 1);
@@ -378,13 +379,23 @@ ImageShape UNetModel::InputShape() const {
 
 void UNetModel::SetTraining(bool training) { impl_->net->train(training); }
 
+absl::Status UNetModel::To(const c10::Device& device) {
+  return internal::CallTorch(
+      absl::StrCat("moving unet to ", device.str()), [&]() -> absl::Status {
+        // nn::Module::to swaps each parameter's data in place, so tensors
+        // held elsewhere (an optimizer, the layerwise mirror) follow.
+        impl_->net->to(device);
+        return absl::OkStatus();
+      });
+}
+
 absl::Status UNetModel::Save(const std::string& path) const {
   return internal::CallTorch(
       absl::StrCat("saving unet to ", path), [&]() -> absl::Status {
         torch::serialize::OutputArchive archive;
         archive.write(kConfigKey, ConfigTensor(config_));
         for (const auto& item : impl_->net->named_parameters(true)) {
-          archive.write(item.key(), item.value().detach());
+          archive.write(item.key(), item.value().detach().to(torch::kCPU));
         }
         archive.save_to(path);
         return absl::OkStatus();

@@ -79,7 +79,10 @@ class UNetModel final : public DiffusionModel {
   std::string Architecture() const override { return kUNetArchitecture; }
   ImageShape InputShape() const override;
   void SetTraining(bool training) override;
-  // LibTorch archive (torch::serialize) keyed by parameter name.
+  absl::Status To(const c10::Device& device) override;
+  // LibTorch archive (torch::serialize) keyed by parameter name, host
+  // tensors whatever the model's device (a GPU run's checkpoints load on a
+  // CPU machine).
   absl::Status Save(const std::string& path) const override;
   absl::Status Load(const std::string& path) override;
 
