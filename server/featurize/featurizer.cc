@@ -63,6 +63,12 @@ absl::StatusOr<at::Tensor> ProjectScaledRows(
   return out;
 }
 
+// The group gradients in host memory (a no-op for a model on the CPU).
+std::vector<at::Tensor> ToHost(std::vector<at::Tensor> pieces) {
+  for (at::Tensor& piece : pieces) piece = piece.to(at::kCPU);
+  return pieces;
+}
+
 absl::Status CheckImages(const at::Tensor& images, const model::ImageShape& s,
                          absl::string_view what) {
   if (!images.defined() || images.dim() != 4 ||
@@ -220,7 +226,11 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
         out.unit = at::zeros({batch, slots, dim}, at::kFloat);
         out.norms = at::zeros({batch, slots}, at::kFloat);
         out.timesteps = at::zeros({batch, buckets, m}, at::kLong);
-        const at::Tensor x_all = images.contiguous();
+        // The model's device: the draws are generated on the host (the
+        // same bits as on a CPU run) and copied there; the group gradients
+        // come back to the host, where the projection runs.
+        const at::Device device = model_->device();
+        const at::Tensor x_all = images.to(device).contiguous();
         for (int64_t s0 = 0; s0 < batch; s0 += per_pass) {
           const int64_t count = std::min(per_pass, batch - s0);
           const at::Tensor x = x_all.narrow(0, s0, count);
@@ -248,9 +258,10 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
             out.timesteps.select(1, b)
                 .narrow(0, s0, count)
                 .copy_(t.reshape({count, m}));
-            ASSIGN_OR_RETURN(std::vector<at::Tensor> grads,
-                             engine_->Compute(x_rows, t, eps, m));
-            ASSIGN_OR_RETURN(Projected projected, ProjectUnit(grads));
+            ASSIGN_OR_RETURN(
+                std::vector<at::Tensor> grads,
+                engine_->Compute(x_rows, t.to(device), eps.to(device), m));
+            ASSIGN_OR_RETURN(Projected projected, ProjectUnit(ToHost(grads)));
             out.unit.select(1, b).narrow(0, s0, count).copy_(projected.unit);
             out.norms.select(1, b).narrow(0, s0, count).copy_(projected.norms);
           }
@@ -258,9 +269,10 @@ absl::StatusOr<TrainFeatures> Featurizer::TrainingSide(
             ASSIGN_OR_RETURN(
                 std::vector<at::Tensor> grads,
                 engine_->Compute(
-                    x, replay->timesteps.narrow(0, s0, count),
-                    replay->noise.narrow(0, s0, count).contiguous(), 1));
-            ASSIGN_OR_RETURN(Projected projected, ProjectUnit(grads));
+                    x, replay->timesteps.narrow(0, s0, count).to(device),
+                    replay->noise.narrow(0, s0, count).to(device).contiguous(),
+                    1));
+            ASSIGN_OR_RETURN(Projected projected, ProjectUnit(ToHost(grads)));
             out.unit.select(1, buckets)
                 .narrow(0, s0, count)
                 .copy_(projected.unit);
@@ -317,7 +329,10 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
         const int64_t* s_data = out.timesteps.data_ptr<int64_t>();
         // ḡ for every (bucket, timestep): rows ordered (b, i, r).
         std::vector<at::Tensor> g_bar;
-        const at::Tensor x_c = x.contiguous();
+        // Draws on the host, gradients on the model's device, ḡ back on the
+        // host (the copy_ into g_bar), where the projection runs.
+        const at::Device device = model_->device();
+        const at::Tensor x_c = x.to(device).contiguous();
         for (int64_t g0 = 0; g0 < groups; g0 += groups_per_pass) {
           const int64_t count = std::min(groups_per_pass, groups - g0);
           const int64_t rows = count * r_count;
@@ -336,8 +351,9 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
             }
           }
           ASSIGN_OR_RETURN(std::vector<at::Tensor> grads,
-                           engine_->Compute(x_c.expand({rows, -1, -1, -1}), t,
-                                            eps, r_count));
+                           engine_->Compute(x_c.expand({rows, -1, -1, -1}),
+                                            t.to(device), eps.to(device),
+                                            r_count));
           if (g_bar.empty()) {
             for (const at::Tensor& piece : grads) {
               g_bar.push_back(at::empty({groups, piece.size(1)}, at::kFloat));

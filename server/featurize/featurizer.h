@@ -22,6 +22,17 @@
 // parameter tensor (kernels/projection.h), each sample's rows scaled by 1/‖g‖
 // first so that the fixed-point accumulator stays in range for any p.
 //
+// Devices: the featurizer computes on the device of the model's parameters
+// (move the model first: MoveModelTo, server/model/device.h). Images may
+// live anywhere; the timestep and noise draws are generated on the host, so
+// they are the same bits on every device, and copied to the model's device;
+// the per-sample gradients run batched there (layerwise for the built-in
+// UNet, the loop's per-group batches otherwise; kParallel is CPU-only) and
+// come back to the host, where the norms and the projection run (the CPU
+// projector of kernels/projection.h). Outputs are host tensors. On a GPU the
+// gradients differ from the CPU's by float rounding only (docs/featurization.md,
+// "Devices").
+//
 // Memory: a pass holds (rows per pass)·p_selected floats of gradients plus
 // one batched forward pass of activations (FeaturizeOptions::max_rows bounds
 // the rows); QuerySide holds buckets·query_timesteps·p_selected floats.

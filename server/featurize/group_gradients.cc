@@ -549,9 +549,12 @@ absl::Status CheckMirror(model::DiffusionModel* model,
   return CallTorch("unet mirror check", [&]() -> absl::Status {
     at::NoGradGuard no_grad;
     const int64_t numel = 2 * shape.channels * shape.height * shape.width;
+    const at::Device device = model->device();
     at::Tensor x = at::sin(at::arange(numel, at::kFloat) * 0.37)
-                       .reshape({2, shape.channels, shape.height, shape.width});
-    at::Tensor t = at::tensor(std::vector<int64_t>{3, 701}, at::kLong);
+                       .reshape({2, shape.channels, shape.height, shape.width})
+                       .to(device);
+    at::Tensor t =
+        at::tensor(std::vector<int64_t>{3, 701}, at::kLong).to(device);
     ASSIGN_OR_RETURN(at::Tensor expected, model->Forward(x, t));
     at::Tensor got = mirror.Forward(x, t, nullptr, nullptr);
     const double diff = (got - expected).abs().max().item<double>();
@@ -596,7 +599,16 @@ absl::StatusOr<std::unique_ptr<GroupGradientEngine>> CreateGroupGradientEngine(
     workers =
         std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   }
+  // Replicas on one GPU would only queue their kernels on the same device;
+  // there the batched layerwise pass (or the loop's per-group batches) is
+  // the way to use it.
+  const bool on_cpu = model->device().is_cpu();
   if (method == GradientMethod::kParallel) {
+    if (!on_cpu) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "parallel per-sample gradients run on the CPU only; the model is on ",
+          model->device().str(), " (use layerwise or loop)"));
+    }
     return ParallelEngine::Create(model, schedule, loss, std::move(selected),
                                   workers);
   }
@@ -617,7 +629,7 @@ absl::StatusOr<std::unique_ptr<GroupGradientEngine>> CreateGroupGradientEngine(
       }
     }
     if (method == GradientMethod::kLayerwise) return why;
-    if (workers > 1) {
+    if (workers > 1 && on_cpu) {
       absl::StatusOr<std::unique_ptr<GroupGradientEngine>> parallel =
           ParallelEngine::Create(model, schedule, loss, selected, workers);
       if (parallel.ok() || !absl::IsFailedPrecondition(parallel.status())) {

@@ -80,12 +80,15 @@
 
 namespace retrace::featurize {
 
+// Devices: every engine computes on the device of the model's parameters
+// (inputs on that device, group gradients returned there). kParallel is
+// CPU-only; on a GPU kAuto picks kLayerwise, else kLoop.
 enum class GradientMethod {
   kAuto,       // kLayerwise when the model supports it, else kParallel when
-               // the model has replicas and W > 1, else kLoop
+               // the model has replicas, W > 1 and sits on the CPU, else kLoop
   kLayerwise,  // refuse (FAILED_PRECONDITION) models it does not support
   kLoop,
-  kParallel,  // refuse (FAILED_PRECONDITION) models without Clone
+  kParallel,  // refuse (FAILED_PRECONDITION) models without Clone or on a GPU
 };
 
 // "auto", "layerwise", "loop", "parallel".

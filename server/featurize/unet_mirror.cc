@@ -153,7 +153,8 @@ class UNetMirror::Pass {
 
   at::Tensor TimeEmbedding(const at::Tensor& t, at::ScalarType dtype) {
     const int64_t half = m_.config_.base_channels / 2;
-    at::Tensor k = at::arange(half, at::TensorOptions().dtype(dtype));
+    at::Tensor k =
+        at::arange(half, at::TensorOptions().dtype(dtype).device(t.device()));
     at::Tensor freqs = at::exp(k * (-std::log(kMaxPeriod) / half));
     at::Tensor args = t.to(dtype).unsqueeze(1) * freqs.unsqueeze(0);
     at::Tensor features = at::cat({at::sin(args), at::cos(args)}, 1);
