@@ -39,7 +39,7 @@ for arg in "$@"; do
     --fresh) fresh=1 ;;
     --no-build) build=0 ;;
     --offline) offline=1 ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: scripts/demo.sh [--quick] [--fresh] [--no-build] [--offline]" >&2; exit 2 ;;
   esac
 done

@@ -34,7 +34,7 @@ out=""
 for arg in "$@"; do
   case "$arg" in
     --check-only) check_only=1 ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "usage: scripts/gpu-node-prepare.sh [--check-only] [OUT_DIR]" >&2; exit 2 ;;
     *) out=$arg ;;
   esac
