@@ -24,6 +24,7 @@
 #include "server/core/status.h"
 #include "server/featurize/featurizer.h"
 #include "server/featurize/timesteps.h"
+#include "server/model/device.h"
 #include "server/model/diffusion_model.h"
 #include "server/model/replay.h"
 #include "server/run/model_description.h"
@@ -486,6 +487,8 @@ absl::StatusOr<StoreBuildResult> BuildStore(
     const StoreBuildConfig& config, const data::ImageSet& images,
     absl::Span<const int64_t> sample_ids_in, const StoreBuildOptions& options) {
   RETURN_IF_ERROR(ValidateInputs(config, images, sample_ids_in, options));
+  ASSIGN_OR_RETURN(const model::DeviceChoice device,
+                   model::ResolveDevice(options.device));
   if (options.threads > 0) at::set_num_threads(options.threads);
 
   // The model description: every checkpoint hashed against it (and, for a
@@ -595,6 +598,7 @@ absl::StatusOr<StoreBuildResult> BuildStore(
     LoadedCheckpoint loaded;
     ASSIGN_OR_RETURN(loaded.net,
                      run::LoadCheckpointModel(description, int64_t(c)));
+    RETURN_IF_ERROR(model::MoveModelTo(*loaded.net, device));
     ASSIGN_OR_RETURN(loaded.featurizer,
                      featurize::Featurizer::Create(loaded.net.get(), schedule,
                                                    fspec, fopts));

@@ -40,6 +40,7 @@
 #include "kernels/dtype.h"
 #include "kernels/projection.h"
 #include "server/data/image_set.h"
+#include "server/model/device.h"
 #include "server/store/manifest.h"
 #include "server/store/store_parts.h"
 
@@ -94,6 +95,14 @@ struct StoreBuildOptions {
   // LibTorch intra-op threads (process-wide); 0 keeps the current setting.
   // The store's bytes are reproducible at a fixed thread count.
   int threads = 0;
+  // Where the per-sample gradients run (server/model/device.h): kAuto takes
+  // CUDA when LibTorch has it and a device is present; kCuda without one is
+  // FAILED_PRECONDITION before anything is read. The CPU unless asked (the
+  // command line's --device defaults to auto). The draws are the same on
+  // every device and the projection runs on the CPU, so a GPU build's store
+  // agrees with a CPU build's within float rounding (docs/featurization.md,
+  // "Devices"); it is byte-identical only to builds on the same device.
+  model::DeviceChoice device = model::DeviceChoice::kCpu;
   // Rows (sample × timestep draw) per batched featurizer pass; bounds memory.
   // The chunk of samples per pass is max(1, batch_rows / grad_timesteps).
   int64_t batch_rows = 64;
@@ -132,7 +141,7 @@ struct StoreBuildResult {
 //   INVALID_ARGUMENT: bad config or options (edges, dims, dtype, regex...);
 //   NOT_FOUND / DATA_LOSS: run.json, a checkpoint or replay.bin missing or
 //     with a sha256 other than run.json records (naming the file, both hashes);
-//   FAILED_PRECONDITION: an unfinished run; data whose fingerprint differs
+//   FAILED_PRECONDITION: options.device kCuda without CUDA; an unfinished run; data whose fingerprint differs
 //     from the run's; a replay log that does not match the run or the data;
 //     replay required but absent; an out_dir holding a finished store, a
 //     different build, or one locked by another process;

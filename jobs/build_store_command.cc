@@ -53,6 +53,7 @@ struct BuildFlags {
   bool replay = false;
   bool no_replay = false;
   int threads = 0;
+  std::string device = "auto";
   int64_t batch = 64;
   std::string shard;
   double progress_interval = 5.0;
@@ -120,6 +121,14 @@ int RunBuildStore(const BuildFlags& flags) {
                                     : ReplayMode::kAuto;
 
   StoreBuildOptions options;
+  // Before the model and data are read: `--device cuda` without CUDA fails
+  // at once.
+  absl::StatusOr<model::DeviceChoice> device =
+      model::ParseDeviceChoice(flags.device);
+  if (!device.ok()) return Usage(kCommand, device.status().message());
+  device = model::ResolveDevice(*device);
+  if (!device.ok()) return Failure(kCommand, device.status());
+  options.device = *device;
   options.model_path = flags.model_path;
   options.out_dir = flags.out_dir;
   if (!flags.shard.empty() &&
@@ -172,7 +181,7 @@ int RunBuildStore(const BuildFlags& flags) {
   std::signal(SIGTERM, OnStopSignal);
   std::fprintf(stderr,
                "build-store: %lld samples from \"%s\", model %s (%s, %zu "
-               "checkpoints), %s, %d threads, out %s\n",
+               "checkpoints), %s, %d threads, device %s, out %s\n",
                static_cast<long long>(mixture->images.size()),
                options.dataset_name.c_str(), description->source.c_str(),
                std::string(run::ModelKindName(description->kind)).c_str(),
@@ -181,7 +190,8 @@ int RunBuildStore(const BuildFlags& flags) {
                                                     "/", options.num_parts)
                                            .c_str()
                                      : "whole store",
-               options.threads, flags.out_dir.c_str());
+               options.threads, model::DeviceChoiceName(options.device),
+               flags.out_dir.c_str());
   absl::StatusOr<StoreBuildResult> result =
       BuildStore(config, mixture->images, mixture->sample_ids, options);
   std::signal(SIGINT, SIG_DFL);
@@ -286,6 +296,12 @@ Subcommand RegisterBuildStoreCommand(CLI::App& parent) {
                   "reproducible at a fixed count")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app->add_option("--device", flags->device,
+                  "Where the per-sample gradients run: auto (CUDA when "
+                  "LibTorch has it and a GPU is present), cpu or cuda; the "
+                  "projection runs on the CPU")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app->add_option("--batch", flags->batch,
                   "Rows (sample x timestep) per featurizer pass")
       ->capture_default_str()

@@ -21,6 +21,7 @@
 #include "server/core/logging.h"
 #include "server/core/sha256.h"
 #include "server/core/status.h"
+#include "server/model/device.h"
 #include "server/model/diffusion.h"
 #include "server/model/replay.h"
 #include "server/model/torch_status.h"
@@ -64,7 +65,7 @@ absl::Status SaveTrainState(TrainingCall& s, int64_t steps_done) {
         archive.write(kStateIdentityKey, c10::IValue(s.identity));
         torch::serialize::OutputArchive weights;
         for (const model::NamedParameter& p : s.net->NamedParameters()) {
-          weights.write(p.name, p.tensor.detach());
+          weights.write(p.name, p.tensor.detach().to(torch::kCPU));
         }
         archive.write(kStateModelKey, weights);
         torch::serialize::OutputArchive optimizer;
@@ -82,7 +83,9 @@ absl::StatusOr<int64_t> LoadTrainState(TrainingCall& s,
   return CallTorch(
       absl::StrCat("reading ", path), [&]() -> absl::StatusOr<int64_t> {
         torch::serialize::InputArchive archive;
-        archive.load_from(path);
+        // Onto the model's device: the Adam moments were saved from
+        // whichever device the run was on.
+        archive.load_from(path, s.net->device());
         c10::IValue identity;
         torch::Tensor step;
         if (!archive.try_read(kStateIdentityKey, identity) ||
@@ -282,6 +285,8 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
   if (options.run_dir.empty()) {
     return absl::InvalidArgumentError("no run directory given");
   }
+  ASSIGN_OR_RETURN(const model::DeviceChoice device,
+                   model::ResolveDevice(options.device));
   if (options.threads > 0) at::set_num_threads(options.threads);
 
   TrainingCall s{config, options, images, {}, {}, {}, nullptr, nullptr, {}};
@@ -299,6 +304,9 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
       s.net, model::UNetModel::Create(
                  UNetConfigFor(config.model, images.channels, images.height),
                  config.run_seed));
+  // Initialised on the host (the same weights everywhere), then moved.
+  RETURN_IF_ERROR(model::MoveModelTo(*s.net, device));
+  const torch::Device torch_device = s.net->device();
 
   s.manifest.config = config;
   s.manifest.dataset = DescribeDataset(images, s.sample_ids);
@@ -359,12 +367,17 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
         CallTorch(absl::StrCat("training step ", step),
                   [&]() -> absl::StatusOr<float> {
                     // from_blob borrows the buffers, which outlive the step.
+                    // (copied to the model's device when it is not the CPU)
                     const torch::Tensor x =
-                        torch::from_blob(pixels.data(), shape, torch::kFloat);
+                        torch::from_blob(pixels.data(), shape, torch::kFloat)
+                            .to(torch_device);
                     const torch::Tensor eps =
-                        torch::from_blob(noise.data(), shape, torch::kFloat);
-                    const torch::Tensor t = torch::from_blob(
-                        timesteps.data(), {batch}, torch::kLong);
+                        torch::from_blob(noise.data(), shape, torch::kFloat)
+                            .to(torch_device);
+                    const torch::Tensor t =
+                        torch::from_blob(timesteps.data(), {batch},
+                                         torch::kLong)
+                            .to(torch_device);
                     ASSIGN_OR_RETURN(
                         torch::Tensor per_example,
                         model::DiffusionLoss(*s.net, schedule, config.loss, x,

@@ -24,6 +24,7 @@
 #include "absl/types/span.h"
 #include "jobs/run_dir.h"
 #include "server/data/image_set.h"
+#include "server/model/device.h"
 
 namespace retrace::model {
 struct UNetConfig;  // server/model/unet.h
@@ -40,6 +41,16 @@ struct TrainOptions {
   // LibTorch intra-op threads (at::set_num_threads, process-wide); 0 keeps
   // the current setting. Results are reproducible at a fixed thread count.
   int threads = 0;
+  // Where the model trains (server/model/device.h): kAuto takes CUDA when
+  // LibTorch has it and a device is present; kCuda without one is
+  // FAILED_PRECONDITION before anything is written. The CPU unless asked
+  // (the command line's --device defaults to auto). The batches and draws are
+  // the same on every device; checkpoints and the resume state's weights are
+  // host tensors and the resume state is read onto this run's device, so a
+  // run resumes on either device (its weights then follow
+  // the other device's rounding). Byte-identical checkpoints need the same
+  // device as well as the same thread count.
+  model::DeviceChoice device = model::DeviceChoice::kCpu;
   // Also save train-state.pt every N steps between checkpoints (0: only at
   // checkpoints).
   int64_t save_state_every = 0;

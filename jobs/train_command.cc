@@ -16,6 +16,7 @@
 #include "jobs/command.h"
 #include "jobs/train.h"
 #include "server/data/mixture.h"
+#include "server/model/device.h"
 
 namespace retrace::jobs {
 namespace {
@@ -49,6 +50,7 @@ struct TrainFlags {
   int timesteps = 1000;
   std::string loss = "mse";
   int threads = 0;
+  std::string device = "auto";
   int64_t save_state_every = 0;
   double progress_interval = 5.0;
   bool quiet = false;
@@ -68,6 +70,12 @@ int Failure(const absl::Status& status) {
 }
 
 int RunTrain(const TrainFlags& flags) {
+  // Before the data is read: `--device cuda` without CUDA fails at once.
+  absl::StatusOr<model::DeviceChoice> device = model::ParseDeviceChoice(
+      flags.device);
+  if (!device.ok()) return Usage(device.status().message());
+  device = model::ResolveDevice(*device);
+  if (!device.ok()) return Failure(device.status());
   TrainConfig config;
   config.dataset_seed = flags.data_seed;
   config.steps = flags.steps;
@@ -117,6 +125,7 @@ int RunTrain(const TrainFlags& flags) {
       flags.threads > 0
           ? flags.threads
           : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  options.device = *device;
   options.save_state_every = flags.save_state_every;
   options.progress_out = flags.quiet ? nullptr : stderr;
   options.progress_is_tty = ::isatty(STDERR_FILENO) == 1;
@@ -127,11 +136,12 @@ int RunTrain(const TrainFlags& flags) {
   std::signal(SIGTERM, OnInterrupt);
   std::fprintf(stderr,
                "train: %lld samples from \"%s\", %lld steps of batch %lld, "
-               "%d threads, run dir %s\n",
+               "%d threads, device %s, run dir %s\n",
                static_cast<long long>(mixture->images.size()),
                config.dataset_spec.c_str(),
                static_cast<long long>(config.steps),
                static_cast<long long>(config.batch_size), options.threads,
+               model::DeviceChoiceName(options.device),
                options.run_dir.c_str());
   absl::StatusOr<TrainResult> result =
       Train(config, mixture->images, mixture->sample_ids, options);
@@ -228,6 +238,11 @@ Subcommand RegisterTrainCommand(CLI::App& parent) {
          "LibTorch threads (0: one per core); fixed for reproducibility")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app->add_option("--device", flags->device,
+                  "Where the model trains: auto (CUDA when LibTorch has it "
+                  "and a GPU is present), cpu or cuda")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app->add_option(
          "--save-state-every", flags->save_state_every,
          "Also save the resume state every N steps (0: at checkpoints)")

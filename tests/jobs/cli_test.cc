@@ -11,6 +11,7 @@
 #include <string>
 
 #include "jobs/run_dir.h"
+#include "server/model/device.h"
 
 namespace retrace::jobs {
 namespace {
@@ -77,6 +78,41 @@ TEST(RetraceBatchCliTest, MissingDataExitsOneWithMessage) {
   EXPECT_EQ(out.exit_code, 1) << out.output;
   EXPECT_NE(out.output.find("/nonexistent-retrace-data"), std::string::npos)
       << out.output;
+}
+
+// --device: auto|cpu|cuda on train and build-store; another name is a usage
+// error, and cuda where it cannot run fails before any data or model is read,
+// naming why.
+TEST(RetraceBatchCliTest, DeviceFlag) {
+  for (const char* command : {"train", "build-store"}) {
+    Outcome help = RunBatch(std::string(command) + " --help");
+    EXPECT_NE(help.output.find("--device"), std::string::npos) << help.output;
+  }
+  const std::string dir = TempRunDir("device");
+  Outcome bad = RunBatch("train --data mnist --run-dir " + dir +
+                         " --device tpu");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("tpu"), std::string::npos) << bad.output;
+  if (model::TorchBuiltWithCuda() && model::CudaDeviceCount() > 0) {
+    GTEST_SKIP() << "a CUDA device is usable here: --device cuda runs";
+  }
+  const std::string why = model::TorchBuiltWithCuda() ? "no CUDA device"
+                                                      : "built without CUDA";
+  for (const std::string args :
+       {"train --data folder:path=/nonexistent-retrace-data --run-dir " + dir +
+            " --device cuda",
+        "build-store --model /nonexistent-retrace-model --out " + dir +
+            " --device cuda"}) {
+    SCOPED_TRACE(args);
+    Outcome out = RunBatch(args);
+    EXPECT_EQ(out.exit_code, 1) << out.output;
+    EXPECT_NE(out.output.find("FAILED_PRECONDITION"), std::string::npos)
+        << out.output;
+    EXPECT_NE(out.output.find(why), std::string::npos) << out.output;
+    EXPECT_EQ(out.output.find("nonexistent"), std::string::npos)
+        << "the device is checked before the data: " << out.output;
+  }
+  EXPECT_FALSE(fs::exists(dir));
 }
 
 TEST(RetraceBatchCliTest, TrainsOnFashionMnistAndResumes) {
