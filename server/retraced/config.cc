@@ -47,7 +47,14 @@ void Describe(CLI::App* app, ServerConfig* c) {
       ->capture_default_str();
   app->add_option("--port-file", c->port_file,
                   "Write the bound gRPC port to this file once listening");
-  app->add_option("--device", c->device, "Scoring device")
+  app->add_option("--device", c->device,
+                  "Scoring (scan) device; the store lives there")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  app->add_option("--featurize-device", c->featurize_device,
+                  "Query featurization device (the model's gradients): auto "
+                  "(CUDA when LibTorch has it and a GPU is present), cpu or "
+                  "cuda; the projection runs on the CPU")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
   app->add_option("--workers", c->workers,

@@ -28,7 +28,11 @@ struct ServerConfig {
   std::string metrics_host = "0.0.0.0";
   std::string port_file;  // written with the bound gRPC port once listening
   // Resources.
-  std::string device = "auto";  // auto, cpu, cuda
+  std::string device = "auto";  // the scan's: auto, cpu, cuda
+  // Where query featurization (the model's forward and backward passes)
+  // runs: auto, cpu, cuda (server/model/device.h). Separate from `device`:
+  // a GPU scan with a CPU featurizer, or the reverse, are both valid.
+  std::string featurize_device = "auto";
   int workers = 1;              // concurrent query featurizations
   int threads = 0;              // LibTorch and scan threads; 0: all cores
   // Batching and limits.

@@ -21,6 +21,7 @@
 #include "server/core/status.h"
 #include "server/data/mixture.h"
 #include "server/metrics/metrics.h"
+#include "server/model/device.h"
 #include "server/retraced/config.h"
 #include "server/scoring/scorer.h"
 #include "server/service/attribution_service.h"
@@ -57,6 +58,11 @@ struct Loaded {
 
 absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
                   Loaded* loaded) {
+  // First, so that `--featurize-device cuda` without CUDA stops start-up
+  // before the store is read.
+  ASSIGN_OR_RETURN(model::DeviceChoice featurize_device,
+                   model::ParseDeviceChoice(config.featurize_device));
+  ASSIGN_OR_RETURN(featurize_device, model::ResolveDevice(featurize_device));
   store::StoreReader::Options store_options;
   store_options.verify_checksums = config.verify_checksums;
   ASSIGN_OR_RETURN(loaded->store,
@@ -76,7 +82,10 @@ absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
   if (!config.model_path.empty()) {
     ASSIGN_OR_RETURN(loaded->featurizer, service::ModelQueryFeaturizer::Create(
                                              loaded->store->manifest(),
-                                             config.model_path, config.workers));
+                                             config.model_path, config.workers,
+                                             featurize_device));
+    RETRACE_LOG(INFO) << "featurizing queries on "
+                      << model::DeviceChoiceName(featurize_device);
   } else {
     RETRACE_LOG(INFO) << "no --model: serving precomputed query vectors only";
   }

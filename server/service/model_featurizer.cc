@@ -66,11 +66,13 @@ ModelQueryFeaturizer::~ModelQueryFeaturizer() = default;
 
 absl::StatusOr<std::unique_ptr<ModelQueryFeaturizer>>
 ModelQueryFeaturizer::Create(const store::Manifest& manifest,
-                             const std::string& model_path, int workers) {
+                             const std::string& model_path, int workers,
+                             model::DeviceChoice device) {
   if (workers < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("featurizer workers must be >= 1, got ", workers));
   }
+  ASSIGN_OR_RETURN(device, model::ResolveDevice(device));
   const store::StoreSpec& spec = manifest.spec;
   ASSIGN_OR_RETURN(const run::ModelDescription description,
                    run::LoadModelDescription(model_path,
@@ -106,6 +108,7 @@ ModelQueryFeaturizer::Create(const store::Manifest& manifest,
     for (size_t c = 0; c < description.checkpoints.size(); ++c) {
       ASSIGN_OR_RETURN(std::unique_ptr<model::DiffusionModel> net,
                        run::LoadCheckpointModel(description, int64_t(c)));
+      RETURN_IF_ERROR(model::MoveModelTo(*net, device));
       ASSIGN_OR_RETURN(
           std::unique_ptr<featurize::Featurizer> featurizer,
           featurize::Featurizer::Create(net.get(), schedule, fspec));

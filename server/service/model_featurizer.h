@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "server/model/device.h"
 #include "server/run/model_description.h"
 #include "server/service/query_featurizer.h"
 #include "server/store/manifest.h"
@@ -30,10 +31,13 @@ class ModelQueryFeaturizer final : public QueryFeaturizer {
   //   NotFound / DataLoss: missing or changed checkpoint files (naming them).
   //   InvalidArgument: a malformed description (naming the field), a model
   //     file that cannot load or rejects the image shape, workers < 1.
-  //   FailedPrecondition: a description other than the store's model.
+  //   FailedPrecondition: a description other than the store's model;
+  //     `device` kCuda without CUDA.
+  // `device` (server/model/device.h; kAuto is resolved here) is where every
+  // worker's models run; the projection runs on the CPU.
   static absl::StatusOr<std::unique_ptr<ModelQueryFeaturizer>> Create(
       const store::Manifest& manifest, const std::string& model_path,
-      int workers);
+      int workers, model::DeviceChoice device = model::DeviceChoice::kCpu);
   ~ModelQueryFeaturizer() override;
 
   std::vector<int64_t> image_shape() const override;

@@ -79,6 +79,32 @@ TEST(ConfigTest, ErrorsNameTheProblem) {
   EXPECT_NE(err.find(broken), std::string::npos) << err;
 }
 
+// The featurizer's device is its own flag: the scan's --device keeps its
+// meaning, and either may be set without the other.
+TEST(ConfigTest, FeaturizeDeviceIsSeparateFromTheScanDevice) {
+  ServerConfig c;
+  EXPECT_FALSE(Parse({"--store", "/s"}, &c).has_value());
+  EXPECT_EQ(c.device, "auto");
+  EXPECT_EQ(c.featurize_device, "auto");
+  ServerConfig d;
+  EXPECT_FALSE(Parse({"--store", "/s", "--device", "cuda",
+                      "--featurize-device", "cpu"},
+                     &d)
+                   .has_value());
+  EXPECT_EQ(d.device, "cuda");
+  EXPECT_EQ(d.featurize_device, "cpu");
+  const std::string path =
+      WriteToml("store = \"/s\"\nfeaturize-device = \"cuda\"\n");
+  ServerConfig e;
+  EXPECT_FALSE(Parse({"--config", path}, &e).has_value());
+  EXPECT_EQ(e.featurize_device, "cuda");
+  EXPECT_EQ(e.device, "auto");
+  std::string err;
+  ServerConfig f;
+  EXPECT_EQ(Parse({"--store", "/s", "--featurize-device", "gpu"}, &f, &err), 2);
+  EXPECT_NE(err.find("gpu"), std::string::npos) << err;
+}
+
 TEST(ConfigTest, HelpExplainsEveryOption) {
   ServerConfig c;
   std::string out;
@@ -90,6 +116,7 @@ TEST(ConfigTest, HelpExplainsEveryOption) {
                            "--listen",
                            "--metrics-port",
                            "--device",
+                           "--featurize-device",
                            "--workers",
                            "--threads",
                            "--max-batch",

@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 #include "retrace/v1/attribution.grpc.pb.h"
+#include "server/model/device.h"
 #include "tests/server/metrics/prometheus_harness.h"
 #include "tests/server/service/served_store.h"
 
@@ -154,6 +155,25 @@ TEST(RetracedProcessTest, RefusesAChangedCheckpointAtStartUp) {
   ASSERT_TRUE(WIFEXITED(status)) << server.Log();
   EXPECT_EQ(WEXITSTATUS(status), 1) << server.Log();
   EXPECT_NE(server.Log().find(model + ": field 'checkpoints[0].sha256'"),
+            std::string::npos)
+      << server.Log();
+}
+
+// --featurize-device cuda where CUDA cannot run stops start-up with exit 1
+// and the reason, before the store is read.
+TEST(RetracedProcessTest, RefusesFeaturizeDeviceCudaWithoutCuda) {
+  if (model::TorchBuiltWithCuda() && model::CudaDeviceCount() > 0) {
+    GTEST_SKIP() << "a CUDA device is usable here";
+  }
+  Retraced server({"--metrics-port", "-1", "--featurize-device", "cuda"});
+  const int status = server.WaitExit();
+  ASSERT_TRUE(WIFEXITED(status)) << server.Log();
+  EXPECT_EQ(WEXITSTATUS(status), 1) << server.Log();
+  EXPECT_NE(server.Log().find("FAILED_PRECONDITION"), std::string::npos)
+      << server.Log();
+  EXPECT_NE(server.Log().find(model::TorchBuiltWithCuda()
+                                  ? "no CUDA device"
+                                  : "built without CUDA"),
             std::string::npos)
       << server.Log();
 }
