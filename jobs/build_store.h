@@ -141,7 +141,8 @@ struct StoreBuildResult {
 //   INVALID_ARGUMENT: bad config or options (edges, dims, dtype, regex...);
 //   NOT_FOUND / DATA_LOSS: run.json, a checkpoint or replay.bin missing or
 //     with a sha256 other than run.json records (naming the file, both hashes);
-//   FAILED_PRECONDITION: options.device kCuda without CUDA; an unfinished run; data whose fingerprint differs
+//   FAILED_PRECONDITION: options.device kCuda without CUDA; an unfinished run;
+//   data whose fingerprint differs
 //     from the run's; a replay log that does not match the run or the data;
 //     replay required but absent; an out_dir holding a finished store, a
 //     different build, or one locked by another process;

@@ -71,8 +71,8 @@ int Failure(const absl::Status& status) {
 
 int RunTrain(const TrainFlags& flags) {
   // Before the data is read: `--device cuda` without CUDA fails at once.
-  absl::StatusOr<model::DeviceChoice> device = model::ParseDeviceChoice(
-      flags.device);
+  absl::StatusOr<model::DeviceChoice> device =
+      model::ParseDeviceChoice(flags.device);
   if (!device.ok()) return Usage(device.status().message());
   device = model::ResolveDevice(*device);
   if (!device.ok()) return Failure(device.status());
@@ -134,15 +134,14 @@ int RunTrain(const TrainFlags& flags) {
 
   std::signal(SIGINT, OnInterrupt);
   std::signal(SIGTERM, OnInterrupt);
-  std::fprintf(stderr,
-               "train: %lld samples from \"%s\", %lld steps of batch %lld, "
-               "%d threads, device %s, run dir %s\n",
-               static_cast<long long>(mixture->images.size()),
-               config.dataset_spec.c_str(),
-               static_cast<long long>(config.steps),
-               static_cast<long long>(config.batch_size), options.threads,
-               model::DeviceChoiceName(options.device),
-               options.run_dir.c_str());
+  std::fprintf(
+      stderr,
+      "train: %lld samples from \"%s\", %lld steps of batch %lld, "
+      "%d threads, device %s, run dir %s\n",
+      static_cast<long long>(mixture->images.size()),
+      config.dataset_spec.c_str(), static_cast<long long>(config.steps),
+      static_cast<long long>(config.batch_size), options.threads,
+      model::DeviceChoiceName(options.device), options.run_dir.c_str());
   absl::StatusOr<TrainResult> result =
       Train(config, mixture->images, mixture->sample_ids, options);
   std::signal(SIGINT, SIG_DFL);

@@ -350,10 +350,10 @@ absl::StatusOr<QueryFeatures> Featurizer::QuerySide(
                   eps_data + row * image_numel, image_numel);
             }
           }
-          ASSIGN_OR_RETURN(std::vector<at::Tensor> grads,
-                           engine_->Compute(x_c.expand({rows, -1, -1, -1}),
-                                            t.to(device), eps.to(device),
-                                            r_count));
+          ASSIGN_OR_RETURN(
+              std::vector<at::Tensor> grads,
+              engine_->Compute(x_c.expand({rows, -1, -1, -1}), t.to(device),
+                               eps.to(device), r_count));
           if (g_bar.empty()) {
             for (const at::Tensor& piece : grads) {
               g_bar.push_back(at::empty({groups, piece.size(1)}, at::kFloat));

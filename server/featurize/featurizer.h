@@ -30,8 +30,8 @@
 // UNet, the loop's per-group batches otherwise; kParallel is CPU-only) and
 // come back to the host, where the norms and the projection run (the CPU
 // projector of kernels/projection.h). Outputs are host tensors. On a GPU the
-// gradients differ from the CPU's by float rounding only (docs/featurization.md,
-// "Devices").
+// gradients differ from the CPU's by float rounding only
+// (docs/featurization.md, "Devices").
 //
 // Memory: a pass holds (rows per pass)·p_selected floats of gradients plus
 // one batched forward pass of activations (FeaturizeOptions::max_rows bounds

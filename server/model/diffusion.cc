@@ -42,7 +42,8 @@ absl::Status DiffusionModel::To(const c10::Device& device) {
 
 c10::Device DiffusionModel::device() const {
   const std::vector<NamedParameter> params = NamedParameters();
-  return params.empty() ? c10::Device(c10::kCPU) : params.front().tensor.device();
+  return params.empty() ? c10::Device(c10::kCPU)
+                        : params.front().tensor.device();
 }
 
 int64_t CountParameters(const DiffusionModel& model) {

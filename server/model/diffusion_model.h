@@ -5,9 +5,10 @@
 // only talk to this interface.
 //
 // Tensors live in host memory (LibTorch CPU) until To() moves the model to
-// another device (device.h); Forward then takes inputs on that device. Forward keeps the autograd graph when grad mode is on, so callers
-// take gradients with respect to NamedParameters() by calling backward() or
-// torch::autograd::grad on a loss built from the returned tensor.
+// another device (device.h); Forward then takes inputs on that device. Forward
+// keeps the autograd graph when grad mode is on, so callers take gradients with
+// respect to NamedParameters() by calling backward() or torch::autograd::grad
+// on a loss built from the returned tensor.
 //
 // Thread safety: Forward may run on several threads at once as long as no
 // thread calls Load or SetTraining (or mutates parameters) at the same time.

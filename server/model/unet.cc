@@ -380,13 +380,14 @@ ImageShape UNetModel::InputShape() const {
 void UNetModel::SetTraining(bool training) { impl_->net->train(training); }
 
 absl::Status UNetModel::To(const c10::Device& device) {
-  return internal::CallTorch(
-      absl::StrCat("moving unet to ", device.str()), [&]() -> absl::Status {
-        // nn::Module::to swaps each parameter's data in place, so tensors
-        // held elsewhere (an optimizer, the layerwise mirror) follow.
-        impl_->net->to(device);
-        return absl::OkStatus();
-      });
+  return internal::CallTorch(absl::StrCat("moving unet to ", device.str()),
+                             [&]() -> absl::Status {
+                               // nn::Module::to swaps each parameter's data in
+                               // place, so tensors held elsewhere (an
+                               // optimizer, the layerwise mirror) follow.
+                               impl_->net->to(device);
+                               return absl::OkStatus();
+                             });
 }
 
 absl::Status UNetModel::Save(const std::string& path) const {

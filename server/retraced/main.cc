@@ -80,10 +80,10 @@ absl::Status Load(const ServerConfig& config, metrics::Metrics* metrics,
   RETRACE_LOG(INFO) << "scoring on "
                     << kernels::BackendName(loaded->scorer->backend());
   if (!config.model_path.empty()) {
-    ASSIGN_OR_RETURN(loaded->featurizer, service::ModelQueryFeaturizer::Create(
-                                             loaded->store->manifest(),
-                                             config.model_path, config.workers,
-                                             featurize_device));
+    ASSIGN_OR_RETURN(loaded->featurizer,
+                     service::ModelQueryFeaturizer::Create(
+                         loaded->store->manifest(), config.model_path,
+                         config.workers, featurize_device));
     RETRACE_LOG(INFO) << "featurizing queries on "
                       << model::DeviceChoiceName(featurize_device);
   } else {

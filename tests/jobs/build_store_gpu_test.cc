@@ -50,8 +50,8 @@ TEST(BuildStoreGpuTest, CudaStoreMatchesCpuStore) {
     options.threads = testing::kTinyThreads;
     options.batch_rows = 8;
     options.device = device;
-    auto result = BuildStore(config, run.mixture.images,
-                             run.mixture.sample_ids, options);
+    auto result =
+        BuildStore(config, run.mixture.images, run.mixture.sample_ids, options);
     EXPECT_TRUE(result.ok()) << result.status();
     if (result.ok()) {
       std::printf("%s: %.1f samples/s\n", model::DeviceChoiceName(device),

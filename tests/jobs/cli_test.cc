@@ -89,15 +89,15 @@ TEST(RetraceBatchCliTest, DeviceFlag) {
     EXPECT_NE(help.output.find("--device"), std::string::npos) << help.output;
   }
   const std::string dir = TempRunDir("device");
-  Outcome bad = RunBatch("train --data mnist --run-dir " + dir +
-                         " --device tpu");
+  Outcome bad =
+      RunBatch("train --data mnist --run-dir " + dir + " --device tpu");
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
   EXPECT_NE(bad.output.find("tpu"), std::string::npos) << bad.output;
   if (model::TorchBuiltWithCuda() && model::CudaDeviceCount() > 0) {
     GTEST_SKIP() << "a CUDA device is usable here: --device cuda runs";
   }
-  const std::string why = model::TorchBuiltWithCuda() ? "no CUDA device"
-                                                      : "built without CUDA";
+  const std::string why =
+      model::TorchBuiltWithCuda() ? "no CUDA device" : "built without CUDA";
   for (const std::string args :
        {"train --data folder:path=/nonexistent-retrace-data --run-dir " + dir +
             " --device cuda",

@@ -115,8 +115,8 @@ void CheckTrainingSide(GradientMethod method, int64_t m, bool replay) {
   EXPECT_EQ(t.cpu->method(), t.gpu->method());
   const at::Tensor images = Images(6, 3);
   ReplayDraws draws;
-  draws.timesteps = at::tensor(std::vector<int64_t>{1, 50, 200, 500, 800, 999},
-                               at::kLong);
+  draws.timesteps =
+      at::tensor(std::vector<int64_t>{1, 50, 200, 500, 800, 999}, at::kLong);
   at::Generator gen = at::detail::createCPUGenerator(4);
   draws.noise = at::randn({6, 1, 16, 16}, gen);
   auto cpu = t.cpu->TrainingSide(images, 10, 2, replay ? &draws : nullptr);
@@ -124,9 +124,9 @@ void CheckTrainingSide(GradientMethod method, int64_t m, bool replay) {
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   EXPECT_TRUE(at::equal(cpu->timesteps, gpu->timesteps));
-  const at::Tensor rel = (cpu->norms.to(at::kDouble) - gpu->norms.to(at::kDouble))
-                             .abs() /
-                         cpu->norms.to(at::kDouble).clamp_min(1e-30);
+  const at::Tensor rel =
+      (cpu->norms.to(at::kDouble) - gpu->norms.to(at::kDouble)).abs() /
+      cpu->norms.to(at::kDouble).clamp_min(1e-30);
   std::printf("norms: max relative |cpu - cuda| = %.3g (bound %.3g)\n",
               rel.max().item<double>(), kNormRelTol);
   EXPECT_LE(rel.max().item<double>(), kNormRelTol);

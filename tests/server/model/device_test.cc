@@ -41,7 +41,8 @@ TEST(DeviceTest, CpuIsAlwaysCpuAndAutoFollowsTheMachine) {
   EXPECT_EQ(*cpu, DeviceChoice::kCpu);
   auto automatic = ResolveDevice(DeviceChoice::kAuto);
   ASSERT_TRUE(automatic.ok()) << automatic.status();
-  EXPECT_EQ(*automatic, CudaUsable() ? DeviceChoice::kCuda : DeviceChoice::kCpu);
+  EXPECT_EQ(*automatic,
+            CudaUsable() ? DeviceChoice::kCuda : DeviceChoice::kCpu);
   if (!TorchBuiltWithCuda()) EXPECT_EQ(CudaDeviceCount(), 0);
 }
 
@@ -50,8 +51,8 @@ TEST(DeviceTest, CudaWithoutCudaIsRefusedWithTheReason) {
   auto cuda = ResolveDevice(DeviceChoice::kCuda);
   ASSERT_EQ(cuda.status().code(), absl::StatusCode::kFailedPrecondition)
       << cuda.status();
-  const std::string why = TorchBuiltWithCuda() ? "no CUDA device"
-                                               : "built without CUDA";
+  const std::string why =
+      TorchBuiltWithCuda() ? "no CUDA device" : "built without CUDA";
   EXPECT_NE(cuda.status().message().find(why), std::string::npos)
       << cuda.status();
 }

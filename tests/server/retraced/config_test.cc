@@ -87,10 +87,10 @@ TEST(ConfigTest, FeaturizeDeviceIsSeparateFromTheScanDevice) {
   EXPECT_EQ(c.device, "auto");
   EXPECT_EQ(c.featurize_device, "auto");
   ServerConfig d;
-  EXPECT_FALSE(Parse({"--store", "/s", "--device", "cuda",
-                      "--featurize-device", "cpu"},
-                     &d)
-                   .has_value());
+  EXPECT_FALSE(
+      Parse({"--store", "/s", "--device", "cuda", "--featurize-device", "cpu"},
+            &d)
+          .has_value());
   EXPECT_EQ(d.device, "cuda");
   EXPECT_EQ(d.featurize_device, "cpu");
   const std::string path =

@@ -171,10 +171,10 @@ TEST(RetracedProcessTest, RefusesFeaturizeDeviceCudaWithoutCuda) {
   EXPECT_EQ(WEXITSTATUS(status), 1) << server.Log();
   EXPECT_NE(server.Log().find("FAILED_PRECONDITION"), std::string::npos)
       << server.Log();
-  EXPECT_NE(server.Log().find(model::TorchBuiltWithCuda()
-                                  ? "no CUDA device"
-                                  : "built without CUDA"),
-            std::string::npos)
+  EXPECT_NE(
+      server.Log().find(model::TorchBuiltWithCuda() ? "no CUDA device"
+                                                    : "built without CUDA"),
+      std::string::npos)
       << server.Log();
 }
 
