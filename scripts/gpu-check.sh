@@ -82,19 +82,9 @@ sanitizer_log="$out/sanitizer.log"
 : >"$build_log"
 : >"$sanitizer_log"
 
-ts() { date -u +%Y-%m-%dT%H:%M:%SZ; }
-say() { echo "[$(ts)] gpu-check: $*"; }
-join() { local IFS=$'\n'; sed ':a;N;$!ba;s/\n/; /g' <<<"$*"; }
-
-# Stage results, in order: "name|status|seconds|note".
-stages=()
-failed_stages=()
-record() {  # name status seconds note
-  stages+=("$1|$2|$3|$4")
-  [ "$2" = ok ] || [ "$2" = "skipped" ] || failed_stages+=("$1")
-  say "stage $1: $2 (${3}s)${4:+ - $4}"
-  write_summary
-}
+stage_tool=gpu-check
+# shellcheck source=lib/stages.sh
+source scripts/lib/stages.sh
 
 gpu_line="unknown"
 test_line="not run"
@@ -105,11 +95,11 @@ write_summary() {
     echo "GPU: $gpu_line"
     echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no git)')"
     echo
-    printf '%-10s %-28s %8s  %s\n' stage status seconds note
+    printf '%-10s %-28s %-20s %8s  %s\n' stage status started seconds note
     local s
     for s in "${stages[@]}"; do
-      IFS='|' read -r n st sec note <<<"$s"
-      printf '%-10s %-28s %8s  %s\n' "$n" "$st" "$sec" "$note"
+      IFS='|' read -r n st started sec note <<<"$s"
+      printf '%-10s %-28s %-20s %8s  %s\n' "$n" "$st" "$started" "$sec" "$note"
     done
     echo
     echo "gpu tests: $test_line"
@@ -136,53 +126,6 @@ write_summary() {
   } >"$summary"
 }
 
-# run_stage NAME CAP_SECONDS LOG -- command...: runs the command with its
-# output appended to LOG (and shown when LOG is "-tee:<file>"), within
-# min(CAP, what is left of the budget). Sets stage_rc and stage_seconds.
-stage_rc=0
-stage_seconds=0
-run_stage() {
-  local name=$1 cap=$2 log=$3
-  shift 4
-  local left=$((deadline - $(date +%s)))
-  local limit=$((cap < left ? cap : left))
-  stage_seconds=0
-  if [ "$limit" -lt 5 ]; then
-    stage_rc=125
-    return
-  fi
-  say "== $name (limit ${limit}s)"
-  local t0
-  t0=$(date +%s)
-  if [[ "$log" == -tee:* ]]; then
-    log=${log#-tee:}
-    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
-    stage_rc=${PIPESTATUS[0]}
-  else
-    timeout -k 10 "$limit" "$@" >>"$log" 2>&1
-    stage_rc=$?
-  fi
-  stage_seconds=$(($(date +%s) - t0))
-}
-
-status_of() {  # rc -> status text
-  case "$1" in
-    0) echo ok ;;
-    124|137) echo "FAILED (time limit)" ;;
-    125) echo "NOT RUN (time budget spent)" ;;
-    *) echo "FAILED (exit $1)" ;;
-  esac
-}
-
-timed_out() { [ "$1" -eq 124 ] || [ "$1" -eq 125 ] || [ "$1" -eq 137 ]; }
-
-finish() {
-  write_summary
-  echo
-  cat "$summary"
-  [ ${#failed_stages[@]} -eq 0 ] && exit 0
-  exit 1
-}
 
 # ---- 1. preflight ------------------------------------------------------------
 say "== preflight (out: $out, build: $build, budget ${budget}s)"

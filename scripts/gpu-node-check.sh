@@ -121,21 +121,9 @@ demo_log="$out/demo.log"
 bench_log="$out/bench.txt"
 for f in "$prefix_log" "$build_log" "$ctest_log" "$demo_log" "$bench_log"; do : >"$f"; done
 
-ts() { date -u +%Y-%m-%dT%H:%M:%SZ; }
-say() { echo "[$(ts)] gpu-node-check: $*"; }
-join() { local IFS=$'\n'; sed ':a;N;$!ba;s/\n/; /g' <<<"$*"; }
-
-# Stage results, in order: "name|status|started|seconds|note".
-stages=()
-failed_stages=()
-stage_started=""
-record() {  # name status seconds note
-  stages+=("$1|$2|${stage_started:-$(ts)}|$3|$4")
-  stage_started=""
-  [ "$2" = ok ] || [ "$2" = skipped ] || failed_stages+=("$1")
-  say "stage $1: $2 (${3}s)${4:+ - $4}"
-  write_summary
-}
+stage_tool=gpu-node-check
+# shellcheck source=lib/stages.sh
+source scripts/lib/stages.sh
 
 gpu_line="unknown"
 torch_line="unknown"
@@ -178,50 +166,6 @@ write_summary() {
   } >"$summary"
 }
 
-# run_stage NAME CAP_SECONDS LOG -- command...: runs the command with its
-# output appended to LOG, within min(CAP, what is left of the budget). Sets
-# stage_rc and stage_seconds.
-stage_rc=0
-stage_seconds=0
-run_stage() {
-  local name=$1 cap=$2 log=$3
-  shift 4
-  cap=$((cap * cap_scale))
-  local left=$((deadline - $(date +%s)))
-  local limit=$((cap < left ? cap : left))
-  stage_seconds=0
-  stage_started=$(ts)
-  if [ "$limit" -lt 5 ]; then
-    stage_rc=125
-    return
-  fi
-  say "== $name (limit ${limit}s)"
-  echo "== [$(ts)] $name: $(head -n 1 <<<"$*" | cut -c 1-400)" >>"$log"
-  local t0
-  t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
-  stage_rc=$?
-  stage_seconds=$(($(date +%s) - t0))
-}
-
-status_of() {  # rc -> status text
-  case "$1" in
-    0) echo ok ;;
-    124|137) echo "FAILED (time limit)" ;;
-    125) echo "NOT RUN (time budget spent)" ;;
-    *) echo "FAILED (exit $1)" ;;
-  esac
-}
-
-timed_out() { [ "$1" -eq 124 ] || [ "$1" -eq 125 ] || [ "$1" -eq 137 ]; }
-
-finish() {
-  write_summary
-  echo
-  cat "$summary"
-  [ ${#failed_stages[@]} -eq 0 ] && exit 0
-  exit 1
-}
 
 # ---- 1. preflight ------------------------------------------------------------
 stage_started=$(ts)
