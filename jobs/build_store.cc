@@ -27,10 +27,10 @@
 #include "server/model/device.h"
 #include "server/model/diffusion_model.h"
 #include "server/model/replay.h"
-#include "server/run/model_description.h"
 #include "server/model/schedule.h"
 #include "server/model/torch_status.h"
 #include "server/model/unet.h"
+#include "server/run/model_description.h"
 #include "server/store/layout.h"
 #include "server/store/safetensors.h"
 #include "server/store/store_parts.h"
@@ -128,7 +128,8 @@ absl::Status ValidateInputs(const StoreBuildConfig& config,
                             absl::Span<const int64_t> sample_ids,
                             const StoreBuildOptions& options) {
   if (options.model_path.empty()) {
-    return absl::InvalidArgumentError("build-store: no model description given");
+    return absl::InvalidArgumentError(
+        "build-store: no model description given");
   }
   if (options.out_dir.empty()) {
     return absl::InvalidArgumentError("build-store: no output directory given");
@@ -505,11 +506,11 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   if (images.channels != description.image.channels ||
       images.height != description.image.height ||
       images.width != description.image.width) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "build-store: the training images are ", images.channels, "x",
-        images.height, "x", images.width, " but ", where, " field 'image' says ",
-        description.image.channels, "x", description.image.height, "x",
-        description.image.width));
+    return absl::InvalidArgumentError(
+        absl::StrCat("build-store: the training images are ", images.channels,
+                     "x", images.height, "x", images.width, " but ", where,
+                     " field 'image' says ", description.image.channels, "x",
+                     description.image.height, "x", description.image.width));
   }
   std::optional<RunManifest> run;
   std::string run_dir;
@@ -536,12 +537,12 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   if (!expected_sha256.empty() && info.sha256 != expected_sha256) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the dataset does not match the training data of ", where, ": ",
-        info.num_samples, " samples of ", info.channels, "×", info.height,
-        "×", info.width, " with fingerprint ", info.sha256,
+        info.num_samples, " samples of ", info.channels, "×", info.height, "×",
+        info.width, " with fingerprint ", info.sha256,
         ", but the model trained on data with fingerprint ", expected_sha256,
-        run ? absl::StrCat(" (", run->dataset.num_samples, " samples, dataset \"",
-                           run->config.dataset_spec, "\", seed ",
-                           run->config.dataset_seed, ")")
+        run ? absl::StrCat(" (", run->dataset.num_samples,
+                           " samples, dataset \"", run->config.dataset_spec,
+                           "\", seed ", run->config.dataset_seed, ")")
             : std::string()));
   }
   const int64_t total = images.size();
@@ -630,8 +631,8 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   spec.grad_timesteps = m;
   spec.dtype = config.dtype;
   spec.samples_per_shard = config.samples_per_shard;
-  spec.dataset = DatasetJson(config, options, run ? &*run : nullptr, info,
-                             images, replay);
+  spec.dataset =
+      DatasetJson(config, options, run ? &*run : nullptr, info, images, replay);
   RETURN_IF_ERROR(spec.Validate());
 
   // The writer (resuming what is on disk) and this build's sample range.
@@ -732,10 +733,9 @@ absl::StatusOr<StoreBuildResult> BuildStore(
                              replay_log.Draw(c, n0 + i, draw_shape));
             if (draw.timestep != record.timestep) {
               return absl::DataLossError(absl::StrCat(
-                  run_dir, "/", model::kReplayLogFile,
-                  ": logged timestep ", record.timestep, " of sample ", n0 + i,
-                  " at checkpoint ", c, " differs from the ", draw.timestep,
-                  " its keys give"));
+                  run_dir, "/", model::kReplayLogFile, ": logged timestep ",
+                  record.timestep, " of sample ", n0 + i, " at checkpoint ", c,
+                  " differs from the ", draw.timestep, " its keys give"));
             }
             t[i] = draw.timestep;
             std::memcpy(eps + i * numel, draw.noise.data(),

@@ -17,8 +17,8 @@
 #include "jobs/build_store.h"
 #include "jobs/command.h"
 #include "jobs/run_dir.h"
-#include "server/run/model_description.h"
 #include "server/data/mixture.h"
+#include "server/run/model_description.h"
 
 namespace retrace::jobs {
 namespace {
@@ -163,8 +163,7 @@ int RunBuildStore(const BuildFlags& flags) {
   data::DataLocations locations =
       data::DataLocationsFrom(flags.fashion_mnist_dir, flags.mnist_dir);
   locations.folder_spec = {description->image.channels,
-                           description->image.height,
-                           description->image.width};
+                           description->image.height, description->image.width};
   absl::StatusOr<data::Mixture> mixture = data::BuildMixture(*spec, locations);
   if (!mixture.ok()) return Failure(kCommand, mixture.status());
   options.dataset_name = data::FormatMixtureSpec(*spec);

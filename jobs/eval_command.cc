@@ -51,9 +51,9 @@ struct EvalFlags {
 };
 
 int Usage(const std::string& message) {
-  std::fprintf(stderr,
-               "retrace-batch eval: %s\nRun with --help for more information.\n",
-               message.c_str());
+  std::fprintf(
+      stderr, "retrace-batch eval: %s\nRun with --help for more information.\n",
+      message.c_str());
   return kExitUsage;
 }
 
@@ -69,7 +69,8 @@ bool ParseList(const std::string& text, std::vector<T>* out) {
 }
 
 int RunEvalCommand(const EvalFlags& flags) {
-  eval::EvalConfig config = flags.quick ? eval::EvalConfig::Quick() : eval::EvalConfig();
+  eval::EvalConfig config =
+      flags.quick ? eval::EvalConfig::Quick() : eval::EvalConfig();
   if (!flags.data.empty()) config.data = flags.data;
   config.model = flags.model;
   config.queries = flags.queries;
@@ -83,14 +84,16 @@ int RunEvalCommand(const EvalFlags& flags) {
   if (flags.steps > 0) config.steps = flags.steps;
   if (flags.dim > 0) config.dim = flags.dim;
   if (flags.buckets > 0) config.buckets = flags.buckets;
-  if (flags.queries_per_source > 0) config.queries_per_source = flags.queries_per_source;
+  if (flags.queries_per_source > 0)
+    config.queries_per_source = flags.queries_per_source;
   if (flags.lds) config.lds = true;
   if (flags.lds_models > 0) config.lds_models = flags.lds_models;
   if (flags.no_fidelity) config.fidelity = false;
   if (!flags.fidelity_dims.empty() &&
       !ParseList(flags.fidelity_dims, &config.fidelity_dims)) {
-    return Usage("--fidelity-dims must be integers separated by commas, got \"" +
-                 flags.fidelity_dims + "\"");
+    return Usage(
+        "--fidelity-dims must be integers separated by commas, got \"" +
+        flags.fidelity_dims + "\"");
   }
   eval::EvalOptions options;
   options.out_dir = flags.out;
@@ -113,7 +116,8 @@ int RunEvalCommand(const EvalFlags& flags) {
     std::fprintf(stderr, "retrace-batch eval: %s\n", status.ToString().c_str());
     return kExitFailure;
   }
-  std::printf("%s/report.md\n%s/report.json\n", flags.out.c_str(), flags.out.c_str());
+  std::printf("%s/report.md\n%s/report.json\n", flags.out.c_str(),
+              flags.out.c_str());
   return kExitOk;
 }
 
@@ -135,16 +139,19 @@ Subcommand RegisterEvalCommand(CLI::App& parent, int argc, char** argv) {
       "stopped");
   app->add_option("--out", flags->out, "Output folder (also the resume state)")
       ->required();
-  app->add_flag("--quick", flags->quick,
-                "The reduced evaluation (small mixture, 2 seeds, 30 steps, 6 LDS "
-                "models) that CI runs; the flags below override its values");
-  app->add_option("--data", flags->data,
-                  std::string("Training mixture; components with fraction= are the "
-                              "planted outliers (default \"") +
-                      eval::kDefaultEvalData + "\")");
-  app->add_option("--model", flags->model,
-                  "Evaluate a model trained elsewhere: its description (model.toml "
-                  "or a folder holding one); nothing is trained, --lds is refused");
+  app->add_flag(
+      "--quick", flags->quick,
+      "The reduced evaluation (small mixture, 2 seeds, 30 steps, 6 LDS "
+      "models) that CI runs; the flags below override its values");
+  app->add_option(
+      "--data", flags->data,
+      std::string("Training mixture; components with fraction= are the "
+                  "planted outliers (default \"") +
+          eval::kDefaultEvalData + "\")");
+  app->add_option(
+      "--model", flags->model,
+      "Evaluate a model trained elsewhere: its description (model.toml "
+      "or a folder holding one); nothing is trained, --lds is refused");
   app->add_option("--queries", flags->queries,
                   "Held-out queries as DIR/<class>/<image> (needed when the "
                   "training data is an image folder)");
@@ -172,8 +179,9 @@ Subcommand RegisterEvalCommand(CLI::App& parent, int argc, char** argv) {
   app->add_option("--python", flags->python,
                   "Python with matplotlib that draws the plots")
       ->capture_default_str();
-  app->add_option("--plots-script", flags->plots_script,
-                  "The plotting script (default: jobs/eval/plots.py of the sources)");
+  app->add_option(
+      "--plots-script", flags->plots_script,
+      "The plotting script (default: jobs/eval/plots.py of the sources)");
   app->add_option("--progress-interval", flags->progress_interval,
                   "Seconds between progress lines when not on a terminal")
       ->capture_default_str();

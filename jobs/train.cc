@@ -364,30 +364,29 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
     }
     ASSIGN_OR_RETURN(
         const float loss,
-        CallTorch(absl::StrCat("training step ", step),
-                  [&]() -> absl::StatusOr<float> {
-                    // from_blob borrows the buffers, which outlive the step.
-                    // (copied to the model's device when it is not the CPU)
-                    const torch::Tensor x =
-                        torch::from_blob(pixels.data(), shape, torch::kFloat)
-                            .to(torch_device);
-                    const torch::Tensor eps =
-                        torch::from_blob(noise.data(), shape, torch::kFloat)
-                            .to(torch_device);
-                    const torch::Tensor t =
-                        torch::from_blob(timesteps.data(), {batch},
-                                         torch::kLong)
-                            .to(torch_device);
-                    ASSIGN_OR_RETURN(
-                        torch::Tensor per_example,
-                        model::DiffusionLoss(*s.net, schedule, config.loss, x,
-                                             t, eps));
-                    torch::Tensor mean = per_example.mean();
-                    s.optimizer->zero_grad();
-                    mean.backward();
-                    s.optimizer->step();
-                    return mean.item<float>();
-                  }));
+        CallTorch(
+            absl::StrCat("training step ", step),
+            [&]() -> absl::StatusOr<float> {
+              // from_blob borrows the buffers, which outlive the step.
+              // (copied to the model's device when it is not the CPU)
+              const torch::Tensor x =
+                  torch::from_blob(pixels.data(), shape, torch::kFloat)
+                      .to(torch_device);
+              const torch::Tensor eps =
+                  torch::from_blob(noise.data(), shape, torch::kFloat)
+                      .to(torch_device);
+              const torch::Tensor t =
+                  torch::from_blob(timesteps.data(), {batch}, torch::kLong)
+                      .to(torch_device);
+              ASSIGN_OR_RETURN(torch::Tensor per_example,
+                               model::DiffusionLoss(*s.net, schedule,
+                                                    config.loss, x, t, eps));
+              torch::Tensor mean = per_example.mean();
+              s.optimizer->zero_grad();
+              mean.backward();
+              s.optimizer->step();
+              return mean.item<float>();
+            }));
     if (!std::isfinite(loss)) {
       return absl::InternalError(absl::StrCat("training diverged: loss is ",
                                               loss, " at step ", step,
@@ -417,8 +416,7 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
     s.manifest.steps_done = steps_done;
     s.manifest.complete = true;
     RETURN_IF_ERROR(WriteRunFiles(s));
-  } else if (!stopped && s.manifest.complete &&
-             steps_done == start_step) {
+  } else if (!stopped && s.manifest.complete && steps_done == start_step) {
     // A finished run trained again: nothing new, but runs written before
     // model descriptions existed get their model.toml.
     RETURN_IF_ERROR(WriteRunFiles(s));

@@ -13,8 +13,8 @@
 #include <cstring>
 #include <ctime>
 #include <map>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -54,9 +54,9 @@ using Clock = std::chrono::steady_clock;
 
 // The grid seed of (b) and (f): fixed, so every model meets the same (t, ε).
 constexpr uint64_t kGridSeed = 0x6576616c67726964;  // "evalgrid"
-constexpr uint64_t kQuerySeed = 7;                   // the requests' seed
-constexpr uint64_t kLdsSubsetSeed = 0x6c647373;      // "ldss"
-constexpr uint64_t kRandomScoreSeed = 0x72616e64;    // "rand"
+constexpr uint64_t kQuerySeed = 7;                  // the requests' seed
+constexpr uint64_t kLdsSubsetSeed = 0x6c647373;     // "ldss"
+constexpr uint64_t kRandomScoreSeed = 0x72616e64;   // "rand"
 
 // The four score columns of a query, in scores.f32 order.
 struct Column {
@@ -92,7 +92,8 @@ class StageProgress {
   void Update(int64_t done) {
     done_ = done;
     if (out_ == nullptr) return;
-    const double since = std::chrono::duration<double>(Clock::now() - last_).count();
+    const double since =
+        std::chrono::duration<double>(Clock::now() - last_).count();
     if (since < (tty_ ? 0.2 : interval_) && done < total_) return;
     last_ = Clock::now();
     finished_ = done >= total_;
@@ -155,7 +156,9 @@ absl::Status Cancelled() {
       "eval stopped; run the same command again to continue");
 }
 
-bool FileExists(const std::string& path) { return ::access(path.c_str(), F_OK) == 0; }
+bool FileExists(const std::string& path) {
+  return ::access(path.c_str(), F_OK) == 0;
+}
 
 absl::StatusOr<json> ReadJson(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadFile(path));
@@ -202,17 +205,21 @@ std::string ComponentName(const data::MixtureSpec& spec, const data::Mixture& m,
       m.source_class_names[size_t(component)];
   std::vector<std::string> classes;
   for (int32_t label : c.classes) {
-    classes.push_back(size_t(label) < names.size() && !names[size_t(label)].empty()
+    classes.push_back(size_t(label) < names.size() &&
+                              !names[size_t(label)].empty()
                           ? names[size_t(label)]
                           : absl::StrCat(label));
   }
   std::string name = c.source;
-  if (!classes.empty()) absl::StrAppend(&name, " ", absl::StrJoin(classes, ","));
+  if (!classes.empty())
+    absl::StrAppend(&name, " ", absl::StrJoin(classes, ","));
   return name;
 }
 
-std::string ClassName(const data::Mixture& m, int32_t component, int32_t label) {
-  const std::vector<std::string>& names = m.source_class_names[size_t(component)];
+std::string ClassName(const data::Mixture& m, int32_t component,
+                      int32_t label) {
+  const std::vector<std::string>& names =
+      m.source_class_names[size_t(component)];
   return size_t(label) < names.size() && !names[size_t(label)].empty()
              ? names[size_t(label)]
              : absl::StrCat("class ", label);
@@ -222,13 +229,15 @@ std::string ClassName(const data::Mixture& m, int32_t component, int32_t label) 
 void AssignSources(EvalData* d) {
   std::map<std::pair<int32_t, int32_t>, int32_t> index;  // (component, label)
   auto source_of = [&](int32_t component, int32_t label) {
-    const bool folder = d->spec.components[size_t(component)].source == "folder";
+    const bool folder =
+        d->spec.components[size_t(component)].source == "folder";
     const std::pair<int32_t, int32_t> key{component, folder ? label : -1};
     auto it = index.find(key);
     if (it != index.end()) return it->second;
     const int32_t i = int32_t(d->source_names.size());
-    d->source_names.push_back(folder ? ClassName(d->train, component, label)
-                                     : ComponentName(d->spec, d->train, component));
+    d->source_names.push_back(
+        folder ? ClassName(d->train, component, label)
+               : ComponentName(d->spec, d->train, component));
     index.emplace(key, i);
     return i;
   };
@@ -275,8 +284,8 @@ absl::Status AddHeldOutQueries(const EvalConfig& config,
     held.components.push_back(c);
     ASSIGN_OR_RETURN(data::Mixture pool, data::BuildMixture(held, locations));
     int64_t taken = 0;
-    for (int64_t n = 0; n < pool.images.size() && taken < config.queries_per_source;
-         ++n) {
+    for (int64_t n = 0;
+         n < pool.images.size() && taken < config.queries_per_source; ++n) {
       const data::SampleProvenance& p = pool.provenance[size_t(n)];
       if (trained.count({pool.sources[0], p.index_in_source}) != 0) continue;
       Query q;
@@ -288,9 +297,9 @@ absl::Status AddHeldOutQueries(const EvalConfig& config,
       ++taken;
     }
     if (taken < config.queries_per_source) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "component ", i, " (", name, ") has only ", taken,
-          " held-out images; lower --queries-per-source"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("component ", i, " (", name, ") has only ", taken,
+                       " held-out images; lower --queries-per-source"));
     }
   }
   return absl::OkStatus();
@@ -301,17 +310,20 @@ absl::Status AddHeldOutQueries(const EvalConfig& config,
 absl::Status AddFolderQueries(const EvalConfig& config, const std::string& root,
                               EvalData* d) {
   const data::ImageSet& t = d->train.images;
-  ASSIGN_OR_RETURN(data::ImageSet set,
-                   data::LoadImageFolder(root, {t.channels, t.height, t.width}));
+  ASSIGN_OR_RETURN(
+      data::ImageSet set,
+      data::LoadImageFolder(root, {t.channels, t.height, t.width}));
   std::map<int32_t, int64_t> taken;
   for (int64_t n = 0; n < set.size(); ++n) {
     const int32_t label = set.labels[size_t(n)];
     const std::string& name = set.class_names[size_t(label)];
     auto it = std::find(d->source_names.begin(), d->source_names.end(), name);
     if (it == d->source_names.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--queries: class folder \"", name, "\" is not a class of the "
-          "training set (", absl::StrJoin(d->source_names, ", "), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--queries: class folder \"", name,
+                       "\" is not a class of the "
+                       "training set (",
+                       absl::StrJoin(d->source_names, ", "), ")"));
     }
     if (taken[label]++ >= config.queries_per_source) continue;
     Query q;
@@ -380,7 +392,8 @@ absl::StatusOr<double> TrainIfNeeded(const jobs::TrainConfig& train_config,
                                      const data::ImageSet& images,
                                      const std::vector<int64_t>& ids,
                                      const std::string& run_dir,
-                                     const EvalOptions& options, bool progress) {
+                                     const EvalOptions& options,
+                                     bool progress) {
   if (FileExists(run_dir + "/model.toml")) return 0.0;
   jobs::TrainOptions t;
   t.run_dir = run_dir;
@@ -435,12 +448,10 @@ absl::StatusOr<double> BuildStoreIfNeeded(const EvalConfig& config,
 // Mean loss of each image over the grid: t_i = floor((i + 1/2)·T/G), and
 // for each (image, i, j) a noise from the counter RNG keyed by (kGridSeed,
 // image_key + image, i, j). Images: [N, C, H, W]; no gradients.
-absl::StatusOr<std::vector<double>> GridLosses(model::DiffusionModel& net,
-                                               const model::NoiseSchedule& schedule,
-                                               model::LossType loss,
-                                               const at::Tensor& images,
-                                               const EvalConfig& config,
-                                               uint32_t image_key) {
+absl::StatusOr<std::vector<double>> GridLosses(
+    model::DiffusionModel& net, const model::NoiseSchedule& schedule,
+    model::LossType loss, const at::Tensor& images, const EvalConfig& config,
+    uint32_t image_key) {
   at::NoGradGuard no_grad;
   const int64_t n = images.size(0);
   const int64_t numel = images[0].numel();
@@ -511,13 +522,14 @@ struct LoadedModel {
 
 absl::StatusOr<LoadedModel> LoadLastCheckpoint(const std::string& run_dir) {
   LoadedModel m;
-  ASSIGN_OR_RETURN(m.description,
-                   run::LoadModelDescription(run_dir, /*verify_checksums=*/false));
-  ASSIGN_OR_RETURN(m.schedule, run::CreateNoiseSchedule(m.description.schedule));
+  ASSIGN_OR_RETURN(m.description, run::LoadModelDescription(
+                                      run_dir, /*verify_checksums=*/false));
+  ASSIGN_OR_RETURN(m.schedule,
+                   run::CreateNoiseSchedule(m.description.schedule));
   ASSIGN_OR_RETURN(m.loss, run::LossTypeOf(m.description));
-  ASSIGN_OR_RETURN(m.net,
-                   run::LoadCheckpointModel(
-                       m.description, int64_t(m.description.checkpoints.size()) - 1));
+  ASSIGN_OR_RETURN(
+      m.net, run::LoadCheckpointModel(
+                 m.description, int64_t(m.description.checkpoints.size()) - 1));
   return m;
 }
 
@@ -568,13 +580,12 @@ absl::StatusOr<QueryScores> ScoreQueries(const EvalData& d,
   }
   if (s.samples > kMaxRanked) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "the eval ranks every sample and supports at most ",
-        kMaxRanked, " training samples; the mixture has ",
-        s.samples));
+        "the eval ranks every sample and supports at most ", kMaxRanked,
+        " training samples; the mixture has ", s.samples));
   }
-  ASSIGN_OR_RETURN(std::unique_ptr<service::ModelQueryFeaturizer> featurizer,
-                   service::ModelQueryFeaturizer::Create(reader.manifest(),
-                                                         run_dir, 1));
+  ASSIGN_OR_RETURN(
+      std::unique_ptr<service::ModelQueryFeaturizer> featurizer,
+      service::ModelQueryFeaturizer::Create(reader.manifest(), run_dir, 1));
   scoring::ScorerOptions scorer_options;
   scorer_options.device = scoring::DeviceChoice::kCpu;
   ASSIGN_OR_RETURN(std::unique_ptr<scoring::Scorer> scorer,
@@ -631,8 +642,8 @@ absl::StatusOr<QueryScores> ScoreQueries(const EvalData& d,
             {"score_seconds", s.score_seconds}};
   json list = json::array();
   for (const Query& query : d.queries) {
-    list.push_back({{"source", query.source},
-                    {"index_in_source", query.index_in_source}});
+    list.push_back(
+        {{"source", query.source}, {"index_in_source", query.index_in_source}});
   }
   m["list"] = std::move(list);
   RETURN_IF_ERROR(WriteJson(meta, m));
@@ -672,7 +683,8 @@ json NormsPart(const store::Manifest& manifest) {
           {"median", std::move(median)},
           {"p95", std::move(p95)},
           {"max_min_ratio", std::move(ratio)},
-          {"spearman_t_norm", manifest.diagnostics.value("spearman", json::array())}};
+          {"spearman_t_norm",
+           manifest.diagnostics.value("spearman", json::array())}};
 }
 
 json Detector(const std::string& name, const std::vector<double>& scores,
@@ -712,11 +724,12 @@ absl::StatusOr<json> OutliersPart(const EvalData& d,
       const int64_t s = block.first + i;
       auto it = mixture_index.find(block.sample_ids[i]);
       if (it == mixture_index.end()) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "store sample ", s, " has id ", block.sample_ids[i],
-            " that the mixture does not contain"));
+        return absl::FailedPreconditionError(
+            absl::StrCat("store sample ", s, " has id ", block.sample_ids[i],
+                         " that the mixture does not contain"));
       }
-      const int32_t component = d.train.provenance[size_t(it->second)].component;
+      const int32_t component =
+          d.train.provenance[size_t(it->second)].component;
       positive[size_t(s)] = d.planted[size_t(component)];
       positives += positive[size_t(s)] ? 1 : 0;
       tracin[size_t(s)] = block.self_influence[2 * i];
@@ -730,11 +743,14 @@ absl::StatusOr<json> OutliersPart(const EvalData& d,
     return json{{"positives", 0},
                 {"samples", n},
                 {"detectors", std::move(detectors)},
-                {"note", "no planted component (no fraction= in the training "
-                         "data), so no outlier detection"}};
+                {"note",
+                 "no planted component (no fraction= in the training "
+                 "data), so no outlier detection"}};
   }
-  detectors.push_back(Detector("TracIn self-influence", tracin, positive, positives));
-  detectors.push_back(Detector("ReTrac self-influence", retrac, positive, positives));
+  detectors.push_back(
+      Detector("TracIn self-influence", tracin, positive, positives));
+  detectors.push_back(
+      Detector("ReTrac self-influence", retrac, positive, positives));
   detectors.push_back(Detector("per-sample loss", loss, positive, positives));
   detectors.push_back(Detector("random ranking", random, positive, positives));
   return json{{"positives", positives},
@@ -778,8 +794,10 @@ json TracingPart(const EvalData& d, const std::vector<int32_t>& components,
         for (int64_t wide = 0; wide < 2; ++wide) {
           const int64_t k = wide ? config.top_k_wide : config.top_k;
           int64_t own = 0;
-          for (int64_t i : TopK(col, k)) own += components[size_t(i)] == int32_t(src);
-          (wide ? own_wide : own_k) += double(own) / double(std::min<int64_t>(k, int64_t(col.size())));
+          for (int64_t i : TopK(col, k))
+            own += components[size_t(i)] == int32_t(src);
+          (wide ? own_wide : own_k) +=
+              double(own) / double(std::min<int64_t>(k, int64_t(col.size())));
         }
       }
       rows.push_back(
@@ -854,8 +872,9 @@ std::vector<int64_t> StoreToMixture(const EvalData& d,
   return out;
 }
 
-absl::StatusOr<json> RunLds(const EvalConfig& config, const EvalOptions& options,
-                            const EvalData& d, const store::StoreReader& reader,
+absl::StatusOr<json> RunLds(const EvalConfig& config,
+                            const EvalOptions& options, const EvalData& d,
+                            const store::StoreReader& reader,
                             const QueryScores& scores, uint64_t seed,
                             json* timings) {
   const std::string lds_dir = options.out_dir + "/lds";
@@ -870,9 +889,9 @@ absl::StatusOr<json> RunLds(const EvalConfig& config, const EvalOptions& options
   std::vector<std::vector<double>> measured;  // [M][Q]
   std::vector<std::vector<int64_t>> subsets;
   double train_seconds = 0, measure_seconds = 0;
-  Say(options, absl::StrCat("LDS: ", config.lds_models, " models on ",
-                            config.lds_fraction * 100, "% subsets of ", n,
-                            " samples"));
+  Say(options,
+      absl::StrCat("LDS: ", config.lds_models, " models on ",
+                   config.lds_fraction * 100, "% subsets of ", n, " samples"));
   StageProgress progress(options, "LDS retraining", config.lds_models);
   for (int64_t m = 0; m < config.lds_models; ++m) {
     if (Stopped(options)) return Cancelled();
@@ -898,19 +917,23 @@ absl::StatusOr<json> RunLds(const EvalConfig& config, const EvalOptions& options
       // loadable data source); run.json's dataset fingerprint and
       // outputs.json's sample list say which half it was trained on.
       const jobs::TrainConfig t = TrainConfigFor(config, d.spec, seed);
-      ASSIGN_OR_RETURN(double seconds,
-                       TrainIfNeeded(t, subset, ids, model_dir + "/run", options,
-                                     /*progress=*/false));
+      ASSIGN_OR_RETURN(
+          double seconds,
+          TrainIfNeeded(t, subset, ids, model_dir + "/run", options,
+                        /*progress=*/false));
       const Clock::time_point start = Clock::now();
-      ASSIGN_OR_RETURN(LoadedModel loaded, LoadLastCheckpoint(model_dir + "/run"));
-      ASSIGN_OR_RETURN(std::vector<double> losses,
-                       GridLosses(*loaded.net, loaded.schedule, loaded.loss,
-                                  query_images, config, /*image_key=*/1u << 20));
+      ASSIGN_OR_RETURN(LoadedModel loaded,
+                       LoadLastCheckpoint(model_dir + "/run"));
+      ASSIGN_OR_RETURN(
+          std::vector<double> losses,
+          GridLosses(*loaded.net, loaded.schedule, loaded.loss, query_images,
+                     config, /*image_key=*/1u << 20));
       const double measure = Seconds(start);
-      RETURN_IF_ERROR(WriteJson(outputs, {{"losses", losses},
-                                          {"subset_store_indices", subsets.back()},
-                                          {"train_seconds", seconds},
-                                          {"measure_seconds", measure}}));
+      RETURN_IF_ERROR(
+          WriteJson(outputs, {{"losses", losses},
+                              {"subset_store_indices", subsets.back()},
+                              {"train_seconds", seconds},
+                              {"measure_seconds", measure}}));
     }
     ASSIGN_OR_RETURN(json out, ReadJson(outputs));
     measured.push_back(out.at("losses").get<std::vector<double>>());
@@ -958,21 +981,23 @@ absl::StatusOr<json> RunLds(const EvalConfig& config, const EvalOptions& options
   }
   std::vector<double> random(static_cast<size_t>(num_q * n));
   SplitMix64 rng(kRandomScoreSeed);
-  for (double& v : random) v = double(rng.Next() >> 11) / 9007199254740992.0 - 0.5;
+  for (double& v : random)
+    v = double(rng.Next() >> 11) / 9007199254740992.0 - 0.5;
   rows.push_back(row("-", "random", lds_of([&](int64_t q, int64_t s) {
                        return random[size_t(q * n + s)];
                      })));
-  json j = {{"seed", seed},
-            {"models", config.lds_models},
-            {"subset_fraction", config.lds_fraction},
-            {"subset_size", subsets.empty() ? 0 : int64_t(subsets[0].size())},
-            {"queries", num_q},
-            {"grid", {{"timesteps", config.grid_timesteps},
-                      {"draws", config.grid_draws}}},
-            {"bootstrap_resamples", config.bootstrap_resamples},
-            {"train_seconds", train_seconds},
-            {"measure_seconds", measure_seconds},
-            {"rows", std::move(rows)}};
+  json j = {
+      {"seed", seed},
+      {"models", config.lds_models},
+      {"subset_fraction", config.lds_fraction},
+      {"subset_size", subsets.empty() ? 0 : int64_t(subsets[0].size())},
+      {"queries", num_q},
+      {"grid",
+       {{"timesteps", config.grid_timesteps}, {"draws", config.grid_draws}}},
+      {"bootstrap_resamples", config.bootstrap_resamples},
+      {"train_seconds", train_seconds},
+      {"measure_seconds", measure_seconds},
+      {"rows", std::move(rows)}};
   (*timings)["lds_train_seconds"] = train_seconds;
   (*timings)["lds_measure_seconds"] = measure_seconds;
   RETURN_IF_ERROR(WriteJson(done, j));
@@ -989,8 +1014,11 @@ json GeneralSummary(const json& seeds) {
                 {"method", kColumns[column].method}};
     auto stat = [&](const std::string& key, auto get) {
       std::vector<double> v;
-      for (const json& s : seeds) v.push_back(get(s.at("general")[size_t(column)]));
-      row[key] = {{"mean", Finite(Mean(v))}, {"sd", Finite(SampleSd(v))}, {"values", v}};
+      for (const json& s : seeds)
+        v.push_back(get(s.at("general")[size_t(column)]));
+      row[key] = {{"mean", Finite(Mean(v))},
+                  {"sd", Finite(SampleSd(v))},
+                  {"values", v}};
     };
     for (size_t t = 0; t < kTaus.size(); ++t) {
       stat(absl::StrFormat("g_%.1f", kTaus[t]), [t](const json& g) {
@@ -999,7 +1027,9 @@ json GeneralSummary(const json& seeds) {
     }
     stat("unique", [](const json& g) { return g.at("unique").get<double>(); });
     stat("mean_jaccard", [](const json& g) {
-      return g.at("mean_jaccard").is_null() ? NAN : g.at("mean_jaccard").get<double>();
+      return g.at("mean_jaccard").is_null()
+                 ? NAN
+                 : g.at("mean_jaccard").get<double>();
     });
     out.push_back(std::move(row));
   }
@@ -1007,10 +1037,12 @@ json GeneralSummary(const json& seeds) {
   for (int pairing = 0; pairing < columns / 2; ++pairing) {
     std::vector<double> ratio;
     for (const json& s : seeds) {
-      const double tracin =
-          s.at("general")[size_t(pairing * 2)].at("generally_influential")[0].get<double>();
-      const double retrac =
-          s.at("general")[size_t(pairing * 2 + 1)].at("generally_influential")[0].get<double>();
+      const double tracin = s.at("general")[size_t(pairing * 2)]
+                                .at("generally_influential")[0]
+                                .get<double>();
+      const double retrac = s.at("general")[size_t(pairing * 2 + 1)]
+                                .at("generally_influential")[0]
+                                .get<double>();
       ratio.push_back(tracin > 0 ? retrac / tracin : NAN);
     }
     out[size_t(pairing * 2 + 1)]["g_0.2_ratio_to_tracin"] = {
@@ -1031,13 +1063,15 @@ std::string MachineDescription() {
       }
     }
   }
-  return absl::StrCat(std::thread::hardware_concurrency(), " hardware threads, ", cpu);
+  return absl::StrCat(std::thread::hardware_concurrency(),
+                      " hardware threads, ", cpu);
 }
 
 std::string Today() {
   const std::time_t now = std::time(nullptr);
   char buffer[32];
-  std::strftime(buffer, sizeof(buffer), "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
+  std::strftime(buffer, sizeof(buffer), "%Y-%m-%d %H:%M UTC",
+                std::gmtime(&now));
   return buffer;
 }
 
@@ -1055,8 +1089,9 @@ absl::Status MakePlots(const EvalOptions& options, json* report) {
   const int rc = std::system(command.c_str());
   if (rc != 0) {
     (*report)["plots"] = {
-        {"error", absl::StrCat("the plot script failed (exit ", rc,
-                               "); see plots.log (python3-matplotlib missing?)")}};
+        {"error",
+         absl::StrCat("the plot script failed (exit ", rc,
+                      "); see plots.log (python3-matplotlib missing?)")}};
     return absl::OkStatus();
   }
   ASSIGN_OR_RETURN(std::string log, ReadFile(options.out_dir + "/plots.log"));
@@ -1182,8 +1217,9 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     RETURN_IF_ERROR(MakeDir(seed_dir));
     const std::string analysis_path = seed_dir + "/analysis.json";
     const bool need_first_extras =
-        si == 0 && ((config.fidelity && !FileExists(options.out_dir + "/fidelity.json")) ||
-                    (config.lds && !FileExists(options.out_dir + "/lds.json")));
+        si == 0 &&
+        ((config.fidelity && !FileExists(options.out_dir + "/fidelity.json")) ||
+         (config.lds && !FileExists(options.out_dir + "/lds.json")));
     json analysis;
     if (FileExists(analysis_path) && !need_first_extras) {
       ASSIGN_OR_RETURN(analysis, ReadJson(analysis_path));
@@ -1192,7 +1228,8 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
       timings[absl::StrCat("seed_", seed)] = analysis.at("timings");
       if (si == 0) {
         if (config.fidelity) {
-          ASSIGN_OR_RETURN(fidelity, ReadJson(options.out_dir + "/fidelity.json"));
+          ASSIGN_OR_RETURN(fidelity,
+                           ReadJson(options.out_dir + "/fidelity.json"));
         }
         if (config.lds) {
           ASSIGN_OR_RETURN(lds, ReadJson(options.out_dir + "/lds.json"));
@@ -1214,24 +1251,27 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     json t = json::object();
     double train_s = 0;
     if (!described.has_value()) {
-      Say(options, absl::StrCat("seed ", seed, ": training on ",
-                                d.train.images.size(), " images (",
-                                config.steps, " steps)"));
-      ASSIGN_OR_RETURN(train_s, TrainIfNeeded(TrainConfigFor(config, d.spec, seed),
-                                              d.train.images, d.train.sample_ids,
-                                              run_dir, options, true));
+      Say(options,
+          absl::StrCat("seed ", seed, ": training on ", d.train.images.size(),
+                       " images (", config.steps, " steps)"));
+      ASSIGN_OR_RETURN(
+          train_s,
+          TrainIfNeeded(TrainConfigFor(config, d.spec, seed), d.train.images,
+                        d.train.sample_ids, run_dir, options, true));
     }
     Say(options, absl::StrCat("seed ", seed, ": building the store"));
-    ASSIGN_OR_RETURN(double build_s,
-                     BuildStoreIfNeeded(config, d, seed, run_dir, store_dir, options));
+    ASSIGN_OR_RETURN(
+        double build_s,
+        BuildStoreIfNeeded(config, d, seed, run_dir, store_dir, options));
     store::StoreReaderOptions reader_options;
     reader_options.verify_checksums = false;
     ASSIGN_OR_RETURN(std::unique_ptr<store::StoreReader> reader,
                      store::StoreReader::Open(store_dir, reader_options));
     Say(options, absl::StrCat("seed ", seed, ": attributing ", d.queries.size(),
                               " held-out queries"));
-    ASSIGN_OR_RETURN(QueryScores scores,
-                     ScoreQueries(d, run_dir, *reader, config, options, seed_dir));
+    ASSIGN_OR_RETURN(
+        QueryScores scores,
+        ScoreQueries(d, run_dir, *reader, config, options, seed_dir));
     if (Stopped(options)) return Cancelled();
     Say(options, absl::StrCat("seed ", seed, ": analyses"));
     Clock::time_point start = Clock::now();
@@ -1247,11 +1287,13 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     analysis["samples"] = reader->num_samples();
     analysis["sources"] = d.source_names;
     analysis["norms"] = NormsPart(reader->manifest());
-    ASSIGN_OR_RETURN(analysis["outliers"], OutliersPart(d, *reader, train_loss, seed));
+    ASSIGN_OR_RETURN(analysis["outliers"],
+                     OutliersPart(d, *reader, train_loss, seed));
     const std::vector<int32_t> components = StoreSources(d, *reader);
     analysis["tracing"] = TracingPart(d, components, scores, config);
     analysis["general"] = GeneralPart(scores, config);
-    const double attribution_s = scores.featurize_seconds + scores.score_seconds;
+    const double attribution_s =
+        scores.featurize_seconds + scores.score_seconds;
     if (train_s > 0) t["train_seconds"] = train_s;
     if (build_s > 0) t["build_seconds"] = build_s;
     t["queries"] = scores.queries;
@@ -1269,7 +1311,8 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
         Say(options, "projection fidelity against full gradients");
         FidelityOptions fo;
         fo.dims = config.fidelity_dims;
-        fo.train_samples = std::min<int64_t>(config.fidelity_samples, reader->num_samples());
+        fo.train_samples =
+            std::min<int64_t>(config.fidelity_samples, reader->num_samples());
         fo.top_k = std::min<int64_t>(config.top_k, fo.train_samples);
         fo.query_timesteps = config.query_timesteps;
         fo.noise_draws = config.noise_draws;
@@ -1302,10 +1345,10 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
             FidelityResult r,
             MeasureProjectionFidelity(
                 loaded.description, reader->manifest(), ordered,
-                InModelRange(QueriesTensor(picked, d.train.images.channels,
-                                           d.train.images.height,
-                                           d.train.images.width),
-                             loaded.description),
+                InModelRange(
+                    QueriesTensor(picked, d.train.images.channels,
+                                  d.train.images.height, d.train.images.width),
+                    loaded.description),
                 fo));
         json rows = json::array();
         for (const FidelityRow& row : r.rows) {
@@ -1329,8 +1372,8 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     }
     if (si == 0 && config.lds) {
       json lds_timings = json::object();
-      ASSIGN_OR_RETURN(lds, RunLds(config, options, d, *reader, scores, seed,
-                                   &lds_timings));
+      ASSIGN_OR_RETURN(
+          lds, RunLds(config, options, d, *reader, scores, seed, &lds_timings));
     }
     RETURN_IF_ERROR(WriteJson(analysis_path, analysis));
     timings[absl::StrCat("seed_", seed)] = t;
@@ -1355,7 +1398,8 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
   RETURN_IF_ERROR(WriteJson(options.out_dir + "/report.json", report));
   RETURN_IF_ERROR(WriteFileAtomically(options.out_dir + "/report.md",
                                       RenderReportMarkdown(report)));
-  Say(options, absl::StrCat("report written to ", options.out_dir, "/report.md"));
+  Say(options,
+      absl::StrCat("report written to ", options.out_dir, "/report.md"));
   return absl::OkStatus();
 }
 

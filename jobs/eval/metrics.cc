@@ -77,7 +77,6 @@ double JaccardOfSortedSets(const std::vector<int64_t>& a,
          static_cast<double>(a.size() + b.size() - common);
 }
 
-
 // Quantile q of ascending `sorted` (non-empty), numpy's "linear" method,
 // including its choice of interpolating from the nearer end.
 double LinearQuantile(const std::vector<double>& sorted, double q) {

@@ -33,8 +33,8 @@ struct ServerConfig {
   // runs: auto, cpu, cuda (server/model/device.h). Separate from `device`:
   // a GPU scan with a CPU featurizer, or the reverse, are both valid.
   std::string featurize_device = "auto";
-  int workers = 1;              // concurrent query featurizations
-  int threads = 0;              // LibTorch and scan threads; 0: all cores
+  int workers = 1;  // concurrent query featurizations
+  int threads = 0;  // LibTorch and scan threads; 0: all cores
   // Batching and limits.
   int max_batch = 32;
   int64_t max_queue_delay_us = 2000;
