@@ -704,37 +704,50 @@ json Detector(const std::string& name, const std::vector<double>& scores,
           {"roc", std::move(roc)}};
 }
 
+// Store index → mixture index, by sample id. FAILED_PRECONDITION for a
+// store sample the mixture does not contain.
+absl::StatusOr<std::vector<int64_t>> StoreToMixture(
+    const EvalData& d, const store::StoreReader& reader) {
+  std::map<int64_t, int64_t> by_id;
+  for (size_t i = 0; i < d.train.sample_ids.size(); ++i) {
+    by_id[d.train.sample_ids[i]] = int64_t(i);
+  }
+  std::vector<int64_t> out(size_t(reader.num_samples()), 0);
+  for (const store::SampleBlock& block : reader.shards()) {
+    for (int64_t i = 0; i < block.count; ++i) {
+      auto it = by_id.find(block.sample_ids[i]);
+      if (it == by_id.end()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "store sample ", block.first + i, " has id ", block.sample_ids[i],
+            " that the mixture does not contain"));
+      }
+      out[size_t(block.first + i)] = it->second;
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<json> OutliersPart(const EvalData& d,
                                   const store::StoreReader& reader,
+                                  const std::vector<int64_t>& to_mixture,
                                   const std::vector<double>& train_loss,
                                   uint64_t seed) {
   const int64_t n = reader.num_samples();
   const size_t count = static_cast<size_t>(n);
   std::vector<bool> positive(count);
   std::vector<double> tracin(count), retrac(count), loss(count), random(count);
-  // Store order → mixture index, by sample id.
-  std::map<int64_t, int64_t> mixture_index;
-  for (size_t i = 0; i < d.train.sample_ids.size(); ++i) {
-    mixture_index[d.train.sample_ids[i]] = int64_t(i);
-  }
   int64_t positives = 0;
   SplitMix64 rng(seed ^ kRandomScoreSeed);
   for (const store::SampleBlock& block : reader.shards()) {
     for (int64_t i = 0; i < block.count; ++i) {
       const int64_t s = block.first + i;
-      auto it = mixture_index.find(block.sample_ids[i]);
-      if (it == mixture_index.end()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("store sample ", s, " has id ", block.sample_ids[i],
-                         " that the mixture does not contain"));
-      }
-      const int32_t component =
-          d.train.provenance[size_t(it->second)].component;
+      const int64_t m = to_mixture[size_t(s)];
+      const int32_t component = d.train.provenance[size_t(m)].component;
       positive[size_t(s)] = d.planted[size_t(component)];
       positives += positive[size_t(s)] ? 1 : 0;
       tracin[size_t(s)] = block.self_influence[2 * i];
       retrac[size_t(s)] = block.self_influence[2 * i + 1];
-      loss[size_t(s)] = train_loss[size_t(it->second)];
+      loss[size_t(s)] = train_loss[size_t(m)];
       random[size_t(s)] = double(rng.Next() >> 11);
     }
   }
@@ -760,18 +773,10 @@ absl::StatusOr<json> OutliersPart(const EvalData& d,
 
 // Per store sample, the source it came from (index into source_names).
 std::vector<int32_t> StoreSources(const EvalData& d,
-                                  const store::StoreReader& reader) {
-  std::map<int64_t, int32_t> by_id;
-  for (size_t i = 0; i < d.train.sample_ids.size(); ++i) {
-    by_id[d.train.sample_ids[i]] = d.train_source[i];
-  }
-  std::vector<int32_t> out(size_t(reader.num_samples()), -1);
-  for (const store::SampleBlock& block : reader.shards()) {
-    for (int64_t i = 0; i < block.count; ++i) {
-      auto it = by_id.find(block.sample_ids[i]);
-      out[size_t(block.first + i)] = it == by_id.end() ? -1 : it->second;
-    }
-  }
+                                  const std::vector<int64_t>& to_mixture) {
+  std::vector<int32_t> out;
+  out.reserve(to_mixture.size());
+  for (int64_t m : to_mixture) out.push_back(d.train_source[size_t(m)]);
   return out;
 }
 
@@ -856,33 +861,17 @@ std::vector<int64_t> LdsSubset(int64_t n, double fraction, int64_t m) {
   return all;
 }
 
-// Store index → mixture index.
-std::vector<int64_t> StoreToMixture(const EvalData& d,
-                                    const store::StoreReader& reader) {
-  std::map<int64_t, int64_t> by_id;
-  for (size_t i = 0; i < d.train.sample_ids.size(); ++i) {
-    by_id[d.train.sample_ids[i]] = int64_t(i);
-  }
-  std::vector<int64_t> out(size_t(reader.num_samples()), 0);
-  for (const store::SampleBlock& block : reader.shards()) {
-    for (int64_t i = 0; i < block.count; ++i) {
-      out[size_t(block.first + i)] = by_id.at(block.sample_ids[i]);
-    }
-  }
-  return out;
-}
-
 absl::StatusOr<json> RunLds(const EvalConfig& config,
                             const EvalOptions& options, const EvalData& d,
                             const store::StoreReader& reader,
-                            const QueryScores& scores, uint64_t seed,
-                            json* timings) {
+                            const QueryScores& scores,
+                            const std::vector<int64_t>& to_mixture,
+                            uint64_t seed) {
   const std::string lds_dir = options.out_dir + "/lds";
   const std::string done = options.out_dir + "/lds.json";
   if (FileExists(done)) return ReadJson(done);
   RETURN_IF_ERROR(MakeDir(lds_dir));
   const int64_t n = reader.num_samples();
-  const std::vector<int64_t> to_mixture = StoreToMixture(d, reader);
   const at::Tensor query_images =
       QueriesTensor(d.queries, d.train.images.channels, d.train.images.height,
                     d.train.images.width);
@@ -998,8 +987,6 @@ absl::StatusOr<json> RunLds(const EvalConfig& config,
       {"train_seconds", train_seconds},
       {"measure_seconds", measure_seconds},
       {"rows", std::move(rows)}};
-  (*timings)["lds_train_seconds"] = train_seconds;
-  (*timings)["lds_measure_seconds"] = measure_seconds;
   RETURN_IF_ERROR(WriteJson(done, j));
   return j;
 }
@@ -1287,9 +1274,11 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
     analysis["samples"] = reader->num_samples();
     analysis["sources"] = d.source_names;
     analysis["norms"] = NormsPart(reader->manifest());
+    ASSIGN_OR_RETURN(const std::vector<int64_t> to_mixture,
+                     StoreToMixture(d, *reader));
     ASSIGN_OR_RETURN(analysis["outliers"],
-                     OutliersPart(d, *reader, train_loss, seed));
-    const std::vector<int32_t> components = StoreSources(d, *reader);
+                     OutliersPart(d, *reader, to_mixture, train_loss, seed));
+    const std::vector<int32_t> components = StoreSources(d, to_mixture);
     analysis["tracing"] = TracingPart(d, components, scores, config);
     analysis["general"] = GeneralPart(scores, config);
     const double attribution_s =
@@ -1336,7 +1325,6 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
           if (!any) break;
         }
         // Training images in store order.
-        const std::vector<int64_t> to_mixture = StoreToMixture(d, *reader);
         at::Tensor ordered = at::empty_like(train_images);
         for (size_t s = 0; s < to_mixture.size(); ++s) {
           ordered[int64_t(s)].copy_(train_images[to_mixture[s]]);
@@ -1371,9 +1359,8 @@ absl::Status RunEval(const EvalConfig& config, const EvalOptions& options) {
       }
     }
     if (si == 0 && config.lds) {
-      json lds_timings = json::object();
       ASSIGN_OR_RETURN(
-          lds, RunLds(config, options, d, *reader, scores, seed, &lds_timings));
+          lds, RunLds(config, options, d, *reader, scores, to_mixture, seed));
     }
     RETURN_IF_ERROR(WriteJson(analysis_path, analysis));
     timings[absl::StrCat("seed_", seed)] = t;
