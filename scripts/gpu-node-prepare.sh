@@ -55,6 +55,8 @@ packages=(
   libc-ares-dev libc-ares2 libre2-dev libre2-9 libssl-dev libssl3 zlib1g-dev zlib1g
   # header-only or small libraries of the server, jobs and client
   nlohmann-json3-dev libcli11-dev libtomlplusplus-dev libtomlplusplus3 libstb-dev libstb0
+  # query image decoding
+  libpng-dev libpng16-16 libjpeg62-turbo-dev libjpeg62-turbo
   # prometheus-cpp (metrics); its config finds civetweb (whose targets name
   # the civetweb program) and CURL (the push library, which retrace does not
   # link: the .so only has to exist for find_package(CURL))

@@ -24,7 +24,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libcli11-dev libtomlplusplus-dev libstb-dev
   libtorch-dev libopenblas0-pthread python3 python3-numpy python3-torch python3-matplotlib
-  zlib1g-dev
+  zlib1g-dev libpng-dev libjpeg62-turbo-dev
   dataset-fashion-mnist fonts-dejavu-core
   prometheus docker-compose python3-grpcio python3-protobuf openssl
 )

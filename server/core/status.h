@@ -6,10 +6,13 @@
 #ifndef RETRACE_SERVER_CORE_STATUS_H_
 #define RETRACE_SERVER_CORE_STATUS_H_
 
+#include <cstddef>
+#include <string>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kernels/kernel_status.h"
 
 namespace retrace {
@@ -21,6 +24,15 @@ absl::Status FromKernelStatus(const kernels::KernelStatus& status);
 // Prefixes the message of a non-ok status with `context` ("context: message"),
 // keeping the code. Returns ok statuses unchanged.
 absl::Status Annotate(const absl::Status& status, absl::string_view context);
+
+// How error messages quote text that came from outside (a request field, a
+// file): in single quotes, non-printable bytes escaped, and cut to its first
+// kQuotedPrefix bytes with the full length said when longer:
+//   'abc'   'AAAAAAAA…' (100000 bytes)
+// so a hostile client cannot make an error (and the gRPC status metadata
+// that carries it) as large as its request.
+inline constexpr size_t kQuotedPrefix = 40;
+std::string QuoteForError(absl::string_view text);
 
 }  // namespace retrace
 

@@ -1,6 +1,5 @@
 #include "server/data/image_folder.h"
 
-#include <stb/stb_image.h>
 #include <stb/stb_image_write.h>
 
 #include <algorithm>
@@ -14,15 +13,12 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "server/core/status.h"
+#include "server/data/image_codec.h"
 
 namespace retrace::data {
 namespace {
 
 namespace fs = std::filesystem;
-
-struct StbiFree {
-  void operator()(stbi_uc* data) const { stbi_image_free(data); }
-};
 
 bool IsImageFile(const fs::path& path) {
   const std::string ext = absl::AsciiStrToLower(path.extension().string());
@@ -96,55 +92,35 @@ absl::StatusOr<std::vector<float>> DecodeImage(absl::string_view bytes,
                                                const ImageSpec& spec,
                                                absl::string_view what) {
   RETURN_IF_ERROR(ValidateImageSpec(spec));
-  if (bytes.empty() || bytes.size() > static_cast<size_t>(INT32_MAX)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": empty or oversized image data"));
-  }
-  const auto* data = reinterpret_cast<const stbi_uc*>(bytes.data());
-  const int size = static_cast<int>(bytes.size());
-  int width = 0, height = 0, channels = 0;
-  // The header alone first: a file of the wrong size is refused without
-  // decoding it (a small PNG can expand to gigabytes of pixels).
-  if (stbi_info_from_memory(data, size, &width, &height, &channels) == 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": cannot decode image (", stbi_failure_reason(),
-                     "; PNG or JPEG expected)"));
-  }
-  if (width != spec.width || height != spec.height) {
-    const bool too_large = width > kMaxImageSide || height > kMaxImageSide;
+  // The header alone first: a file of the wrong size is refused before its
+  // pixels are allocated or decoded (a small PNG can expand to gigabytes).
+  const auto check = [&](const ImageHeader& header) -> absl::Status {
+    if (header.width == spec.width && header.height == spec.height) {
+      return absl::OkStatus();
+    }
+    const bool too_large =
+        header.width > kMaxImageSide || header.height > kMaxImageSide;
     return absl::InvalidArgumentError(absl::StrCat(
-        what, " is ", height, "x", width, " (height x width) with ",
-        ChannelsText(channels),
+        what, " is ", header.height, "x", header.width,
+        " (height x width) with ", ChannelsText(header.channels),
         too_large ? absl::StrCat(", larger than the ", kMaxImageSide, "x",
                                  kMaxImageSide, " retrace takes")
                   : "",
         "; the model takes ", ImageSpecText(spec),
         " (channels x height x width), and images are not resized"));
-  }
-  // desired_channels = 0 keeps the file's own channels; the conversion below
-  // is ours, not stb's (which would mix colour into gray with its own
-  // weights).
-  std::unique_ptr<stbi_uc, StbiFree> decoded(
-      stbi_load_from_memory(data, size, &width, &height, &channels, 0));
-  if (decoded == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": cannot decode image (", stbi_failure_reason(),
-                     "; PNG or JPEG expected)"));
-  }
-  if (width != spec.width || height != spec.height || channels < 1 ||
-      channels > 4) {
-    // The header said otherwise; a malformed file.
-    return absl::InvalidArgumentError(absl::StrCat(
-        what, ": the image's header and its pixels disagree on its shape"));
-  }
-  const stbi_uc* pixels = decoded.get();
-  const int64_t plane = int64_t{width} * height;
+  };
+  ASSIGN_OR_RETURN(const DecodedPixels decoded,
+                   DecodePixels(bytes, what, check));
+  const int64_t width = decoded.header.width;
+  const int channels = decoded.header.channels;
+  const uint8_t* pixels = decoded.pixels.data();
+  const int64_t plane = width * decoded.header.height;
   // Gray or gray + alpha (1, 2) carry one colour channel, RGB or RGBA (3, 4)
   // three; alpha, when present, is the last channel and is dropped.
   const int colour_channels = channels >= 3 ? 3 : 1;
   if (spec.channels == 1 && colour_channels == 3) {
     for (int64_t p = 0; p < plane; ++p) {
-      const stbi_uc* px = &pixels[p * channels];
+      const uint8_t* px = &pixels[p * channels];
       if (px[0] != px[1] || px[1] != px[2]) {
         return absl::InvalidArgumentError(absl::StrCat(
             what, " is a colour image (the pixel at row ", p / width,

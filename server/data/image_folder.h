@@ -1,4 +1,5 @@
-// Images from files: decoding PNG/JPEG bytes (stb_image) into the shape a
+// Images from files: decoding PNG/JPEG bytes (image_codec.h: libpng and
+// libjpeg-turbo, strict about damage and oddities) into the shape a
 // model takes, and reading a folder tree whose sub-folder names are the class
 // labels:
 //   root/<class name>/<image>.{png,jpg,jpeg}   (extensions case-insensitive)
@@ -24,9 +25,9 @@
 //     rgb_to_grayscale keeps it in floats, others average), and one that
 //     differs from the model's own training pipeline would shift every image
 //     without a trace; convert such files with that pipeline first.
-//   * 8-bit values b become b/127.5 − 1 (ByteToPixel); 16-bit PNGs are
-//     reduced to 8 bits by stb_image (their high byte); palette PNGs are
-//     expanded to RGB(A) first.
+//   * 8-bit values b become b/127.5 − 1 (ByteToPixel); palette PNGs are
+//     expanded to RGB first. 16-bit, animated, CMYK and damaged files are
+//     refused (image_codec.h has the whole list).
 #ifndef RETRACE_SERVER_DATA_IMAGE_FOLDER_H_
 #define RETRACE_SERVER_DATA_IMAGE_FOLDER_H_
 
@@ -67,8 +68,8 @@ absl::Status ValidateImageSpec(const ImageSpec& spec);
 // invalid, the bytes are empty or cannot be decoded, the image's height or
 // width differs from `spec` ("image is 28x28 (height x width) with 1 channel
 // (gray); the model takes 3x32x32 (channels x height x width) ..."), or it is
-// a colour image for a gray spec. Thread-safe, except that stb_image keeps
-// one global failure reason, so concurrent failures may quote each other's.
+// a colour image for a gray spec, or the file breaks image_codec.h's policy.
+// Thread-safe.
 absl::StatusOr<std::vector<float>> DecodeImage(absl::string_view bytes,
                                                const ImageSpec& spec,
                                                absl::string_view what);

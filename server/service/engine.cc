@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <utility>
 
@@ -16,6 +17,7 @@
 #include "server/data/image_folder.h"
 #include "server/model/loss.h"
 #include "server/model/schedule.h"
+#include "server/service/page_token.h"
 #include "server/store/layout.h"
 
 namespace retrace::service {
@@ -63,11 +65,23 @@ absl::Status CheckFinite(const float* values, int64_t count,
   return absl::OkStatus();
 }
 
+// Every value in [lo, hi] (NaN fails): INVALID_ARGUMENT naming the field, the
+// first value outside and its position.
+absl::Status CheckRange(const float* values, int64_t count, float lo, float hi,
+                        absl::string_view what, absl::string_view why) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!(values[i] >= lo && values[i] <= hi)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " holds ", values[i], " at position ", i,
+          "; every value must be in [", lo, ", ", hi, "] (", why, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::string ShapeText(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
-
-constexpr char kPageTokenPrefix[] = "si1";
 
 }  // namespace
 
@@ -126,7 +140,7 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::QueryVectors(
       const std::string& store_id = parts_.store->manifest().store_id;
       if (!v.store_id().empty() && v.store_id() != store_id) {
         return absl::InvalidArgumentError(
-            absl::StrCat("query_vectors.store_id ", v.store_id(),
+            absl::StrCat("query_vectors.store_id ", QuoteForError(v.store_id()),
                          " is not the served store ", store_id));
       }
       if (v.num_checkpoints() != shape.num_checkpoints ||
@@ -147,6 +161,12 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::QueryVectors(
       }
       RETURN_IF_ERROR(CheckFinite(v.raw().data(), size, "query_vectors.raw"));
       RETURN_IF_ERROR(CheckFinite(v.unit().data(), size, "query_vectors.unit"));
+      constexpr float kMax = kMaxQueryVectorValue;
+      constexpr char kWhy[] = "larger values could overflow a score";
+      RETURN_IF_ERROR(CheckRange(v.raw().data(), size, -kMax, kMax,
+                                 "query_vectors.raw", kWhy));
+      RETURN_IF_ERROR(CheckRange(v.unit().data(), size, -kMax, kMax,
+                                 "query_vectors.unit", kWhy));
       scoring::BucketQuery q;
       q.raw.assign(v.raw().begin(), v.raw().end());
       q.unit.assign(v.unit().begin(), v.unit().end());
@@ -197,7 +217,11 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::QueryVectors(
           absl::StrCat("tensor has ", t.values_size(), " values; shape ",
                        ShapeText(got), " needs ", numel));
     }
-    RETURN_IF_ERROR(CheckFinite(t.values().data(), numel, "tensor"));
+    RETURN_IF_ERROR(CheckFinite(t.values().data(), numel, "tensor.values"));
+    RETURN_IF_ERROR(CheckRange(t.values().data(), numel, -1.0f, 1.0f,
+                               "tensor.values",
+                               "pixels in the model's input scale, where an "
+                               "8-bit value b is b/127.5 - 1"));
     image.pixels.assign(t.values().begin(), t.values().end());
   }
   AddTiming("decode", metrics::Stage::kDecode, SecondsSince(start), response);
@@ -237,6 +261,11 @@ absl::StatusOr<v1::AttributeResponse> AttributionEngine::Attribute(
   response.set_store_id(parts_.store->manifest().store_id);
 
   // Checks that need no work come first, so a bad request costs nothing.
+  if (request.request_id().size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id ", QuoteForError(request.request_id()),
+                     " is longer than ", kMaxRequestIdBytes, " bytes"));
+  }
   const int64_t max_k =
       std::min<int64_t>(kMaxTopK, parts_.store->num_samples());
   const int32_t k = request.top_k() == 0 ? kDefaultTopK : request.top_k();
@@ -374,21 +403,13 @@ absl::StatusOr<v1::SelfInfluenceResponse> AttributionEngine::SelfInfluence(
   const int64_t n = parts_.store->num_samples();
   int64_t offset = 0;
   if (!request.page_token().empty()) {
-    // "si1:<column>:<offset>": opaque to clients.
-    const std::vector<std::string> parts =
-        absl::StrSplit(request.page_token(), ':');
-    int64_t token_column = -1;
-    if (parts.size() != 3 || parts[0] != kPageTokenPrefix ||
-        !absl::SimpleAtoi(parts[1], &token_column) ||
-        !absl::SimpleAtoi(parts[2], &offset) || offset < 0 || offset > n) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("page_token '", request.page_token(),
-                       "' is not a token this server returned"));
-    }
-    if (token_column != column) {
+    ASSIGN_OR_RETURN(const PageToken token,
+                     DecodePageToken(request.page_token(), n));
+    if (token.column != column) {
       return absl::InvalidArgumentError(
           "page_token belongs to a listing of the other method");
     }
+    offset = token.offset;
   }
   const std::vector<int64_t>& order = SelfInfluenceOrder(column);
   v1::SelfInfluenceResponse response;
@@ -408,8 +429,7 @@ absl::StatusOr<v1::SelfInfluenceResponse> AttributionEngine::SelfInfluence(
     }
   }
   if (end < n) {
-    response.set_next_page_token(
-        absl::StrCat(kPageTokenPrefix, ":", column, ":", end));
+    response.set_next_page_token(EncodePageToken({column, end}));
   }
   return response;
 }

@@ -43,6 +43,11 @@ inline constexpr int32_t kMaxQueryTimesteps = 64;
 inline constexpr int32_t kMaxNoiseDraws = 64;
 inline constexpr int32_t kDefaultPageSize = 100;
 inline constexpr int32_t kMaxPageSize = 10000;
+// The longest request_id taken (it is echoed in responses and logs).
+inline constexpr size_t kMaxRequestIdBytes = 256;
+// The largest magnitude of a precomputed query vector's value: with fp16
+// store values (at most 65504) and D up to 65536, no score can overflow.
+inline constexpr float kMaxQueryVectorValue = 1e18f;
 
 // What the engine works with. Every pointer must outlive the engine;
 // featurizer, images and metrics may be null (no image input, no thumbnails,

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+
 namespace retrace {
 namespace {
 
@@ -49,6 +51,18 @@ TEST(StatusTest, Annotate) {
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(s.message(), "shard-00000.safetensors: bad");
   EXPECT_TRUE(Annotate(absl::OkStatus(), "x").ok());
+}
+
+TEST(StatusTest, QuoteForErrorCutsLongTextAndEscapesBytes) {
+  EXPECT_EQ(QuoteForError("abc"), "'abc'");
+  EXPECT_EQ(QuoteForError(std::string("a\0\n\xff", 4)), "'a\\000\\n\\377'");
+  const std::string exact(kQuotedPrefix, 'x');
+  EXPECT_EQ(QuoteForError(exact), "'" + exact + "'");
+  const std::string huge(100000, 'A');
+  const std::string quoted = QuoteForError(huge);
+  EXPECT_EQ(quoted,
+            "'" + std::string(kQuotedPrefix, 'A') + "\u2026' (100000 bytes)");
+  EXPECT_LT(quoted.size(), 80u);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 // concurrent clients getting the answers of the same requests sent one by one.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <zlib.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -246,6 +247,67 @@ TEST_F(ServerTest, EveryBadInputClassIsRefusedAndTheServerKeepsServing) {
          r->mutable_query_vectors()->set_unit(5, INFINITY);
        },
        grpc::INVALID_ARGUMENT, "query_vectors.unit"},
+      {"a tensor value outside [-1, 1]",
+       [](v1::AttributeRequest* r) {
+         v1::Tensor* t = r->mutable_tensor();
+         t->add_shape(28);
+         t->add_shape(28);
+         for (int i = 0; i < 28 * 28; ++i) t->add_values(i == 3 ? 1.5f : 0.f);
+       },
+       grpc::INVALID_ARGUMENT, "tensor.values holds 1.5 at position 3"},
+      {"a huge tensor value",
+       [](v1::AttributeRequest* r) {
+         v1::Tensor* t = r->mutable_tensor();
+         t->add_shape(28);
+         t->add_shape(28);
+         for (int i = 0; i < 28 * 28; ++i) t->add_values(i == 0 ? -1e30f : 0.f);
+       },
+       grpc::INVALID_ARGUMENT, "every value must be in [-1, 1]"},
+      {"a huge query vector value",
+       [&](v1::AttributeRequest* r) {
+         *r = VectorRequest(stack.store(), 1);
+         r->mutable_query_vectors()->set_raw(2, 1e30f);
+       },
+       grpc::INVALID_ARGUMENT, "query_vectors.raw holds 1e+30 at position 2"},
+      {"a 100 kB store_id is quoted by its prefix",
+       [&](v1::AttributeRequest* r) {
+         *r = VectorRequest(stack.store(), 1);
+         r->mutable_query_vectors()->set_store_id(std::string(100000, 'z'));
+       },
+       grpc::INVALID_ARGUMENT, "zzz\u2026' (100000 bytes) is not the served"},
+      {"a 100 kB request_id",
+       [](v1::AttributeRequest* r) {
+         r->set_request_id(std::string(100000, 'r'));
+       },
+       grpc::INVALID_ARGUMENT, "longer than 256 bytes"},
+      {"a PNG that claims 30000x30000 pixels",
+       [](v1::AttributeRequest* r) {
+         // A valid 1x1 PNG whose IHDR is rewritten (with its CRC): refused
+         // from the header, before anything is allocated.
+         std::vector<float> px(1, 0.0f);
+         std::string png = *data::EncodePng(px.data(), 1, 1, 1);
+         for (int at : {16, 20}) {
+           png[at] = 0;
+           png[at + 1] = 0;
+           png[at + 2] = 0x75;
+           png[at + 3] = 0x30;
+         }
+         const uLong crc =
+             crc32(0, reinterpret_cast<const Bytef*>(png.data() + 12), 17);
+         for (int i = 0; i < 4; ++i) {
+           png[29 + i] = static_cast<char>((crc >> (24 - 8 * i)) & 0xff);
+         }
+         r->set_image(png);
+       },
+       grpc::INVALID_ARGUMENT, "image is 30000x30000 (height x width)"},
+      {"a PNG with a broken CRC",
+       [](v1::AttributeRequest* r) {
+         std::vector<float> px(28 * 28, 0.0f);
+         std::string png = *data::EncodePng(px.data(), 1, 28, 28);
+         png[png.size() - 13] ^= 0x40;  // the last byte of IDAT's CRC
+         r->set_image(png);
+       },
+       grpc::INVALID_ARGUMENT, "CRC"},
       {"query vectors of the wrong size",
        [&](v1::AttributeRequest* r) {
          *r = VectorRequest(stack.store(), 1);
@@ -561,6 +623,15 @@ TEST_F(ServerTest, SelfInfluencePagesThroughTheWholeRanking) {
   const grpc::Status status = stub->SelfInfluence(&context, bad, &page);
   EXPECT_EQ(status.error_code(), grpc::INVALID_ARGUMENT);
   EXPECT_TRUE(absl::StrContains(status.error_message(), "page_token"));
+  // A 100 kB token is refused with INVALID_ARGUMENT quoting its prefix (not
+  // echoed whole, which would overflow the client's metadata limit).
+  bad.set_page_token(std::string(100000, 't'));
+  grpc::ClientContext context2;
+  const grpc::Status long_token = stub->SelfInfluence(&context2, bad, &page);
+  EXPECT_EQ(long_token.error_code(), grpc::INVALID_ARGUMENT);
+  EXPECT_LT(long_token.error_message().size(), 200u);
+  EXPECT_TRUE(absl::StrContains(long_token.error_message(), "(100000 bytes)"))
+      << long_token.error_message();
 }
 
 TEST_F(ServerTest, StoreInfoDescribesTheManifest) {
