@@ -32,6 +32,7 @@
 #include "kernels/topk.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define RETRACE_SCAN_X86 1
 #endif
@@ -182,10 +183,16 @@ __attribute__((target("avx2,fma,f16c"))) void ConvertAvx2(const void* src,
   for (; i < dp; ++i) dst[i] = 0.0f;
 }
 
+// F16C from cpuid leaf 1 (ECX bit 29): clang before 15 does not know
+// __builtin_cpu_supports("f16c").
+bool CpuHasF16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
+}
+
 bool CpuHasAvx2() {
   static const bool has = __builtin_cpu_supports("avx2") &&
-                          __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("fma") && CpuHasF16c();
   return has;
 }
 #else

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "server/core/status.h"
 #include "nlohmann/json.hpp"
 
 namespace retrace::store {
@@ -163,9 +164,11 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(
       }
       continue;
     }
+    // (A structured binding cannot be captured before C++20.)
+    const std::string quoted = QuoteForError(name);
     auto bad = [&](absl::string_view what) {
-      return data_loss("malformed safetensors header: tensor '", name,
-                       "': ", what);
+      return data_loss("malformed safetensors header: tensor ", quoted, ": ",
+                       what);
     };
     if (!value.is_object()) return bad("entry is not an object");
     TensorEntry t;
