@@ -1,6 +1,7 @@
 // retraced over loopback (scripts/bench.sh server): closed-loop gRPC clients
-// against the server stack in this process (store -> Scorer -> Batcher ->
-// AttributionEngine -> AttributionService -> GrpcServer on 127.0.0.1), at
+// against retraced's stack (ServerStack: store -> Scorer -> Batcher ->
+// AttributionEngine -> AttributionService -> GrpcServer on 127.0.0.1) in
+// this process, at
 // each concurrency c, and in the same run the scan of a batch of c queries
 // with Scorer::Score directly, while the server is idle.
 //
@@ -67,13 +68,7 @@
 #include "server/data/image_folder.h"
 #include "server/data/mixture.h"
 #include "server/scoring/scorer.h"
-#include "server/service/attribution_service.h"
-#include "server/service/batcher.h"
-#include "server/service/engine.h"
-#include "server/service/grpc_server.h"
-#include "server/service/model_featurizer.h"
-#include "server/service/training_images.h"
-#include "server/store/store_reader.h"
+#include "server/stack/server_stack.h"
 #include "server/store/store_writer.h"
 
 namespace retrace::bench {
@@ -319,9 +314,10 @@ absl::Status MakeTinyRun(const std::string& root, const std::string& run_dir,
       .status();
 }
 
-// The retraced stack in this process, serving `store_dir` (with the run's
-// model when run_dir is set) on 127.0.0.1:<free port>; and the queries the
-// clients and the direct scans use.
+// retraced's stack (server/stack/server_stack.h) in this process, serving
+// `store_dir` (with the run's model when run_dir is set) on
+// 127.0.0.1:<free port>; and the queries the clients and the direct scans
+// use.
 class Part {
  public:
   static absl::StatusOr<std::unique_ptr<Part>> Create(
@@ -329,54 +325,30 @@ class Part {
       std::unique_ptr<TempDir> temp) {
     std::unique_ptr<Part> p(new Part);
     p->temp_ = std::move(temp);
-    store::StoreReaderOptions reader_options;
-    reader_options.verify_checksums = false;  // just written, or trusted
-    ASSIGN_OR_RETURN(p->store_,
-                     store::StoreReader::Open(store_dir, reader_options));
-    scoring::ScorerOptions scorer_options;
-    scorer_options.device = scoring::DeviceChoice::kCpu;
-    ASSIGN_OR_RETURN(p->scorer_,
-                     scoring::Scorer::Create(p->store_.get(), scorer_options));
-    if (!run_dir.empty()) {
-      ASSIGN_OR_RETURN(p->featurizer_,
-                       service::ModelQueryFeaturizer::Create(
-                           p->store_->manifest(), run_dir, a.workers));
-    }
-    service::BatcherOptions batcher_options;
-    batcher_options.max_batch = kMaxBatch;
-    batcher_options.max_queue_delay_us = a.max_queue_delay_us;
-    RETURN_IF_ERROR(service::Batcher::CheckOptions(batcher_options));
-    scoring::Scorer* scorer = p->scorer_.get();
-    p->batcher_ = std::make_unique<service::Batcher>(
-        [scorer](const std::vector<scoring::ScoreQuery>& batch) {
-          return scorer->Score(batch);
-        },
-        batcher_options, nullptr);
-    service::EngineParts parts;
-    parts.store = p->store_.get();
-    parts.shape = scorer->shape();
-    parts.backend = kernels::BackendName(scorer->backend());
-    parts.batcher = p->batcher_.get();
-    parts.featurizer = p->featurizer_.get();
-    p->engine_ = std::make_unique<service::AttributionEngine>(parts);
-    p->service_ = std::make_unique<service::AttributionService>(
-        service::ServiceOptions{}, nullptr);
-    service::GrpcServerOptions server_options;
-    server_options.listen = "127.0.0.1:0";
-    ASSIGN_OR_RETURN(p->server_, service::GrpcServer::Start(server_options,
-                                                            p->service_.get()));
-    p->service_->SetEngine(p->engine_.get());
-    p->server_->SetServing(true);
+    stack::ServerConfig config;
+    config.store_dir = store_dir;
+    config.model_path = run_dir;
+    config.verify_checksums = false;  // just written, or trusted
+    config.thumbnails = false;        // no request asks for them
+    config.listen = "127.0.0.1:0";
+    config.metrics_port = -1;
+    config.device = "cpu";
+    config.featurize_device = "cpu";
+    config.workers = a.workers;
+    config.max_batch = kMaxBatch;
+    config.max_queue_delay_us = a.max_queue_delay_us;
+    ASSIGN_OR_RETURN(p->stack_, stack::ServerStack::Create(config));
+    p->stack_->Start();
     RETURN_IF_ERROR(p->MakeQueries());
     return p;
   }
 
   ~Part() {
-    if (server_ != nullptr) server_->Shutdown(absl::Seconds(5));
+    if (stack_ != nullptr) stack_->Shutdown(absl::Seconds(5));
   }
 
   std::string address() const {
-    return "127.0.0.1:" + std::to_string(server_->port());
+    return "127.0.0.1:" + std::to_string(stack_->port());
   }
   const std::vector<v1::AttributeRequest>& requests() const {
     return requests_;
@@ -393,7 +365,7 @@ class Part {
     std::vector<double> times;
     for (int rep = 0; rep <= reps; ++rep) {
       const double t0 = Now();
-      RETURN_IF_ERROR(scorer_->Score(queries).status());
+      RETURN_IF_ERROR(stack_->scorer().Score(queries).status());
       if (rep > 0) times.push_back(Now() - t0);
     }
     std::sort(times.begin(), times.end());
@@ -407,7 +379,8 @@ class Part {
   // scanned directly. Image: kVariants PNG patterns not in the training set
   // (scanned as random vectors: the scan's time does not depend on values).
   absl::Status MakeQueries() {
-    const scoring::StoreShape& shape = scorer_->shape();
+    const scoring::StoreShape& shape = stack_->scorer().shape();
+    service::QueryFeaturizer* featurizer = stack_->featurizer();
     const int64_t size =
         int64_t{shape.num_checkpoints} * shape.num_buckets * shape.dim;
     for (int v = 0; v < kVariants; ++v) {
@@ -420,7 +393,7 @@ class Part {
       }
       v1::AttributeRequest request;
       request.set_top_k(kTopK);
-      if (featurizer_ == nullptr) {
+      if (featurizer == nullptr) {
         v1::QueryVectors* qv = request.mutable_query_vectors();
         qv->set_num_checkpoints(shape.num_checkpoints);
         qv->set_num_slots(shape.num_buckets);
@@ -428,7 +401,7 @@ class Part {
         qv->mutable_raw()->Add(q.raw.begin(), q.raw.end());
         qv->mutable_unit()->Add(q.unit.begin(), q.unit.end());
       } else {
-        const std::vector<int64_t> chw = featurizer_->image_shape();
+        const std::vector<int64_t> chw = featurizer->image_shape();
         std::vector<float> pixels(
             static_cast<size_t>(chw[0] * chw[1] * chw[2]));
         for (size_t i = 0; i < pixels.size(); ++i) {
@@ -451,13 +424,7 @@ class Part {
 
   // Destroyed last: the store's files live there.
   std::unique_ptr<TempDir> temp_;
-  std::unique_ptr<store::StoreReader> store_;
-  std::unique_ptr<scoring::Scorer> scorer_;
-  std::unique_ptr<service::ModelQueryFeaturizer> featurizer_;
-  std::unique_ptr<service::Batcher> batcher_;
-  std::unique_ptr<service::AttributionEngine> engine_;
-  std::unique_ptr<service::AttributionService> service_;
-  std::unique_ptr<service::GrpcServer> server_;
+  std::unique_ptr<stack::ServerStack> stack_;
   std::vector<v1::AttributeRequest> requests_;
   std::vector<scoring::BucketQuery> scan_vectors_;
 };

@@ -40,12 +40,18 @@ absl::Status Batcher::CheckOptions(const BatcherOptions& options) {
     return absl::InvalidArgumentError(
         absl::StrCat("max queue must be >= 1, got ", options.max_queue));
   }
+  if (options.clock == nullptr) {
+    return absl::InvalidArgumentError("the batcher needs a clock");
+  }
   return absl::OkStatus();
 }
 
 Batcher::Batcher(ScoreFn score, BatcherOptions options,
                  metrics::Metrics* metrics)
-    : score_(std::move(score)), options_(options), metrics_(metrics) {
+    : score_(std::move(score)),
+      options_(options),
+      clock_(options.clock),
+      metrics_(metrics) {
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -53,6 +59,12 @@ Batcher::~Batcher() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
+    // Now rather than after the scan in progress: these will not be scored.
+    for (const std::shared_ptr<Pending>& p : queue_) {
+      p->Finish(absl::UnavailableError("the server is shutting down"));
+    }
+    queue_.clear();
+    if (metrics_ != nullptr) metrics_->SetQueueDepth(0);
   }
   queue_changed_.notify_all();
   thread_.join();
@@ -68,7 +80,7 @@ absl::StatusOr<BatchedResult> Batcher::Score(scoring::ScoreQuery query,
   auto pending = std::make_shared<Pending>();
   pending->query = std::move(query);
   pending->deadline = deadline;
-  pending->enqueued = absl::Now();
+  pending->enqueued = clock_->Now();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return absl::UnavailableError("the server is shutting down");
@@ -85,11 +97,8 @@ absl::StatusOr<BatchedResult> Batcher::Score(scoring::ScoreQuery query,
   queue_changed_.notify_all();
 
   std::unique_lock<std::mutex> lock(pending->mutex);
-  const auto until = absl::ToChronoTime(deadline);
-  if (deadline == absl::InfiniteFuture()) {
-    pending->done_changed.wait(lock, [&] { return pending->done; });
-  } else if (!pending->done_changed.wait_until(lock, until,
-                                               [&] { return pending->done; })) {
+  if (!clock_->WaitUntil(pending->done_changed, lock, deadline,
+                         [&] { return pending->done; })) {
     // The batch thread still owns `pending` and finishes it later; nobody
     // waits for that result any more.
     return absl::DeadlineExceededError(
@@ -107,13 +116,13 @@ void Batcher::Run() {
     if (stopping_) break;
     // Wait for a full batch or for the oldest query's delay to run out.
     const absl::Time close_at = queue_.front()->enqueued + max_delay;
-    queue_changed_.wait_until(lock, absl::ToChronoTime(close_at), [&] {
+    clock_->WaitUntil(queue_changed_, lock, close_at, [&] {
       return stopping_ ||
              static_cast<int32_t>(queue_.size()) >= options_.max_batch;
     });
     if (stopping_) break;
     std::vector<std::shared_ptr<Pending>> batch;
-    const absl::Time now = absl::Now();
+    const absl::Time now = clock_->Now();
     while (!queue_.empty() &&
            static_cast<int32_t>(batch.size()) < options_.max_batch) {
       std::shared_ptr<Pending> p = std::move(queue_.front());
@@ -133,14 +142,10 @@ void Batcher::Run() {
     ScoreBatch(batch);
     lock.lock();
   }
-  for (const std::shared_ptr<Pending>& p : queue_) {
-    p->Finish(absl::UnavailableError("the server is shutting down"));
-  }
-  queue_.clear();
 }
 
 void Batcher::ScoreBatch(std::vector<std::shared_ptr<Pending>>& batch) {
-  const absl::Time start = absl::Now();
+  const absl::Time start = clock_->Now();
   std::vector<scoring::ScoreQuery> queries;
   queries.reserve(batch.size());
   for (const auto& p : batch) queries.push_back(p->query);
@@ -148,7 +153,7 @@ void Batcher::ScoreBatch(std::vector<std::shared_ptr<Pending>>& batch) {
     metrics_->ObserveBatchSize(static_cast<int64_t>(batch.size()));
   }
   absl::StatusOr<std::vector<scoring::QueryResult>> results = score_(queries);
-  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  const double seconds = absl::ToDoubleSeconds(clock_->Now() - start);
   if (results.ok() && results->size() != batch.size()) {
     results = absl::InternalError(absl::StrCat("the scorer returned ",
                                                results->size(), " results for ",

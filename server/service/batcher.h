@@ -13,6 +13,9 @@
 // does): if a batch still fails with InvalidArgument, its queries are scored
 // one by one so that one bad query cannot fail the others.
 //
+// Time (the queue delay, deadlines, the reported queue and score times) is
+// the options' clock's, so tests drive the batcher on simulated time.
+//
 // Thread safety: Score may be called from any number of threads.
 #ifndef RETRACE_SERVER_SERVICE_BATCHER_H_
 #define RETRACE_SERVER_SERVICE_BATCHER_H_
@@ -28,6 +31,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "server/core/clock.h"
 #include "server/metrics/metrics.h"
 #include "server/scoring/scorer.h"
 
@@ -37,6 +41,8 @@ struct BatcherOptions {
   int32_t max_batch = 32;  // 1..64 (kernels::kMaxQueries)
   int64_t max_queue_delay_us = 2000;
   int32_t max_queue = 256;  // queued queries beyond which Score refuses
+  // Must outlive the batcher.
+  Clock* clock = Clock::Real();
 };
 
 // A query's result and where its time went.
@@ -56,7 +62,9 @@ class Batcher {
   // `metrics` may be null; it must outlive the batcher. InvalidArgument
   // options are clamped by the caller (CheckOptions).
   Batcher(ScoreFn score, BatcherOptions options, metrics::Metrics* metrics);
-  // Stops the thread; queries still queued get Unavailable.
+  // Answers the queries still queued with Unavailable at once, then waits
+  // for the batch being scored (its queries get their results) and stops the
+  // thread.
   ~Batcher();
   Batcher(const Batcher&) = delete;
   Batcher& operator=(const Batcher&) = delete;
@@ -80,6 +88,7 @@ class Batcher {
 
   const ScoreFn score_;
   const BatcherOptions options_;
+  Clock* const clock_;
   metrics::Metrics* const metrics_;
 
   mutable std::mutex mutex_;

@@ -27,8 +27,9 @@ double SecondsSince(absl::Time start) {
   return absl::ToDoubleSeconds(absl::Now() - start);
 }
 
-absl::Status CheckDeadline(absl::Time deadline, absl::string_view before) {
-  if (absl::Now() >= deadline) {
+absl::Status CheckDeadline(const Clock& clock, absl::Time deadline,
+                           absl::string_view before) {
+  if (clock.Now() >= deadline) {
     return absl::DeadlineExceededError(
         absl::StrCat("the deadline passed before ", before));
   }
@@ -119,7 +120,8 @@ absl::StatusOr<scoring::BucketQuery> AttributionEngine::FromImage(
         absl::StrCat("query_noise_draws must be in 1..", kMaxNoiseDraws,
                      ", got ", request.query_noise_draws()));
   }
-  RETURN_IF_ERROR(CheckDeadline(deadline, "featurizing the query"));
+  RETURN_IF_ERROR(
+      CheckDeadline(*parts_.clock, deadline, "featurizing the query"));
   const absl::Time start = absl::Now();
   ASSIGN_OR_RETURN(FeaturizedQuery q,
                    parts_.featurizer->Featurize(image, options));
@@ -329,7 +331,7 @@ absl::StatusOr<v1::AttributeResponse> AttributionEngine::Attribute(
   // before the query joins a batch.
   RETURN_IF_ERROR(
       scoring::PlanQuery(parts_.shape, query.vectors, query.plan).status());
-  RETURN_IF_ERROR(CheckDeadline(deadline, "scoring"));
+  RETURN_IF_ERROR(CheckDeadline(*parts_.clock, deadline, "scoring"));
 
   ASSIGN_OR_RETURN(BatchedResult batched,
                    parts_.batcher->Score(std::move(query), deadline));

@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "retrace/v1/attribution.pb.h"
+#include "server/core/clock.h"
 #include "server/metrics/metrics.h"
 #include "server/scoring/query_plan.h"
 #include "server/service/batcher.h"
@@ -51,7 +52,8 @@ inline constexpr float kMaxQueryVectorValue = 1e18f;
 
 // What the engine works with. Every pointer must outlive the engine;
 // featurizer, images and metrics may be null (no image input, no thumbnails,
-// no metrics).
+// no metrics). Deadlines are checked against `clock`, which should be the
+// batcher's.
 struct EngineParts {
   const store::StoreReader* store = nullptr;
   scoring::StoreShape shape;
@@ -60,6 +62,7 @@ struct EngineParts {
   QueryFeaturizer* featurizer = nullptr;
   const TrainingImages* images = nullptr;
   metrics::Metrics* metrics = nullptr;
+  Clock* clock = Clock::Real();
 };
 
 class AttributionEngine {

@@ -1,7 +1,7 @@
 // Test helpers for the service: a tiny training run and two stores built from
 // it (with and without the replay slot), made once per test binary build and
 // shared by the test processes (CTest runs each test in its own process), and
-// an in-process retraced stack on loopback.
+// retraced's stack serving them in-process on loopback.
 #ifndef RETRACE_TESTS_SERVER_SERVICE_SERVED_STORE_H_
 #define RETRACE_TESTS_SERVER_SERVICE_SERVED_STORE_H_
 
@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -20,16 +21,9 @@
 #include <vector>
 
 #include "jobs/build_store.h"
-#include "kernels/device.h"
 #include "retrace/v1/attribution.grpc.pb.h"
 #include "server/data/image_folder.h"
-#include "server/scoring/scorer.h"
-#include "server/service/attribution_service.h"
-#include "server/service/batcher.h"
-#include "server/service/engine.h"
-#include "server/service/grpc_server.h"
-#include "server/service/model_featurizer.h"
-#include "server/service/training_images.h"
+#include "server/stack/server_stack.h"
 #include "server/store/store_reader.h"
 #include "tests/jobs/tiny_run.h"
 
@@ -117,77 +111,57 @@ inline const ServedStore& SharedStore() {
   return *store;
 }
 
+// retraced's configuration for a test: a free loopback port, no metrics
+// endpoint, the scan and the featurizer on the CPU, two featurizer workers.
+// Stack fills in the store and the model.
+inline stack::ServerConfig TestConfig() {
+  stack::ServerConfig config;
+  config.listen = "127.0.0.1:0";
+  config.metrics_port = -1;
+  config.device = "cpu";
+  config.featurize_device = "cpu";
+  config.workers = 2;
+  config.drain_timeout_s = 5;
+  return config;
+}
+
 struct StackOptions {
-  bool replay = true;
-  bool with_model = true;
-  bool with_images = true;
-  ServiceOptions service;
-  GrpcServerOptions server;
-  BatcherOptions batcher;
-  int workers = 2;
-  // Wraps the featurizer (e.g. to make it slow); null: as is.
-  std::function<std::unique_ptr<QueryFeaturizer>(QueryFeaturizer*)> wrap;
+  bool replay = true;      // the store with the replay slot, or the other
+  bool with_model = true;  // --model: the tiny run
+  // Everything else, as retraced's flags would set it.
+  stack::ServerConfig config = TestConfig();
+  // Accepted bearer tokens, written to a token file (config.token_file).
+  std::vector<std::string> tokens;
+  stack::StackOverrides overrides;
 };
 
-// The retraced stack in this process: store → scorer → featurizer → images →
-// batcher → engine → service → gRPC server on 127.0.0.1:<free port>.
+// retraced's stack (server/stack/server_stack.h) in this process, serving one
+// of the shared stores, started.
 class Stack {
  public:
-  explicit Stack(StackOptions options = {}) : options_(std::move(options)) {
+  explicit Stack(StackOptions options = {}) {
     const ServedStore& s = SharedStore();
-    auto reader = store::StoreReader::Open(
-        options_.replay ? s.store_dir : s.store_no_replay_dir);
-    EXPECT_TRUE(reader.ok()) << reader.status();
-    store_ = std::move(*reader);
-    scoring::ScorerOptions scorer_options;
-    scorer_options.device = scoring::DeviceChoice::kCpu;
-    auto scorer = scoring::Scorer::Create(store_.get(), scorer_options);
-    EXPECT_TRUE(scorer.ok()) << scorer.status();
-    scorer_ = std::move(*scorer);
-    if (options_.with_model) {
-      auto f = ModelQueryFeaturizer::Create(store_->manifest(), s.run_dir,
-                                            options_.workers);
-      EXPECT_TRUE(f.ok()) << f.status();
-      model_ = std::move(*f);
-      featurizer_ = model_.get();
-      if (options_.wrap) {
-        wrapped_ = options_.wrap(model_.get());
-        featurizer_ = wrapped_.get();
-      }
+    stack::ServerConfig config = options.config;
+    config.store_dir = options.replay ? s.store_dir : s.store_no_replay_dir;
+    config.model_path = options.with_model ? s.run_dir : "";
+    if (!options.tokens.empty()) {
+      static std::atomic<int> files{0};
+      config.token_file = ::testing::TempDir() + "/retrace-tokens-" +
+                          std::to_string(getpid()) + "-" +
+                          std::to_string(files++);
+      std::ofstream out(config.token_file);
+      for (const std::string& token : options.tokens) out << token << "\n";
     }
-    if (options_.with_images) {
-      auto images = LoadTrainingImages(*store_, data::DataLocations{});
-      EXPECT_TRUE(images.ok()) << images.status();
-      images_ = std::move(*images);
-    }
-    scoring::Scorer* scorer_ptr = scorer_.get();
-    batcher_ = std::make_unique<Batcher>(
-        [scorer_ptr](const std::vector<scoring::ScoreQuery>& b) {
-          return scorer_ptr->Score(b);
-        },
-        options_.batcher, nullptr);
-    EngineParts parts;
-    parts.store = store_.get();
-    parts.shape = scorer_->shape();
-    parts.backend = kernels::BackendName(scorer_->backend());
-    parts.batcher = batcher_.get();
-    parts.featurizer = featurizer_;
-    parts.images = images_.get();
-    engine_ = std::make_unique<AttributionEngine>(parts);
-    service_ = std::make_unique<AttributionService>(options_.service, nullptr);
-    options_.server.listen = "127.0.0.1:0";
-    auto server = GrpcServer::Start(options_.server, service_.get());
-    EXPECT_TRUE(server.ok()) << server.status();
-    server_ = std::move(*server);
-    service_->SetEngine(engine_.get());
-    server_->SetServing(true);
+    auto created =
+        stack::ServerStack::Create(config, std::move(options.overrides));
+    EXPECT_TRUE(created.ok()) << created.status();
+    stack_ = std::move(created).value();
+    stack_->Start();
   }
-  ~Stack() {
-    if (server_ != nullptr) server_->Shutdown(absl::Seconds(5));
-  }
+  ~Stack() { stack_->Shutdown(absl::Seconds(5)); }
 
   std::string address() const {
-    return "127.0.0.1:" + std::to_string(server_->port());
+    return "127.0.0.1:" + std::to_string(stack_->port());
   }
   std::unique_ptr<v1::Attribution::Stub> Stub(
       std::shared_ptr<grpc::ChannelCredentials> creds =
@@ -198,24 +172,12 @@ class Stack {
     return v1::Attribution::NewStub(
         grpc::CreateCustomChannel(address(), creds, args));
   }
-  const store::StoreReader& store() const { return *store_; }
-  scoring::Scorer& scorer() { return *scorer_; }
-  QueryFeaturizer* featurizer() { return featurizer_; }
-  GrpcServer& server() { return *server_; }
-  AttributionService& service() { return *service_; }
+  const store::StoreReader& store() const { return stack_->store(); }
+  QueryFeaturizer* featurizer() { return stack_->featurizer(); }
+  stack::ServerStack& stack() { return *stack_; }
 
  private:
-  StackOptions options_;
-  std::unique_ptr<store::StoreReader> store_;
-  std::unique_ptr<scoring::Scorer> scorer_;
-  std::unique_ptr<ModelQueryFeaturizer> model_;
-  std::unique_ptr<QueryFeaturizer> wrapped_;
-  QueryFeaturizer* featurizer_ = nullptr;
-  std::unique_ptr<TrainingImages> images_;
-  std::unique_ptr<Batcher> batcher_;
-  std::unique_ptr<AttributionEngine> engine_;
-  std::unique_ptr<AttributionService> service_;
-  std::unique_ptr<GrpcServer> server_;
+  std::unique_ptr<stack::ServerStack> stack_;
 };
 
 // PNG bytes of a smooth 28×28 gray test pattern (not in the training set).

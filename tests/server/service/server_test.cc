@@ -1,7 +1,9 @@
-// retraced's service over loopback: good requests against brute-force
-// scores, every bad-input class with its code and message (and a good
-// request answered right after each), limits, deadlines, TLS and tokens,
-// streams, self-influence paging, store info, health, reflection, and 32
+// retraced's stack (ServerStack, built from a ServerConfig as retraced
+// builds it) over loopback: good requests against brute-force scores, every
+// bad-input class with its code and message (and a good request answered
+// right after each), limits, deadlines (also on the stack's simulated
+// clock), TLS and tokens, streams, self-influence paging, store info, the
+// stack's lifecycle and start-up errors, health, reflection, and 32
 // concurrent clients getting the answers of the same requests sent one by one.
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/health_check_service_interface.h>
@@ -202,7 +204,7 @@ struct BadCase {
 
 TEST_F(ServerTest, EveryBadInputClassIsRefusedAndTheServerKeepsServing) {
   StackOptions options;
-  options.server.max_message_bytes = 256 << 10;
+  options.config.max_message_bytes = 256 << 10;
   Stack stack(options);
   auto stub = stack.Stub();
   const std::vector<BadCase> cases = {
@@ -381,7 +383,7 @@ TEST_F(ServerTest, ReplayOnAStoreWithoutReplaySlotIsRefused) {
 TEST_F(ServerTest, ThumbnailsAndImagesNeedTheirData) {
   StackOptions options;
   options.with_model = false;
-  options.with_images = false;
+  options.config.thumbnails = false;
   Stack stack(options);
   auto stub = stack.Stub();
   v1::AttributeResponse response;
@@ -398,7 +400,7 @@ TEST_F(ServerTest, ThumbnailsAndImagesNeedTheirData) {
 
 TEST_F(ServerTest, BearerTokens) {
   StackOptions options;
-  options.service.tokens = {"s3cret", "other"};
+  options.tokens = {"s3cret", "other"};
   Stack stack(options);
   auto stub = stack.Stub();
   v1::AttributeResponse response;
@@ -447,8 +449,8 @@ std::atomic<bool> GatedFeaturizer::open_{false};
 
 TEST_F(ServerTest, ConcurrencyLimitGivesResourceExhausted) {
   StackOptions options;
-  options.service.max_concurrent = 2;
-  options.wrap = [](QueryFeaturizer* inner) {
+  options.config.max_concurrent = 2;
+  options.overrides.wrap_featurizer = [](QueryFeaturizer* inner) {
     return std::make_unique<GatedFeaturizer>(inner);
   };
   Stack stack(options);
@@ -477,8 +479,8 @@ TEST_F(ServerTest, ConcurrencyLimitGivesResourceExhausted) {
 
 TEST_F(ServerTest, ThirtyTwoConcurrentClientsGetTheSequentialAnswers) {
   StackOptions options;
-  options.batcher.max_batch = 8;
-  options.batcher.max_queue_delay_us = 5000;
+  options.config.max_batch = 8;
+  options.config.max_queue_delay_us = 5000;
   Stack stack(options);
   // A mix: image queries (two seeds), vector queries, and bad ones.
   std::vector<v1::AttributeRequest> requests;
@@ -562,7 +564,7 @@ TEST_F(ServerTest, StreamAnswersInOrderWithErrorsInline) {
 
 TEST_F(ServerTest, ALongStreamIsThrottledNotRefused) {
   StackOptions options;
-  options.service.max_concurrent = 2;
+  options.config.max_concurrent = 2;
   Stack stack(options);
   auto stub = stack.Stub();
   grpc::ClientContext context;
@@ -658,6 +660,102 @@ TEST_F(ServerTest, StoreInfoDescribesTheManifest) {
             (std::vector<int64_t>{1, 28, 28}));
   EXPECT_FLOAT_EQ(info.diagnostics(1).norm_median(),
                   m.diagnostics["norm_stats"]["median"][0][1].get<float>());
+}
+
+// Featurizes with the model's featurizer, then moves the stack's simulated
+// clock on by `step`: featurizing "took" that long.
+class ClockAdvancingFeaturizer : public QueryFeaturizer {
+ public:
+  ClockAdvancingFeaturizer(QueryFeaturizer* inner, SimulatedClock* clock,
+                           absl::Duration step)
+      : inner_(inner), clock_(clock), step_(step) {}
+  std::vector<int64_t> image_shape() const override {
+    return inner_->image_shape();
+  }
+  absl::StatusOr<FeaturizedQuery> Featurize(
+      const QueryImage& image, const QueryFeatureOptions& options) override {
+    absl::StatusOr<FeaturizedQuery> q = inner_->Featurize(image, options);
+    clock_->Advance(step_);
+    return q;
+  }
+
+ private:
+  QueryFeaturizer* inner_;
+  SimulatedClock* clock_;
+  absl::Duration step_;
+};
+
+TEST_F(ServerTest, DeadlinesAreCheckedOnTheStacksClock) {
+  // Simulated time starts at the real time, so the clients' deadlines (real
+  // time points, carried by gRPC) mean the same on it.
+  SimulatedClock clock(absl::Now());
+  StackOptions options;
+  options.config.max_queue_delay_us = 0;  // batches close without time moving
+  options.overrides.clock = &clock;
+  options.overrides.wrap_featurizer = [&clock](QueryFeaturizer* inner) {
+    return std::make_unique<ClockAdvancingFeaturizer>(inner, &clock,
+                                                      absl::Minutes(10));
+  };
+  Stack stack(options);
+  auto stub = stack.Stub();
+  // 60 s to answer, but featurizing takes 10 minutes on the stack's clock.
+  v1::AttributeResponse response;
+  grpc::Status status = Call(*stub, ImageRequest(1), &response);
+  EXPECT_EQ(status.error_code(), grpc::DEADLINE_EXCEEDED)
+      << status.error_message();
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "before scoring"))
+      << status.error_message();
+  // A deadline beyond the clock's time is met.
+  const v1::AttributeRequest good = VectorRequest(stack.store(), 3);
+  status = Call(*stub, good, &response, "", 60 * 60 * 1000);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ExpectRightAnswer(stack.store(), Vectors(good), response);
+}
+
+TEST_F(ServerTest, TheStackServesBetweenStartAndShutdown) {
+  stack::ServerConfig config = testing::TestConfig();
+  config.store_dir = SharedStore().store_dir;
+  config.metrics_port = 0;
+  auto created = stack::ServerStack::Create(config);
+  ASSERT_TRUE(created.ok()) << created.status();
+  stack::ServerStack& server = **created;
+  EXPECT_GT(server.metrics_port(), 0);
+  auto stub = v1::Attribution::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", server.port()),
+                          grpc::InsecureChannelCredentials()));
+  const v1::AttributeRequest r = VectorRequest(server.store(), 1);
+  v1::AttributeResponse response;
+  // Created: listening and loaded, not serving yet.
+  grpc::Status status = Call(*stub, r, &response);
+  EXPECT_EQ(status.error_code(), grpc::UNAVAILABLE);
+  EXPECT_TRUE(absl::StrContains(status.error_message(), "loading"))
+      << status.error_message();
+  server.Start();
+  status = Call(*stub, r, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ExpectRightAnswer(server.store(), Vectors(r), response);
+  server.Shutdown(absl::Seconds(5));
+  status = Call(*stub, r, &response, "", 2000);
+  EXPECT_FALSE(status.ok());
+}
+
+TEST_F(ServerTest, TheStackNamesWhatStopsItsStartUp) {
+  stack::ServerConfig config = testing::TestConfig();
+  config.store_dir = SharedStore().store_dir + "-missing";
+  auto missing = stack::ServerStack::Create(config);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound)
+      << missing.status();
+  config.store_dir = SharedStore().store_dir;
+  config.max_batch = 65;
+  auto batch = stack::ServerStack::Create(config);
+  EXPECT_EQ(batch.status().code(), absl::StatusCode::kInvalidArgument)
+      << batch.status();
+  config.max_batch = 8;
+  config.token_file = SharedStore().store_dir + "/no-such-token-file";
+  auto tokens = stack::ServerStack::Create(config);
+  EXPECT_FALSE(tokens.ok());
+  EXPECT_TRUE(absl::StrContains(tokens.status().message(), "no-such-token"))
+      << tokens.status();
 }
 
 TEST_F(ServerTest, HealthFollowsLoadingAndReflectionListsTheService) {
@@ -791,8 +889,8 @@ std::string TlsTest::dir_;
 TEST_F(TlsTest, TlsRefusesPlainTextAndServesTls) {
   StackOptions options;
   options.with_model = false;
-  options.server.tls_cert_file = Path("server.pem");
-  options.server.tls_key_file = Path("server.key");
+  options.config.tls_cert = Path("server.pem");
+  options.config.tls_key = Path("server.key");
   Stack stack(options);
   auto plain = stack.Stub();
   v1::AttributeResponse response;
@@ -806,9 +904,9 @@ TEST_F(TlsTest, TlsRefusesPlainTextAndServesTls) {
 TEST_F(TlsTest, MutualTlsNeedsAClientCertificate) {
   StackOptions options;
   options.with_model = false;
-  options.server.tls_cert_file = Path("server.pem");
-  options.server.tls_key_file = Path("server.key");
-  options.server.tls_client_ca_file = Path("ca.pem");
+  options.config.tls_cert = Path("server.pem");
+  options.config.tls_key = Path("server.key");
+  options.config.tls_client_ca = Path("ca.pem");
   Stack stack(options);
   auto no_cert = stack.Stub(Tls(false));
   v1::AttributeResponse response;
