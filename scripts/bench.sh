@@ -4,6 +4,10 @@
 #   scripts/bench.sh projection               the named ones
 #   scripts/bench.sh projection -- --benchmark_filter=sjlt   arguments for the binaries
 #   scripts/bench.sh scan -- --n 20000 --queries 1,8     a smaller scan store
+#   scripts/bench.sh soak                     retraced under mixed valid and
+#                                             invalid traffic, RSS per minute
+#                                             (scripts/soak.sh; only when named,
+#                                             10 min, RETRACE_SOAK_MINUTES)
 # Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt), and
 # `scan` also runs scan_gpu_bench: the GPU scan against the device's copy
 # bandwidth, PyTorch on the device and the CPU backend (on a machine without a
@@ -24,9 +28,11 @@ cd "$(dirname "$0")/.."
 # Every known benchmark; add a NAME here and a retrace_add_bench(NAME_bench ...)
 # line in bench/CMakeLists.txt.
 all=(projection scan featurize server)
+# Named only: not part of a plain run (it takes ten minutes).
+extra=(soak)
 
 usage() {
-  echo "usage: scripts/bench.sh [NAME...] [-- benchmark args]   (NAME: ${all[*]})" >&2
+  echo "usage: scripts/bench.sh [NAME...] [-- benchmark args]   (NAME: ${all[*]} ${extra[*]})" >&2
 }
 
 names=()
@@ -41,7 +47,7 @@ while [ $# -gt 0 ]; do
 done
 [ ${#names[@]} -eq 0 ] && names=("${all[@]}")
 for n in "${names[@]}"; do
-  if [[ ! " ${all[*]} " =~ " ${n} " ]]; then
+  if [[ ! " ${all[*]} ${extra[*]} " =~ " ${n} " ]]; then
     echo "bench.sh: unknown benchmark '$n'" >&2
     usage
     exit 2
@@ -68,6 +74,10 @@ cmake -S . -B "$build_dir" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
 # build has no LibTorch, hence no scan_bench).
 known_targets=$(cmake --build "$build_dir" --target help | sed -n 's/^\(\.\.\. \)\{0,1\}\([A-Za-z0-9_]*\)[: ].*/\2/p')
 programs_of() {
+  if [ "$1" = soak ]; then
+    echo retraced; echo retrace-batch; echo retrace; echo retrace_python_stubs
+    return
+  fi
   local candidates=("$1_bench")
   [ "$1" = scan ] && candidates+=(scan_gpu_bench)
   for t in "${candidates[@]}"; do
@@ -103,6 +113,13 @@ ratios=()
 failed=()
 for n in "${names[@]}"; do
   : >"$results/$n.txt"
+  if [ "$n" = soak ]; then
+    echo "== soak ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+    bash scripts/soak.sh --build-dir "$build_dir" \
+      --minutes "${RETRACE_SOAK_MINUTES:-10}" 2>&1 | tee -a "$results/soak.txt" ||
+      failed+=(soak)
+    continue
+  fi
   mapfile -t progs < <(programs_of "$n")
   for prog in "${progs[@]}"; do
     echo "== $n: $prog ($(date -u +%Y-%m-%dT%H:%M:%SZ))"

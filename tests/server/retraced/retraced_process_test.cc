@@ -10,6 +10,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -110,6 +111,8 @@ class Retraced {
     return status;
   }
   std::string Log() const { return testing::ReadAll(dir_ + "/log"); }
+  pid_t pid() const { return pid_; }
+  const std::string& dir() const { return dir_; }
 
  private:
   std::string dir_;
@@ -369,6 +372,42 @@ TEST(RetracedProcessTest, PythonClientExampleGetsTheServersAnswer) {
       EXPECT_NE(printed.find(row), std::string::npos) << row << "\n" << printed;
     }
   }
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+// Overload and abuse over loopback (abuse_client.py): limits far below the
+// traffic (4 concurrent calls, 8 queued queries, 1 MiB messages), a mix of
+// valid requests (answered exactly as when alone, or RESOURCE_EXHAUSTED),
+// invalid ones (INVALID_ARGUMENT), vanishing and slow stream clients and
+// bursts, for 40 s; the server never exits and its resident memory ends
+// within 256 MiB of where it was after the first 10 s.
+TEST(RetracedProcessTest, OverloadAndAbuseOverLoopback) {
+  if (access("/usr/bin/python3", X_OK) != 0) {
+    GTEST_SKIP() << "/usr/bin/python3 is not installed";
+  }
+  Retraced server({"--metrics-port", "-1", "--max-concurrent", "4",
+                   "--max-queue", "8", "--max-message-bytes", "1048576"});
+  const int port = server.WaitReady();
+  ASSERT_GT(port, 0);
+  const std::string out = server.dir() + "/abuse.txt";
+  const std::string report = server.dir() + "/abuse.json";
+  const std::string command = absl::StrCat(
+      "/usr/bin/python3 ", SOURCE_DIR,
+      "/tests/server/retraced/abuse_client.py --address 127.0.0.1:", port,
+      " --pid ", server.pid(), " --shape 1,28,28 --pb-dir ", PY_STUBS_DIR,
+      " --seconds 40 --threads 6 --burst 4 --rss-interval 10",
+      " --max-message-bytes 1048576 --report ", report, " > ", out, " 2>&1");
+  ASSERT_EQ(std::system(command.c_str()), 0)
+      << testing::ReadAll(out) << "\nserver log:\n"
+      << server.Log();
+  const nlohmann::json summary =
+      nlohmann::json::parse(testing::ReadAll(report));
+  const auto& rss = summary.at("rss_kib");
+  ASSERT_GE(rss.size(), 3u) << summary.dump();
+  const int64_t warm = rss[1].at("rss_kib").get<int64_t>();
+  const int64_t last = rss.back().at("rss_kib").get<int64_t>();
+  EXPECT_LT(last - warm, 256 * 1024) << summary.dump();
+  std::cout << testing::ReadAll(out);
   EXPECT_EQ(server.Terminate(), 0);
 }
 
