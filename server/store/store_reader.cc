@@ -38,7 +38,7 @@ int64_t StoreReader::total_vector_bytes() const {
 absl::StatusOr<std::unique_ptr<StoreReader>> StoreReader::Open(
     const std::string& dir, const Options& options) {
   const std::string manifest_path = absl::StrCat(dir, "/", kManifestFileName);
-  absl::StatusOr<std::string> text = ReadFile(manifest_path);
+  absl::StatusOr<std::string> text = options.env->ReadFile(manifest_path);
   if (absl::IsNotFound(text.status())) {
     return absl::NotFoundError(absl::StrCat(
         manifest_path,
@@ -61,7 +61,7 @@ absl::Status StoreReader::OpenShard(int64_t index, const Options& options) {
   const std::string field =
       absl::StrCat(kManifestFileName, " shards[", index, "]");
   ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map,
-                   MapListedShard(path, field));
+                   MapListedShard(options.env, path, field));
   const MappedFile& file = *map;
   ASSIGN_OR_RETURN(SafetensorsHeader header,
                    ParseSafetensorsHeader(file.data(), file.size(), path));

@@ -36,11 +36,8 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/dtype.h"
+#include "server/core/env.h"
 #include "server/store/manifest.h"
-
-namespace retrace {
-class MappedFile;  // server/core/file_util.h
-}  // namespace retrace
 
 namespace retrace::store {
 
@@ -62,6 +59,8 @@ struct StoreReaderOptions {
   // Hash every shard and compare with manifest.json. Turning it off makes
   // Open cost O(number of samples) instead of O(store bytes).
   bool verify_checksums = true;
+  // Where the files are read from (not owned; must outlive Open).
+  Env* env = Env::Default();
 };
 
 class StoreReader {
