@@ -90,7 +90,7 @@ class FaultWritableFile : public WritableFile {
  private:
   FaultEnv::Decision Decide(FaultEnv::Op op) {
     std::lock_guard<std::mutex> lock(env_->mu_);
-    return env_->Enter(op);
+    return env_->Enter(op, path());
   }
 
   FaultEnv* const env_;
@@ -122,7 +122,14 @@ const char* FaultEnv::OpName(Op op) {
 FaultEnv::FaultEnv(Env* base) : base_(base) {}
 
 void FaultEnv::FailNth(Op op, int64_t n, int err, bool short_write) {
+  FailNthOn("", op, n, err, short_write);
+}
+
+void FaultEnv::FailNthOn(const std::string& path_part, Op op, int64_t n,
+                         int err, bool short_write) {
   std::lock_guard<std::mutex> lock(mu_);
+  fault_path_part_ = path_part;
+  fault_matches_ = 0;
   fault_op_ = int(op);
   fault_n_ = n;
   fault_err_ = err;
@@ -150,9 +157,9 @@ bool FaultEnv::crashed() const {
   return crashed_;
 }
 
-FaultEnv::Decision FaultEnv::Enter(Op op) {
+FaultEnv::Decision FaultEnv::Enter(Op op, const std::string& path) {
   const int64_t point = write_points_++;
-  const int64_t n = calls_[size_t(op)]++;
+  ++calls_[size_t(op)];
   const bool may_tear = op == Op::kWrite;
   if (crashed_) return {Outcome::kFail, EIO};
   if (point == crash_point_) {
@@ -160,7 +167,9 @@ FaultEnv::Decision FaultEnv::Enter(Op op) {
     return {may_tear && torn_write_ ? Outcome::kShortThenFail : Outcome::kFail,
             EIO};
   }
-  if (int(op) == fault_op_ && n == fault_n_) {
+  if (int(op) == fault_op_ &&
+      path.find(fault_path_part_) != std::string::npos &&
+      fault_matches_++ == fault_n_) {
     return {may_tear && fault_short_ ? Outcome::kShortThenFail : Outcome::kFail,
             fault_err_};
   }
@@ -193,7 +202,7 @@ void FaultEnv::RecordSync(const std::string& path) {
 absl::StatusOr<std::unique_ptr<WritableFile>> FaultEnv::NewWritableFile(
     const std::string& path) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Decision d = Enter(Op::kCreate);
+  const Decision d = Enter(Op::kCreate, path);
   if (d.outcome != Outcome::kProceed) return IoError("create", path, d.err);
   const bool existed = base_->FileExists(path).value_or(false);
   absl::StatusOr<std::unique_ptr<WritableFile>> file =
@@ -210,7 +219,7 @@ absl::StatusOr<std::unique_ptr<WritableFile>> FaultEnv::NewWritableFile(
 
 absl::Status FaultEnv::SyncFile(const std::string& path) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Decision d = Enter(Op::kSync);
+  const Decision d = Enter(Op::kSync, path);
   if (d.outcome != Outcome::kProceed) return IoError("fsync", path, d.err);
   absl::Status status = base_->SyncFile(path);
   if (!status.ok()) return status;
@@ -223,7 +232,7 @@ absl::Status FaultEnv::SyncFile(const std::string& path) {
 absl::Status FaultEnv::RenameFile(const std::string& from,
                                   const std::string& to) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Decision d = Enter(Op::kRename);
+  const Decision d = Enter(Op::kRename, to);
   if (d.outcome != Outcome::kProceed) {
     return IoError(absl::StrCat("rename from '", from, "'"), to, d.err);
   }
@@ -241,7 +250,7 @@ absl::Status FaultEnv::RenameFile(const std::string& from,
 
 absl::Status FaultEnv::RemoveFile(const std::string& path) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Decision d = Enter(Op::kRemove);
+  const Decision d = Enter(Op::kRemove, path);
   if (d.outcome != Outcome::kProceed) return IoError("remove", path, d.err);
   auto [existed, contents] = DurableContents(path);
   RETURN_IF_ERROR(base_->RemoveFile(path));
@@ -254,7 +263,7 @@ absl::Status FaultEnv::RemoveFile(const std::string& path) {
 
 absl::Status FaultEnv::CreateDirectories(const std::string& dir) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Decision d = Enter(Op::kCreateDir);
+  const Decision d = Enter(Op::kCreateDir, dir);
   if (d.outcome != Outcome::kProceed) {
     return IoError("create directory", dir, d.err);
   }
@@ -263,7 +272,7 @@ absl::Status FaultEnv::CreateDirectories(const std::string& dir) {
 
 absl::Status FaultEnv::SyncDirectory(const std::string& dir) {
   std::lock_guard<std::mutex> lock(mu_);
-  const Decision d = Enter(Op::kSyncDir);
+  const Decision d = Enter(Op::kSyncDir, dir);
   if (d.outcome != Outcome::kProceed) {
     return IoError("fsync directory", dir, d.err);
   }
@@ -337,6 +346,8 @@ absl::Status FaultEnv::DropUnsyncedData() {
   crashed_ = false;
   fault_op_ = -1;
   fault_n_ = -1;
+  fault_path_part_.clear();
+  fault_matches_ = 0;
   return absl::OkStatus();
 }
 

@@ -65,6 +65,10 @@ class FaultEnv : public Env {
   // kWrite with `short_write` first writes the first half of its bytes. Later
   // calls succeed. One fault at a time: a second call replaces the first.
   void FailNth(Op op, int64_t n, int err, bool short_write = false);
+  // As FailNth, counting only the calls of `op` whose path (a rename's
+  // target) contains `path_part`, e.g. the second fsync of "train-state.pt".
+  void FailNthOn(const std::string& path_part, Op op, int64_t n, int err,
+                 bool short_write = false);
 
   // Simulated power loss at write point `point`: that call and every later
   // write point fail with EIO ("simulated crash") and change nothing (with
@@ -123,8 +127,9 @@ class FaultEnv : public Env {
     std::string old_contents;  // kRenamed: replaced target; kRemoved: file
   };
 
-  // Counts a write point of `op` and decides its fate. Requires mu_.
-  Decision Enter(Op op);
+  // Counts a write point of `op` on `path` and decides its fate. Requires
+  // mu_.
+  Decision Enter(Op op, const std::string& path);
   // The durable part of `path`'s contents as they are now (for undoing a
   // removal or a replacing rename). Requires mu_.
   std::pair<bool, std::string> DurableContents(const std::string& path);
@@ -142,6 +147,8 @@ class FaultEnv : public Env {
   int64_t fault_n_ = -1;
   int fault_err_ = 0;
   bool fault_short_ = false;
+  std::string fault_path_part_;  // empty: any path
+  int64_t fault_matches_ = 0;    // calls that matched op and path so far
   std::map<std::string, FileState> files_;  // by current path
   std::map<std::string, std::vector<DirChange>> dir_changes_;  // by directory
 };
