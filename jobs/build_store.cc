@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <numeric>
 #include <utility>
@@ -326,11 +325,11 @@ json BuildDiagnostics(const store::StoreSpec& spec, uint64_t store_seed,
 
 // Appends the `norms` tensor of shard `index` (samples_per_shard·C·S floats,
 // or fewer for the last) to `out`.
-absl::Status ReadShardNorms(const std::string& dir, int64_t index,
+absl::Status ReadShardNorms(Env* env, const std::string& dir, int64_t index,
                             int64_t expected_count, int64_t values_per_sample,
                             std::vector<float>* out) {
   const std::string path = absl::StrCat(dir, "/", store::ShardFileName(index));
-  ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map, MappedFile::Open(path));
+  ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map, env->MapFile(path));
   ASSIGN_OR_RETURN(
       store::SafetensorsHeader header,
       store::ParseSafetensorsHeader(map->data(), map->size(), path));
@@ -410,10 +409,10 @@ absl::StatusOr<std::string> PartsSpecText(const store::StoreSpec& spec,
 // part of the same build) is identical. Parts may run side by side in one
 // directory, so each writes through a temporary name of its own; JoinStore
 // removes any such temporary a killed part left.
-absl::Status WritePartsSpec(const std::string& dir, int64_t part_index,
-                            const std::string& text) {
+absl::Status WritePartsSpec(Env* env, const std::string& dir,
+                            int64_t part_index, const std::string& text) {
   const std::string path = absl::StrCat(dir, "/", kPartsSpecFile);
-  absl::StatusOr<std::string> existing = ReadFile(path);
+  absl::StatusOr<std::string> existing = env->ReadFile(path);
   if (existing.ok()) {
     if (*existing == text) return absl::OkStatus();
     return absl::FailedPreconditionError(absl::StrCat(
@@ -424,15 +423,12 @@ absl::Status WritePartsSpec(const std::string& dir, int64_t part_index,
   if (!absl::IsNotFound(existing.status())) return existing.status();
   const std::string temp = absl::StrCat(path, ".", part_index, kTempSuffix);
   {
-    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.flush();
-    if (!out) {
-      return absl::PermissionDeniedError(
-          absl::StrCat(temp, ": cannot write the build spec"));
-    }
+    ASSIGN_OR_RETURN(std::unique_ptr<WritableFile> out,
+                     env->NewWritableFile(temp));
+    RETURN_IF_ERROR(out->Append(text));
+    RETURN_IF_ERROR(out->Close());
   }
-  return CommitFile(temp, path);
+  return CommitFile(env, temp, path);
 }
 
 // kPartsSpecFile and the temporaries WritePartsSpec may have left.
@@ -516,7 +512,8 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   std::string run_dir;
   if (!description.training_run.empty()) {
     run_dir = description.Resolve(description.training_run);
-    ASSIGN_OR_RETURN(run, LoadRun(run_dir, /*verify_checksums=*/true));
+    ASSIGN_OR_RETURN(run,
+                     LoadRun(run_dir, /*verify_checksums=*/true, options.env));
     if (!run->complete || run->checkpoints.empty()) {
       return absl::FailedPreconditionError(absl::StrCat(
           run_dir, ": the training run is unfinished (", run->steps_done,
@@ -643,17 +640,18 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   result.total_samples = total;
   result.input_dim = first.input_dim();
   if (options.num_parts == 0) {
-    ASSIGN_OR_RETURN(whole, store::StoreWriter::Create(options.out_dir, spec));
+    ASSIGN_OR_RETURN(
+        whole, store::StoreWriter::Create(options.out_dir, spec, options.env));
     sink = std::make_unique<WholeSink>(whole.get());
     result.first_sample = 0;
     result.end_sample = total;
   } else {
     ASSIGN_OR_RETURN(part, store::StorePartWriter::Create(
                                options.out_dir, spec, options.part_index,
-                               options.num_parts, total));
+                               options.num_parts, total, options.env));
     ASSIGN_OR_RETURN(const std::string spec_text, PartsSpecText(spec, total));
-    RETURN_IF_ERROR(
-        WritePartsSpec(options.out_dir, options.part_index, spec_text));
+    RETURN_IF_ERROR(WritePartsSpec(options.env, options.out_dir,
+                                   options.part_index, spec_text));
     sink = std::make_unique<PartSink>(part.get());
     result.first_sample = part->range().first_sample;
     result.end_sample = part->range().end_sample;
@@ -673,7 +671,7 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   if (whole != nullptr) {
     all_norms.reserve(static_cast<size_t>(total * num_c * num_s));
     for (int64_t shard = 0; shard * config.samples_per_shard < start; ++shard) {
-      RETURN_IF_ERROR(ReadShardNorms(options.out_dir, shard,
+      RETURN_IF_ERROR(ReadShardNorms(options.env, options.out_dir, shard,
                                      config.samples_per_shard, num_c * num_s,
                                      &all_norms));
     }
@@ -811,9 +809,9 @@ absl::StatusOr<StoreBuildResult> BuildStore(
   return result;
 }
 
-absl::StatusOr<store::Manifest> JoinStore(const std::string& dir) {
+absl::StatusOr<store::Manifest> JoinStore(const std::string& dir, Env* env) {
   const std::string spec_path = absl::StrCat(dir, "/", kPartsSpecFile);
-  ASSIGN_OR_RETURN(const std::string text, ReadFile(spec_path));
+  ASSIGN_OR_RETURN(const std::string text, env->ReadFile(spec_path));
   const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!j.is_object() || j.value("format", "") != kPartsSpecFormat ||
       !j.contains("spec") || !j.contains("num_samples") ||
@@ -838,12 +836,13 @@ absl::StatusOr<store::Manifest> JoinStore(const std::string& dir) {
   const int64_t values = spec.num_checkpoints() * spec.num_slots();
   std::vector<float> norms;
   for (int64_t shard = 0; shard < store::NumShards(total, k); ++shard) {
-    RETURN_IF_ERROR(ReadShardNorms(
-        dir, shard, store::ShardSampleCount(shard, total, k), values, &norms));
+    RETURN_IF_ERROR(ReadShardNorms(env, dir, shard,
+                                   store::ShardSampleCount(shard, total, k),
+                                   values, &norms));
   }
   const json diagnostics = BuildDiagnostics(spec, store_seed, norms, total);
   ASSIGN_OR_RETURN(store::Manifest manifest,
-                   store::JoinStoreParts(dir, spec, diagnostics));
+                   store::JoinStoreParts(dir, spec, diagnostics, env));
   if (manifest.num_samples != total) {
     return absl::InternalError(
         absl::StrCat(dir, ": joined ", manifest.num_samples, " samples but ",
@@ -851,11 +850,12 @@ absl::StatusOr<store::Manifest> JoinStore(const std::string& dir) {
   }
   // The store is complete; the spec file and its temporaries go, so that the
   // directory equals a whole-store build.
-  ASSIGN_OR_RETURN(const std::vector<std::string> names, ListDirectory(dir));
+  ASSIGN_OR_RETURN(const std::vector<std::string> names,
+                   env->ListDirectory(dir));
   for (const std::string& name : names) {
-    if (IsPartsSpecFile(name)) RETURN_IF_ERROR(RemoveFile(dir, name));
+    if (IsPartsSpecFile(name)) RETURN_IF_ERROR(RemoveFile(env, dir, name));
   }
-  RETURN_IF_ERROR(SyncDirectory(dir));
+  RETURN_IF_ERROR(env->SyncDirectory(dir));
   return manifest;
 }
 

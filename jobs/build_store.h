@@ -39,6 +39,7 @@
 #include "absl/types/span.h"
 #include "kernels/dtype.h"
 #include "kernels/projection.h"
+#include "server/core/env.h"
 #include "server/data/image_set.h"
 #include "server/model/device.h"
 #include "server/store/manifest.h"
@@ -118,6 +119,9 @@ struct StoreBuildOptions {
   // done; returning true stops the build (the shards written so far stay and
   // a rerun resumes from them).
   std::function<bool(int64_t samples_done)> should_stop;
+  // The store's files (and the parts' build spec) are written and read
+  // through this Env (not owned).
+  Env* env = Env::Default();
 };
 
 struct StoreBuildResult {
@@ -157,8 +161,9 @@ absl::StatusOr<StoreBuildResult> BuildStore(
 // diagnostics from the shards, runs store::JoinStoreParts and removes
 // kPartsSpecFile. The result is byte-identical to a whole-store build.
 // NOT_FOUND when kPartsSpecFile or a part is missing; other errors as
-// JoinStoreParts.
-absl::StatusOr<store::Manifest> JoinStore(const std::string& dir);
+// JoinStoreParts. File I/O goes through `env`.
+absl::StatusOr<store::Manifest> JoinStore(const std::string& dir,
+                                          Env* env = Env::Default());
 
 }  // namespace retrace::jobs
 

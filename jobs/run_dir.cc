@@ -290,9 +290,9 @@ absl::StatusOr<std::vector<float>> ParseLossLog(absl::string_view text,
 }
 
 absl::StatusOr<RunManifest> LoadRun(const std::string& run_dir,
-                                    bool verify_checksums) {
+                                    bool verify_checksums, Env* env) {
   const std::string path = absl::StrCat(run_dir, "/", kRunJsonFile);
-  absl::StatusOr<std::string> text = ReadFile(path);
+  absl::StatusOr<std::string> text = env->ReadFile(path);
   if (!text.ok()) return text.status();
   absl::StatusOr<RunManifest> manifest = ParseRunJson(*text, path);
   if (!manifest.ok() || !verify_checksums) return manifest;

@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "server/core/env.h"
 #include "server/data/image_set.h"
 #include "server/model/loss.h"
 #include "server/model/schedule.h"
@@ -153,8 +154,10 @@ run::ModelDescription DescribeRunModel(const RunManifest& manifest);
 // Reads run_dir/run.json. With verify_checksums, also hashes every listed
 // checkpoint and replay.bin and returns DATA_LOSS naming the file on a
 // mismatch (NOT_FOUND when one is missing).
+// run.json is read through `env` (not owned).
 absl::StatusOr<RunManifest> LoadRun(const std::string& run_dir,
-                                    bool verify_checksums = true);
+                                    bool verify_checksums = true,
+                                    Env* env = Env::Default());
 
 }  // namespace retrace::jobs
 

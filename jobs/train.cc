@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <filesystem>
 #include <memory>
 #include <utility>
 
@@ -74,7 +73,7 @@ absl::Status SaveTrainState(TrainingCall& s, int64_t steps_done) {
         archive.save_to(temp_path);
         return absl::OkStatus();
       }));
-  return CommitFile(temp_path, path);
+  return CommitFile(s.options.env, temp_path, path);
 }
 
 // Restores weights and Adam state; returns the step the state was saved at.
@@ -142,18 +141,50 @@ absl::StatusOr<CheckpointInfo> DescribeCheckpoint(const TrainingCall& s,
   return info;
 }
 
-absl::Status WriteReplayLog(TrainingCall& s,
-                            const std::vector<int64_t>& steps) {
+// The replay log of the checkpoints at `steps` (a function of the run's
+// seed, data and those steps); sets the manifest's replay_sha256 to it.
+absl::StatusOr<std::string> ReplayLogBytes(TrainingCall& s,
+                                           const std::vector<int64_t>& steps) {
   ASSIGN_OR_RETURN(BatchOrder order,
                    BatchOrder::Create(s.config.run_seed, s.images.size(),
                                       s.config.batch_size));
   ASSIGN_OR_RETURN(model::ReplayLog log,
                    BuildReplayLog(s.config.run_seed, s.config.num_timesteps,
                                   order, steps, s.sample_ids));
-  const std::string bytes = log.Serialize();
+  std::string bytes = log.Serialize();
   s.manifest.replay_sha256 = Sha256Hex(bytes);
-  return WriteFileAtomically(PathIn(s.options.run_dir, model::kReplayLogFile),
-                             bytes);
+  return bytes;
+}
+
+absl::Status WriteReplayLog(TrainingCall& s,
+                            const std::vector<int64_t>& steps) {
+  ASSIGN_OR_RETURN(const std::string bytes, ReplayLogBytes(s, steps));
+  return WriteFileAtomically(
+      s.options.env, PathIn(s.options.run_dir, model::kReplayLogFile), bytes);
+}
+
+// On resume, replay.bin must describe exactly the checkpoints that
+// train-state.pt covers. run.json's replay_sha256 cannot be trusted for
+// that: a crash or a failed commit after train-state.pt moved forward but
+// before run.json did leaves it one checkpoint behind, and one before
+// train-state.pt moved can leave replay.bin one checkpoint ahead. So the
+// log is recomputed, and replay.bin rewritten only when it differs.
+absl::Status RestoreReplayLog(TrainingCall& s) {
+  std::vector<int64_t> steps;
+  for (const CheckpointInfo& c : s.manifest.checkpoints)
+    steps.push_back(c.step);
+  if (steps.empty()) {
+    s.manifest.replay_sha256.clear();
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(const std::string bytes, ReplayLogBytes(s, steps));
+  const std::string path = PathIn(s.options.run_dir, model::kReplayLogFile);
+  absl::StatusOr<std::string> on_disk = s.options.env->ReadFile(path);
+  if (on_disk.ok() && *on_disk == bytes) return absl::OkStatus();
+  if (!on_disk.ok() && !absl::IsNotFound(on_disk.status())) {
+    return on_disk.status();
+  }
+  return WriteFileAtomically(s.options.env, path, bytes);
 }
 
 // run.json and, once the run is complete, model.toml (the model description
@@ -161,11 +192,11 @@ absl::Status WriteReplayLog(TrainingCall& s,
 // description always names a finished run).
 absl::Status WriteRunFiles(const TrainingCall& s) {
   const std::string& dir = s.options.run_dir;
-  RETURN_IF_ERROR(WriteFileAtomically(PathIn(dir, kRunJsonFile),
+  RETURN_IF_ERROR(WriteFileAtomically(s.options.env, PathIn(dir, kRunJsonFile),
                                       FormatRunJson(s.manifest)));
   if (!s.manifest.complete) return absl::OkStatus();
   return WriteFileAtomically(
-      PathIn(dir, run::kModelDescriptionFile),
+      s.options.env, PathIn(dir, run::kModelDescriptionFile),
       run::FormatModelDescription(DescribeRunModel(s.manifest)));
 }
 
@@ -178,7 +209,7 @@ absl::Status SaveProgress(TrainingCall& s, int64_t steps_done,
   if (checkpoint) {
     const std::string path = PathIn(dir, CheckpointFileName(steps_done));
     RETURN_IF_ERROR(s.net->Save(path + kTempSuffix));
-    RETURN_IF_ERROR(CommitFile(path + kTempSuffix, path));
+    RETURN_IF_ERROR(CommitFile(s.options.env, path + kTempSuffix, path));
     ASSIGN_OR_RETURN(CheckpointInfo info, DescribeCheckpoint(s, steps_done));
     s.manifest.checkpoints.push_back(info);
     std::vector<int64_t> steps;
@@ -187,8 +218,8 @@ absl::Status SaveProgress(TrainingCall& s, int64_t steps_done,
     }
     RETURN_IF_ERROR(WriteReplayLog(s, steps));
   }
-  RETURN_IF_ERROR(
-      WriteFileAtomically(PathIn(dir, kLossLogFile), FormatLossLog(s.losses)));
+  RETURN_IF_ERROR(WriteFileAtomically(s.options.env, PathIn(dir, kLossLogFile),
+                                      FormatLossLog(s.losses)));
   RETURN_IF_ERROR(SaveTrainState(s, steps_done));
   s.manifest.steps_done = steps_done;
   s.manifest.complete = steps_done == s.config.steps;
@@ -199,7 +230,7 @@ absl::Status SaveProgress(TrainingCall& s, int64_t steps_done,
 absl::StatusOr<int64_t> PrepareRunDirectory(TrainingCall& s) {
   const std::string& dir = s.options.run_dir;
   const std::string run_json = PathIn(dir, kRunJsonFile);
-  absl::StatusOr<std::string> text = ReadFile(run_json);
+  absl::StatusOr<std::string> text = s.options.env->ReadFile(run_json);
   if (!text.ok() && !absl::IsNotFound(text.status())) return text.status();
   if (text.ok()) {
     ASSIGN_OR_RETURN(RunManifest existing, ParseRunJson(*text, run_json));
@@ -219,11 +250,11 @@ absl::StatusOr<int64_t> PrepareRunDirectory(TrainingCall& s) {
              "uninterrupted run";
     }
     const std::string state = PathIn(dir, kTrainStateFile);
-    std::error_code error;
-    if (std::filesystem::exists(state, error)) {
+    ASSIGN_OR_RETURN(const bool have_state, s.options.env->FileExists(state));
+    if (have_state) {
       ASSIGN_OR_RETURN(const int64_t steps_done, LoadTrainState(s, state));
       ASSIGN_OR_RETURN(std::string loss_text,
-                       ReadFile(PathIn(dir, kLossLogFile)));
+                       s.options.env->ReadFile(PathIn(dir, kLossLogFile)));
       ASSIGN_OR_RETURN(s.losses,
                        ParseLossLog(loss_text, PathIn(dir, kLossLogFile)));
       if (static_cast<int64_t>(s.losses.size()) < steps_done) {
@@ -245,7 +276,7 @@ absl::StatusOr<int64_t> PrepareRunDirectory(TrainingCall& s) {
         }
         s.manifest.checkpoints.push_back(*std::move(info));
       }
-      s.manifest.replay_sha256 = existing.replay_sha256;
+      RETURN_IF_ERROR(RestoreReplayLog(s));
       s.manifest.steps_done = steps_done;
       s.manifest.complete = existing.complete && steps_done == s.config.steps;
       RETRACE_LOG(INFO) << "resuming " << dir << " at step " << steps_done
@@ -255,7 +286,8 @@ absl::StatusOr<int64_t> PrepareRunDirectory(TrainingCall& s) {
   }
   // A new run: record it at once so that a conflicting run is refused even
   // before the first checkpoint.
-  RETURN_IF_ERROR(WriteFileAtomically(run_json, FormatRunJson(s.manifest)));
+  RETURN_IF_ERROR(
+      WriteFileAtomically(s.options.env, run_json, FormatRunJson(s.manifest)));
   return 0;
 }
 
@@ -326,7 +358,7 @@ absl::StatusOr<TrainResult> Train(const TrainConfig& config,
     return absl::OkStatus();
   }));
 
-  RETURN_IF_ERROR(EnsureWritableDirectory(options.run_dir));
+  RETURN_IF_ERROR(EnsureWritableDirectory(options.env, options.run_dir));
   ASSIGN_OR_RETURN(
       std::unique_ptr<DirectoryLock> lock,
       DirectoryLock::Acquire(options.run_dir, DirectoryLock::Mode::kExclusive,

@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "jobs/run_dir.h"
+#include "server/core/env.h"
 #include "server/data/image_set.h"
 #include "server/model/device.h"
 
@@ -61,6 +62,10 @@ struct TrainOptions {
   // Called after every step with the number of steps done; returning true
   // stops training after saving the resume state (for SIGINT, or tests).
   std::function<bool(int64_t steps_done)> should_stop;
+  // The run directory's files are written, committed (fsync, rename, fsync
+  // of the directory) and read through this Env (not owned). LibTorch writes
+  // checkpoints and train-state.pt to their temporary names itself.
+  Env* env = Env::Default();
 };
 
 struct TrainResult {

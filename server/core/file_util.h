@@ -1,6 +1,8 @@
-// Small POSIX file helpers shared by the store and the offline jobs: atomic
+// Small file helpers shared by the store and the offline jobs: atomic
 // writes, whole-file reads, directory listing, read-only maps and advisory
-// locks. Errors are absl::Status values whose message names the path.
+// locks. The helpers that take an Env* do their I/O through it (env.h);
+// the overloads without one use Env::Default(). Errors are absl::Status
+// values whose message names the operation and the path.
 // Thread-safe (no shared state); each lock object belongs to one owner.
 #ifndef RETRACE_SERVER_CORE_FILE_UTIL_H_
 #define RETRACE_SERVER_CORE_FILE_UTIL_H_
@@ -15,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "server/core/env.h"
 
 namespace retrace {
 
@@ -24,19 +27,29 @@ inline constexpr char kTempSuffix[] = ".tmp";
 // Writes the concatenation of `pieces` to dir/name so that a crash at any
 // moment leaves either no file or the complete one: the bytes go to
 // dir/name.tmp, which is fsynced, renamed over dir/name, and then the
-// directory is fsynced so that the rename itself is durable.
+// directory is fsynced so that the rename itself is durable. On an error
+// before the rename the temporary file is removed (best effort) and `path`
+// is untouched; an error from the directory fsync comes after the rename.
+absl::Status WriteFileAtomically(Env* env, const std::string& dir,
+                                 const std::string& name,
+                                 absl::Span<const absl::string_view> pieces);
 absl::Status WriteFileAtomically(const std::string& dir,
                                  const std::string& name,
                                  absl::Span<const absl::string_view> pieces);
 
 // Writes `bytes` to path + kTempSuffix and commits it as `path` (the same
 // guarantees as above).
+absl::Status WriteFileAtomically(Env* env, const std::string& path,
+                                 absl::string_view bytes);
 absl::Status WriteFileAtomically(const std::string& path,
                                  absl::string_view bytes);
 
 // Makes `path` durable under its final name: fsyncs `temp_path`, renames it
 // over `path`, then fsyncs the directory so the rename survives a crash. For
 // files written by other libraries (e.g. LibTorch's save) to a temporary name.
+// When the fsync or the rename fails, `path` keeps its earlier contents.
+absl::Status CommitFile(Env* env, const std::string& temp_path,
+                        const std::string& path);
 absl::Status CommitFile(const std::string& temp_path, const std::string& path);
 
 // Reads a whole file into memory. NotFound when it does not exist.
@@ -44,12 +57,15 @@ absl::StatusOr<std::string> ReadFile(const std::string& path);
 
 // Creates `dir` (and parents) if needed and checks that files can be created
 // in it. PermissionDenied / FailedPrecondition say which directory and why.
+absl::Status EnsureWritableDirectory(Env* env, const std::string& dir);
 absl::Status EnsureWritableDirectory(const std::string& dir);
 
 // Names of the entries of `dir` (without "." and ".."), sorted.
 absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir);
 
 // Removes dir/name; ok when it does not exist.
+absl::Status RemoveFile(Env* env, const std::string& dir,
+                        const std::string& name);
 absl::Status RemoveFile(const std::string& dir, const std::string& name);
 
 // fsync of a directory, making renames and removals in it durable.

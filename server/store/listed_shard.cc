@@ -6,8 +6,8 @@
 namespace retrace::store {
 
 absl::StatusOr<std::unique_ptr<MappedFile>> MapListedShard(
-    const std::string& path, const std::string& field) {
-  absl::StatusOr<std::unique_ptr<MappedFile>> map = MappedFile::Open(path);
+    Env* env, const std::string& path, const std::string& field) {
+  absl::StatusOr<std::unique_ptr<MappedFile>> map = env->MapFile(path);
   if (absl::IsNotFound(map.status())) {
     return absl::NotFoundError(
         absl::StrCat(path, ": missing (listed in ", field, ")"));

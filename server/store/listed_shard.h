@@ -13,9 +13,10 @@
 namespace retrace::store {
 
 // Maps the shard at `path`, which `field` (e.g. "manifest.json shards[3]")
-// lists. NotFound "<path>: missing (listed in <field>)" when it is absent.
+// lists, through `env`. NotFound "<path>: missing (listed in <field>)" when
+// it is absent.
 absl::StatusOr<std::unique_ptr<MappedFile>> MapListedShard(
-    const std::string& path, const std::string& field);
+    Env* env, const std::string& path, const std::string& field);
 
 // DataLoss "<path>: checksum mismatch: <field>.sha256 expects <expected>, the
 // file has <actual>" unless the mapped file's sha256 is `expected`.

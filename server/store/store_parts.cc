@@ -281,13 +281,13 @@ StorePartWriter::~StorePartWriter() = default;
 
 absl::StatusOr<std::unique_ptr<StorePartWriter>> StorePartWriter::Create(
     const std::string& dir, const StoreSpec& spec, int64_t part_index,
-    int64_t num_parts, int64_t total_samples) {
+    int64_t num_parts, int64_t total_samples, Env* env) {
   RETURN_IF_ERROR(Annotate(spec.Validate(), "store spec"));
   ASSIGN_OR_RETURN(PartRange range,
                    ComputePartRange(total_samples, spec.samples_per_shard,
                                     part_index, num_parts));
   ASSIGN_OR_RETURN(std::unique_ptr<StoreWriter> writer,
-                   StoreWriter::CreateImpl(dir, spec, &range));
+                   StoreWriter::CreateImpl(dir, spec, &range, env));
   return std::unique_ptr<StorePartWriter>(
       new StorePartWriter(range, std::move(writer)));
 }
@@ -326,7 +326,7 @@ absl::StatusOr<PartRecord> StorePartWriter::Finish() {
   const std::string text = record.Serialize();
   const absl::string_view piece = text;
   absl::Status written = WriteFileAtomically(
-      w.dir_, PartRecordFileName(range_.part_index, range_.num_parts),
+      w.env_, w.dir_, PartRecordFileName(range_.part_index, range_.num_parts),
       {&piece, 1});
   if (!written.ok()) {
     w.failure_ = written;
@@ -422,16 +422,17 @@ absl::Status CheckRecordAgainstSpec(const JoinedPart& part, int64_t index,
 
 // Verifies one listed shard file and appends its norms and sample ids.
 // `index_of_id` maps each id seen so far to its global sample index.
-absl::Status VerifyShard(const std::string& dir, const StoreSpec& spec,
-                         const std::string& spec_sha256, const JoinedPart& part,
-                         int64_t k, const std::vector<JoinedPart>& parts,
+absl::Status VerifyShard(Env* env, const std::string& dir,
+                         const StoreSpec& spec, const std::string& spec_sha256,
+                         const JoinedPart& part, int64_t k,
+                         const std::vector<JoinedPart>& parts,
                          std::vector<float>* all_norms,
                          std::unordered_map<int64_t, int64_t>* index_of_id) {
   const ShardInfo& info = part.record.shards[size_t(k)];
   const std::string path = absl::StrCat(dir, "/", info.file);
   const std::string field = absl::StrCat(part.file, " shards[", k, "]");
   ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map,
-                   MapListedShard(path, field));
+                   MapListedShard(env, path, field));
   const MappedFile& file = *map;
   RETURN_IF_ERROR(VerifyShardChecksum(file, field, info.sha256));
   ASSIGN_OR_RETURN(SafetensorsHeader header,
@@ -494,7 +495,8 @@ absl::Status VerifyShard(const std::string& dir, const StoreSpec& spec,
 
 absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
                                         const StoreSpec& spec,
-                                        const nlohmann::json& diagnostics) {
+                                        const nlohmann::json& diagnostics,
+                                        Env* env) {
   if (!diagnostics.is_object()) {
     return absl::InvalidArgumentError("diagnostics must be a JSON object");
   }
@@ -508,7 +510,7 @@ absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
   ASSIGN_OR_RETURN(std::unique_ptr<DirectoryLock> lock,
                    DirectoryLock::Acquire(dir, DirectoryLock::Mode::kExclusive,
                                           kStoreLockHolderExclusive));
-  ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(dir));
+  ASSIGN_OR_RETURN(std::vector<std::string> names, env->ListDirectory(dir));
 
   std::map<int64_t, std::string> record_files;
   int64_t num_parts = -1;
@@ -547,7 +549,7 @@ absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
           " has not finished (or its files were not copied here)"));
     }
     ASSIGN_OR_RETURN(std::string text,
-                     ReadFile(absl::StrCat(dir, "/", it->second)));
+                     env->ReadFile(absl::StrCat(dir, "/", it->second)));
     JoinedPart part;
     part.file = it->second;
     ASSIGN_OR_RETURN(part.record, PartRecord::Parse(text, part.file));
@@ -571,7 +573,7 @@ absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
   index_of_id.reserve(size_t(num_samples));
   for (const JoinedPart& part : parts) {
     for (int64_t k = 0; k < int64_t(part.record.shards.size()); ++k) {
-      RETURN_IF_ERROR(VerifyShard(dir, spec, spec_sha256, part, k, parts,
+      RETURN_IF_ERROR(VerifyShard(env, dir, spec, spec_sha256, part, k, parts,
                                   &all_norms, &index_of_id));
       shards.push_back(part.record.shards[size_t(k)]);
     }
@@ -590,7 +592,13 @@ absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
   RETURN_IF_ERROR(manifest.Validate());
   ASSIGN_OR_RETURN(std::string text, manifest.Serialize());
   const absl::string_view piece = text;
-  RETURN_IF_ERROR(WriteFileAtomically(dir, kManifestFileName, {&piece, 1}));
+  if (absl::Status written =
+          WriteFileAtomically(env, dir, kManifestFileName, {&piece, 1});
+      !written.ok()) {
+    // As in StoreWriter::Finish: a reported failure leaves no finished store.
+    RemoveFile(env, dir, kManifestFileName).IgnoreError();
+    return written;
+  }
 
   // The store is complete; what remains is tidying, so that the directory
   // equals a whole-store build. Failures here only leave files readers
@@ -610,12 +618,12 @@ absl::StatusOr<Manifest> JoinStoreParts(const std::string& dir,
       RETRACE_LOG(WARNING) << dir << "/" << name
                            << ": removed: not part of the joined store";
     }
-    absl::Status removed = RemoveFile(dir, name);
+    absl::Status removed = RemoveFile(env, dir, name);
     if (!removed.ok()) {
       RETRACE_LOG(WARNING) << removed;
     }
   }
-  absl::Status synced = SyncDirectory(dir);
+  absl::Status synced = env->SyncDirectory(dir);
   if (!synced.ok()) {
     RETRACE_LOG(WARNING) << synced;
   }

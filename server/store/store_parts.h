@@ -140,10 +140,11 @@ class StorePartWriter {
   //   whole); a shard of this part's range was written with a different spec;
   //   this part is being written by someone else, or a whole-store build or a
   //   join holds the directory.
-  // Other codes for I/O failures, naming the path.
+  // Other codes for I/O failures, naming the operation and the path.
+  // All file I/O goes through `env` (not owned; it must outlive the writer).
   static absl::StatusOr<std::unique_ptr<StorePartWriter>> Create(
       const std::string& dir, const StoreSpec& spec, int64_t part_index,
-      int64_t num_parts, int64_t total_samples);
+      int64_t num_parts, int64_t total_samples, Env* env = Env::Default());
   ~StorePartWriter();
   StorePartWriter(const StorePartWriter&) = delete;
   StorePartWriter& operator=(const StorePartWriter&) = delete;
@@ -193,10 +194,14 @@ class StorePartWriter {
 // "norm_stats": InvalidArgument otherwise), writes manifest.json last and
 // then removes the part records and lock files, leftover temporaries and
 // shard files beyond the store's last shard (left by an earlier, larger
-// build; logged). Nothing is written or removed when a check fails.
+// build; logged). Nothing is written or removed when a check fails. When
+// writing manifest.json fails it is removed again (best effort), so that a
+// join that reported an error leaves no store the reader accepts. File I/O
+// goes through `env`.
 absl::StatusOr<Manifest> JoinStoreParts(
     const std::string& dir, const StoreSpec& spec,
-    const nlohmann::json& diagnostics = nlohmann::json::object());
+    const nlohmann::json& diagnostics = nlohmann::json::object(),
+    Env* env = Env::Default());
 
 }  // namespace retrace::store
 

@@ -12,6 +12,7 @@
 #include "server/store/layout.h"
 #include "server/store/listed_shard.h"
 #include "server/store/safetensors.h"
+#include "server/store/shard_metadata.h"
 
 namespace retrace::store {
 namespace {
@@ -38,7 +39,7 @@ int64_t StoreReader::total_vector_bytes() const {
 absl::StatusOr<std::unique_ptr<StoreReader>> StoreReader::Open(
     const std::string& dir, const Options& options) {
   const std::string manifest_path = absl::StrCat(dir, "/", kManifestFileName);
-  absl::StatusOr<std::string> text = ReadFile(manifest_path);
+  absl::StatusOr<std::string> text = options.env->ReadFile(manifest_path);
   if (absl::IsNotFound(text.status())) {
     return absl::NotFoundError(absl::StrCat(
         manifest_path,
@@ -46,22 +47,26 @@ absl::StatusOr<std::unique_ptr<StoreReader>> StoreReader::Open(
   }
   if (!text.ok()) return text.status();
   ASSIGN_OR_RETURN(Manifest manifest, Manifest::Parse(*text, manifest_path));
+  absl::StatusOr<std::string> spec_sha256 = manifest.spec.Sha256();
+  if (!spec_sha256.ok()) return Annotate(spec_sha256.status(), manifest_path);
   std::unique_ptr<StoreReader> reader(
       new StoreReader(dir, std::move(manifest)));
   for (int64_t i = 0; i < int64_t(reader->manifest_.shards.size()); ++i) {
-    RETURN_IF_ERROR(reader->OpenShard(i, options));
+    RETURN_IF_ERROR(reader->OpenShard(i, *spec_sha256, options));
   }
   RETURN_IF_ERROR(reader->CheckDuplicateIds());
   return reader;
 }
 
-absl::Status StoreReader::OpenShard(int64_t index, const Options& options) {
+absl::Status StoreReader::OpenShard(int64_t index,
+                                    const std::string& spec_sha256,
+                                    const Options& options) {
   const ShardInfo& info = manifest_.shards[size_t(index)];
   const std::string path = absl::StrCat(dir_, "/", info.file);
   const std::string field =
       absl::StrCat(kManifestFileName, " shards[", index, "]");
   ASSIGN_OR_RETURN(std::unique_ptr<MappedFile> map,
-                   MapListedShard(path, field));
+                   MapListedShard(options.env, path, field));
   const MappedFile& file = *map;
   ASSIGN_OR_RETURN(SafetensorsHeader header,
                    ParseSafetensorsHeader(file.data(), file.size(), path));
@@ -141,6 +146,17 @@ absl::Status StoreReader::OpenShard(int64_t index, const Options& options) {
     } else if (name == kTrainTimestepsTensor) {
       block.train_timesteps = reinterpret_cast<const int32_t*>(p);
     }
+  }
+  // Shards written by retrace record the sha256 of the build's spec; the
+  // manifest has no checksum of its own, so this is what catches a changed
+  // spec field that no tensor shape depends on (a checkpoint's sha256, the
+  // projection seed). Other writers may leave the metadata out.
+  const std::string recorded = MetadataOr(header, kMetaSpecSha256);
+  if (!recorded.empty() && recorded != spec_sha256) {
+    return absl::DataLossError(absl::StrCat(
+        path, ": metadata ", kMetaSpecSha256, " is ", recorded,
+        " but the spec in ", kManifestFileName, " hashes to ", spec_sha256,
+        " (", kManifestFileName, " or the shard was changed after the build)"));
   }
   maps_.push_back(std::move(map));
   shards_.push_back(block);

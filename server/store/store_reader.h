@@ -9,8 +9,9 @@
 // shard (mmap, read-only, shared: no second copy in memory), checks each
 // shard's safetensors header, tensor dtypes and shapes against the manifest,
 // the sha256 of every shard (unless options.verify_checksums is false: it
-// reads the whole store once), and that no sample_id repeats. Errors name the
-// file and the field or tensor:
+// reads the whole store once), that the spec_sha256 a shard records (when it
+// records one) is the sha256 of the manifest's spec, and that no sample_id
+// repeats. Errors name the file and the field or tensor:
 //   NotFound            manifest.json or a shard file is missing.
 //   InvalidArgument     manifest.json is not JSON or a field is missing or
 //                       invalid ("manifest.json: field 'projection.dim'
@@ -20,7 +21,8 @@
 //                       tensor, a misaligned tensor; duplicate sample ids
 //                       (naming both sample indices).
 //   DataLoss            a truncated shard, a malformed safetensors header, a
-//                       checksum mismatch (naming expected and actual).
+//                       checksum mismatch (naming expected and actual), a
+//                       spec that disagrees with the shards' spec_sha256.
 //
 // Thread safety: after Open the reader is immutable; any number of threads
 // may call its methods and read the blocks concurrently. The pointers in a
@@ -36,11 +38,8 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/dtype.h"
+#include "server/core/env.h"
 #include "server/store/manifest.h"
-
-namespace retrace {
-class MappedFile;  // server/core/file_util.h
-}  // namespace retrace
 
 namespace retrace::store {
 
@@ -62,6 +61,8 @@ struct StoreReaderOptions {
   // Hash every shard and compare with manifest.json. Turning it off makes
   // Open cost O(number of samples) instead of O(store bytes).
   bool verify_checksums = true;
+  // Where the files are read from (not owned; must outlive Open).
+  Env* env = Env::Default();
 };
 
 class StoreReader {
@@ -111,7 +112,8 @@ class StoreReader {
 
  private:
   StoreReader(std::string dir, Manifest manifest);
-  absl::Status OpenShard(int64_t index, const Options& options);
+  absl::Status OpenShard(int64_t index, const std::string& spec_sha256,
+                         const Options& options);
   absl::Status CheckDuplicateIds() const;
   SampleBlock Slice(const SampleBlock& block, int64_t offset,
                     int64_t count) const;

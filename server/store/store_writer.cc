@@ -4,10 +4,8 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
-#include <filesystem>
 #include <limits>
 #include <map>
-#include <system_error>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -47,12 +45,13 @@ struct InspectedShard {
 
 }  // namespace
 
-StoreWriter::StoreWriter(std::string dir, StoreSpec spec,
+StoreWriter::StoreWriter(Env* env, std::string dir, StoreSpec spec,
                          std::string spec_sha256,
                          std::unique_ptr<DirectoryLock> lock,
                          std::unique_ptr<FileLock> part_lock,
                          const PartRange* part)
-    : dir_(std::move(dir)),
+    : env_(env),
+      dir_(std::move(dir)),
       spec_(std::move(spec)),
       spec_sha256_(std::move(spec_sha256)),
       lock_(std::move(lock)),
@@ -65,8 +64,8 @@ StoreWriter::StoreWriter(std::string dir, StoreSpec spec,
 StoreWriter::~StoreWriter() = default;
 
 absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::Create(
-    const std::string& dir, const StoreSpec& spec) {
-  return CreateImpl(dir, spec, nullptr);
+    const std::string& dir, const StoreSpec& spec, Env* env) {
+  return CreateImpl(dir, spec, nullptr, env);
 }
 
 int64_t StoreWriter::first_shard() const {
@@ -79,15 +78,11 @@ int64_t StoreWriter::CompleteShardCount(int64_t index) const {
 }
 
 absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::CreateImpl(
-    const std::string& dir, const StoreSpec& spec, const PartRange* part) {
+    const std::string& dir, const StoreSpec& spec, const PartRange* part,
+    Env* env) {
   RETURN_IF_ERROR(Annotate(spec.Validate(), "store spec"));
   ASSIGN_OR_RETURN(std::string spec_sha256, spec.Sha256());
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) {
-    return absl::InternalError(
-        absl::StrCat(dir, ": cannot create directory: ", ec.message()));
-  }
+  RETURN_IF_ERROR(env->CreateDirectories(dir));
   // Parts share the directory; each excludes only its own twin. The
   // directory lock comes first so that a join, which holds it exclusively
   // while it removes lock files, cannot race with a part creating one.
@@ -106,14 +101,14 @@ absl::StatusOr<std::unique_ptr<StoreWriter>> StoreWriter::CreateImpl(
             dir, "/", PartLockFileName(part->part_index, part->num_parts))));
   }
   std::unique_ptr<StoreWriter> writer(
-      new StoreWriter(dir, spec, std::move(spec_sha256), std::move(lock),
+      new StoreWriter(env, dir, spec, std::move(spec_sha256), std::move(lock),
                       std::move(part_lock), part));
   RETURN_IF_ERROR(writer->Recover());
   return writer;
 }
 
 absl::Status StoreWriter::Recover() {
-  ASSIGN_OR_RETURN(std::vector<std::string> names, ListDirectory(dir_));
+  ASSIGN_OR_RETURN(std::vector<std::string> names, env_->ListDirectory(dir_));
   // A part only ever looks at, and removes, files of its own range: other
   // parts may be writing theirs at this very moment.
   const int64_t begin_shard = first_shard();
@@ -180,7 +175,7 @@ absl::Status StoreWriter::Recover() {
     s.index = index;
     s.file = name;
     const std::string path = absl::StrCat(dir_, "/", name);
-    absl::StatusOr<std::unique_ptr<MappedFile>> map = MappedFile::Open(path);
+    absl::StatusOr<std::unique_ptr<MappedFile>> map = env_->MapFile(path);
     if (!map.ok()) return map.status();
     s.map = std::move(*map);
     absl::StatusOr<SafetensorsHeader> header =
@@ -274,8 +269,8 @@ absl::Status StoreWriter::Recover() {
   inspected.clear();  // unmaps before removal
 
   for (const std::string& name : leftovers)
-    RETURN_IF_ERROR(RemoveFile(dir_, name));
-  if (!leftovers.empty()) RETURN_IF_ERROR(SyncDirectory(dir_));
+    RETURN_IF_ERROR(RemoveFile(env_, dir_, name));
+  if (!leftovers.empty()) RETURN_IF_ERROR(env_->SyncDirectory(dir_));
   next_sample_ = (begin_shard + resumed_shards_) * shard_size;
   if (part_ != nullptr)
     next_sample_ = std::min(next_sample_, part_->total_samples);
@@ -472,7 +467,7 @@ absl::Status StoreWriter::WriteBufferedShard() {
     file_hash.Update(piece.data(), piece.size());
 
   const std::string name = ShardFileName(index);
-  absl::Status written = WriteFileAtomically(dir_, name, pieces);
+  absl::Status written = WriteFileAtomically(env_, dir_, name, pieces);
   if (!written.ok()) {
     failure_ = written;
     return written;
@@ -513,8 +508,11 @@ absl::StatusOr<Manifest> StoreWriter::Finish(
   ASSIGN_OR_RETURN(std::string text, manifest.Serialize());
   const absl::string_view piece = text;
   absl::Status written =
-      WriteFileAtomically(dir_, kManifestFileName, {&piece, 1});
+      WriteFileAtomically(env_, dir_, kManifestFileName, {&piece, 1});
   if (!written.ok()) {
+    // The rename may have happened (e.g. the directory fsync failed): the
+    // caller hears of a failure, so readers must not see a finished store.
+    RemoveFile(env_, dir_, kManifestFileName).IgnoreError();
     failure_ = written;
     return written;
   }

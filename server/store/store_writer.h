@@ -90,9 +90,10 @@ class StoreWriter {
   //     open it with StoreReader, or remove it to rebuild); a shard on disk
   //     was written with a different spec; another writer holds the lock;
   //     dir holds a build in parts (part-*-of-*.json or .lock files).
-  //   Other codes for I/O failures, naming the path.
+  //   Other codes for I/O failures, naming the operation and the path.
+  // All file I/O goes through `env` (not owned; it must outlive the writer).
   static absl::StatusOr<std::unique_ptr<StoreWriter>> Create(
-      const std::string& dir, const StoreSpec& spec);
+      const std::string& dir, const StoreSpec& spec, Env* env = Env::Default());
   ~StoreWriter();
   StoreWriter(const StoreWriter&) = delete;
   StoreWriter& operator=(const StoreWriter&) = delete;
@@ -116,7 +117,10 @@ class StoreWriter {
   // Writes the last (partial) shard and then manifest.json. `diagnostics` is
   // a JSON object of caller-computed diagnostics (e.g. "spearman"); the
   // writer adds "norm_stats" (see norm_stats.h), so the caller must not use
-  // that key (InvalidArgument). Returns the manifest written.
+  // that key (InvalidArgument). Returns the manifest written. When writing
+  // manifest.json fails, Finish removes it again (best effort), so that a
+  // build that reported an error never leaves a store the reader accepts;
+  // a new writer resumes it.
   absl::StatusOr<Manifest> Finish(
       const nlohmann::json& diagnostics = nlohmann::json::object());
 
@@ -128,9 +132,10 @@ class StoreWriter {
   // directory lock shared plus the part's lock file, and Recover, Append and
   // the shard cuts stay inside the part's range.
   static absl::StatusOr<std::unique_ptr<StoreWriter>> CreateImpl(
-      const std::string& dir, const StoreSpec& spec, const PartRange* part);
-  StoreWriter(std::string dir, StoreSpec spec, std::string spec_sha256,
-              std::unique_ptr<DirectoryLock> lock,
+      const std::string& dir, const StoreSpec& spec, const PartRange* part,
+      Env* env);
+  StoreWriter(Env* env, std::string dir, StoreSpec spec,
+              std::string spec_sha256, std::unique_ptr<DirectoryLock> lock,
               std::unique_ptr<FileLock> part_lock, const PartRange* part);
 
   absl::Status Recover();
@@ -141,6 +146,7 @@ class StoreWriter {
   int64_t CompleteShardCount(int64_t index) const;
   int64_t first_shard() const;
 
+  Env* const env_;
   const std::string dir_;
   const StoreSpec spec_;
   const std::string spec_sha256_;

@@ -1,6 +1,7 @@
 // Training end to end on a tiny UNet and synthetic images: run directory
 // contents, replay log against an independent recomputation, recomputing
-// logged losses from the replay log, resume, and input errors.
+// logged losses from the replay log, resume, input errors, and disk errors
+// while committing the run's files.
 #include "jobs/train.h"
 
 #include <ATen/Parallel.h>
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -24,6 +26,7 @@
 #include "server/model/replay.h"
 #include "server/model/unet.h"
 #include "tests/jobs/reference_order.h"
+#include "tests/server/core/fault_env.h"
 
 namespace retrace::jobs {
 namespace {
@@ -278,6 +281,94 @@ TEST(TrainTest, ResumeGivesByteIdenticalCheckpoints) {
   ASSERT_TRUE(third.ok()) << third.status();
   EXPECT_TRUE(third->complete);
   EXPECT_EQ(third->start_step, 10);
+}
+
+// A disk error while the run directory is being updated after step 4 (the
+// second checkpoint) is reported naming the operation and the file; the
+// state saved after step 2 stays usable (run.json, the first checkpoint,
+// train-state.pt) and a resume ends with the bytes of an uninterrupted run.
+TEST(TrainTest, DiskErrorsWhileSavingKeepThePreviousState) {
+  using retrace::testing::FaultEnv;
+  const data::ImageSet images = SyntheticImages();
+  TrainConfig config = TinyConfig();
+  config.steps = 4;
+  config.checkpoint_every = 2;  // saves after steps 2 and 4
+  const std::string straight = FreshDir("fault-straight");
+  ASSERT_TRUE(Train(config, images, {}, OptionsFor(straight)).ok());
+  const std::string first_checkpoint = "/" + CheckpointFileName(2);
+  const std::string second_checkpoint = "/" + CheckpointFileName(4);
+
+  struct Case {
+    const char* file;  // part of the failing call's path ("": any)
+    FaultEnv::Op op;
+    int64_t n;  // among the calls of op on that file
+    int err;
+    bool short_write;
+    const char* message;  // expected in the error, after the run directory
+  };
+  const Case cases[] = {
+      {"ckpt-000004.pt", FaultEnv::Op::kSync, 0, EIO, false,
+       "/ckpt-000004.pt.tmp': Input/output error (EIO)"},
+      {"ckpt-000004.pt", FaultEnv::Op::kRename, 0, EIO, false,
+       "/ckpt-000004.pt.tmp' of '"},
+      {"train-state.pt", FaultEnv::Op::kSync, 1, EIO, false,
+       "/train-state.pt.tmp': Input/output error (EIO)"},
+      {"train-state.pt", FaultEnv::Op::kRename, 1, ENOSPC, false,
+       "/train-state.pt.tmp' of '"},
+      {"run.json", FaultEnv::Op::kSync, 2, EIO, false,
+       "/run.json.tmp': Input/output error (EIO)"},
+      {"run.json", FaultEnv::Op::kRename, 2, EIO, false, "/run.json.tmp' of '"},
+      {"loss.csv", FaultEnv::Op::kWrite, 1, ENOSPC, true,
+       "/loss.csv.tmp': No space left on device (ENOSPC)"},
+      // The directory fsync after ckpt-000004.pt's rename (the seventh).
+      {"", FaultEnv::Op::kSyncDir, 6, EIO, false, "': Input/output error"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << FaultEnv::OpName(c.op) << " call "
+                                      << c.n << " on '" << c.file << "' fails");
+    const std::string dir = FreshDir("fault");
+    FaultEnv env;
+    env.FailNthOn(c.file, c.op, c.n, c.err, c.short_write);
+    TrainOptions options = OptionsFor(dir);
+    options.env = &env;
+    absl::StatusOr<TrainResult> failed = Train(config, images, {}, options);
+    ASSERT_FALSE(failed.ok());
+    EXPECT_EQ(failed.status().code(), c.err == ENOSPC
+                                          ? absl::StatusCode::kResourceExhausted
+                                          : absl::StatusCode::kInternal);
+    EXPECT_NE(failed.status().message().find(
+                  std::string(FaultEnv::OpName(c.op)) +
+                  (c.op == FaultEnv::Op::kRename ? " from '" : " of '") + dir),
+              absl::string_view::npos)
+        << failed.status();
+    EXPECT_NE(failed.status().message().find(c.message),
+              absl::string_view::npos)
+        << failed.status();
+
+    // What readers trust is the state after step 2.
+    absl::StatusOr<RunManifest> run = LoadRun(dir, /*verify_checksums=*/false);
+    ASSERT_TRUE(run.ok()) << run.status();
+    EXPECT_EQ(run->steps_done, 2);
+    ASSERT_EQ(run->checkpoints.size(), 1u);
+    EXPECT_EQ(Slurp(dir + first_checkpoint),
+              Slurp(straight + first_checkpoint));
+    EXPECT_EQ(run->checkpoints[0].sha256,
+              Sha256Hex(Slurp(dir + first_checkpoint)));
+
+    TrainOptions resume = OptionsFor(dir);
+    resume.resume = true;
+    absl::StatusOr<TrainResult> resumed = Train(config, images, {}, resume);
+    ASSERT_TRUE(resumed.ok()) << resumed.status();
+    EXPECT_TRUE(resumed->complete);
+    for (const std::string name :
+         {first_checkpoint, second_checkpoint, std::string("/replay.bin"),
+          std::string("/loss.csv"), std::string("/run.json"),
+          std::string("/model.toml")}) {
+      EXPECT_EQ(Slurp(dir + name), Slurp(straight + name)) << name;
+    }
+    ASSERT_TRUE(LoadRun(dir, /*verify_checksums=*/true).ok());
+    if (HasFailure()) return;
+  }
 }
 
 TEST(TrainTest, RefusesAnotherRunOrAnImplicitResume) {

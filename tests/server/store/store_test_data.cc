@@ -67,9 +67,9 @@ void FillSample(const StoreSpec& spec, uint64_t seed, int64_t n,
 
 absl::StatusOr<Manifest> BuildStore(const std::string& dir,
                                     const StoreSpec& spec, int64_t num_samples,
-                                    uint64_t seed) {
+                                    uint64_t seed, Env* env) {
   ASSIGN_OR_RETURN(std::unique_ptr<StoreWriter> writer,
-                   StoreWriter::Create(dir, spec));
+                   StoreWriter::Create(dir, spec, env));
   SampleData data;
   for (int64_t n = writer->next_sample(); n < num_samples; ++n) {
     FillSample(spec, seed, n, &data);

@@ -88,10 +88,11 @@ struct SampleData {
 void FillSample(const StoreSpec& spec, uint64_t seed, int64_t n,
                 SampleData* out);
 
-// Builds a finished store of `num_samples` samples from the formulas.
+// Builds a finished store of `num_samples` samples from the formulas, or
+// resumes an unfinished build of them in `dir`; file I/O through `env`.
 absl::StatusOr<Manifest> BuildStore(const std::string& dir,
                                     const StoreSpec& spec, int64_t num_samples,
-                                    uint64_t seed);
+                                    uint64_t seed, Env* env = Env::Default());
 
 }  // namespace retrace::store::testing
 
