@@ -40,13 +40,11 @@ class Table {
   }
   const toml::node* Get(absl::string_view key) {
     read_.insert(std::string(key));
-    return table_ == nullptr ? nullptr
-                             : table_->get(std::string_view(key.data(),
-                                                            key.size()));
+    return table_ == nullptr
+               ? nullptr
+               : table_->get(std::string_view(key.data(), key.size()));
   }
-  bool Has(absl::string_view key) {
-    return Get(key) != nullptr;
-  }
+  bool Has(absl::string_view key) { return Get(key) != nullptr; }
 
   absl::StatusOr<std::string> String(absl::string_view key,
                                      std::optional<std::string> fallback) {
@@ -161,11 +159,20 @@ std::string ExactDouble(double v) {
   return absl::StrFormat("%.17g", v);
 }
 
+// A TOML basic string: quotes and backslashes escaped, and every control
+// character (which TOML does not allow raw in a basic string) as an escape.
 std::string Quoted(const std::string& s) {
   std::string out = "\"";
   for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (u < 0x20 || u == 0x7f) {
+      absl::StrAppend(&out, absl::StrFormat("\\u%04x", u));
+    } else {
+      out += c;
+    }
   }
   return out + "\"";
 }
@@ -186,9 +193,9 @@ absl::StatusOr<ModelDescription> Parse(const toml::table& root,
   }
   ASSIGN_OR_RETURN(const int64_t version, top.Int("version", std::nullopt));
   if (version != kDescriptionVersion) {
-    return top.Error("version", absl::StrCat("is ", version,
-                                             "; this retrace reads version ",
-                                             kDescriptionVersion));
+    return top.Error(
+        "version", absl::StrCat("is ", version, "; this retrace reads version ",
+                                kDescriptionVersion));
   }
 
   // [model]
@@ -196,8 +203,8 @@ absl::StatusOr<ModelDescription> Parse(const toml::table& root,
   ASSIGN_OR_RETURN(const std::string kind, model.String("kind", std::nullopt));
   RETURN_IF_ERROR(
       CheckOneOf(model, "kind", kind, {"builtin-unet", "torchscript"}));
-  d.kind = kind == "torchscript" ? ModelKind::kTorchScript
-                                 : ModelKind::kBuiltinUNet;
+  d.kind =
+      kind == "torchscript" ? ModelKind::kTorchScript : ModelKind::kBuiltinUNet;
   if (d.kind == ModelKind::kBuiltinUNet) {
     ASSIGN_OR_RETURN(d.unet.base_channels,
                      model.Int("base_channels", d.unet.base_channels));
@@ -220,23 +227,22 @@ absl::StatusOr<ModelDescription> Parse(const toml::table& root,
   ASSIGN_OR_RETURN(d.image.height, image.Int("height", std::nullopt));
   ASSIGN_OR_RETURN(d.image.width, image.Int("width", std::nullopt));
   if (d.image.channels != 1 && d.image.channels != 3) {
-    return image.Error("channels",
-                       absl::StrCat("is ", d.image.channels,
-                                    "; must be 1 (gray) or 3 (RGB)"));
+    return image.Error(
+        "channels",
+        absl::StrCat("is ", d.image.channels, "; must be 1 (gray) or 3 (RGB)"));
   }
-  for (auto [key, side] : {std::pair<const char*, int64_t>{"height",
-                                                           d.image.height},
-                           {"width", d.image.width}}) {
+  for (auto [key, side] :
+       {std::pair<const char*, int64_t>{"height", d.image.height},
+        {"width", d.image.width}}) {
     if (side < 1 || side > kMaxImageSide) {
-      return image.Error(key, absl::StrCat("is ", side, "; must be in 1..",
-                                           kMaxImageSide));
+      return image.Error(
+          key, absl::StrCat("is ", side, "; must be in 1..", kMaxImageSide));
     }
   }
   if (image.Has("pixel_range")) {
     ASSIGN_OR_RETURN(std::vector<double> range, image.Numbers("pixel_range"));
     if (range.size() != 2 || !(range[0] < range[1])) {
-      return image.Error("pixel_range",
-                         "must be [low, high] with low < high");
+      return image.Error("pixel_range", "must be [low, high] with low < high");
     }
     d.image.pixel_min = range[0];
     d.image.pixel_max = range[1];
@@ -262,18 +268,17 @@ absl::StatusOr<ModelDescription> Parse(const toml::table& root,
         schedule.Int("timesteps", int64_t(d.schedule.values.size())));
     if (d.schedule.timesteps != int64_t(d.schedule.values.size())) {
       return schedule.Error(
-          "values", absl::StrCat("holds ", d.schedule.values.size(),
-                                 " values but timesteps is ",
-                                 d.schedule.timesteps));
+          "values",
+          absl::StrCat("holds ", d.schedule.values.size(),
+                       " values but timesteps is ", d.schedule.timesteps));
     }
   } else {
     ASSIGN_OR_RETURN(d.schedule.timesteps,
                      schedule.Int("timesteps", d.schedule.timesteps));
   }
   if (d.schedule.timesteps < 2 || d.schedule.timesteps > (1 << 24)) {
-    return schedule.Error("timesteps",
-                          absl::StrCat("is ", d.schedule.timesteps,
-                                       "; must be in 2..2^24"));
+    return schedule.Error("timesteps", absl::StrCat("is ", d.schedule.timesteps,
+                                                    "; must be in 2..2^24"));
   }
   if (d.schedule.type == "linear") {
     ASSIGN_OR_RETURN(d.schedule.beta_start,
@@ -382,8 +387,9 @@ absl::StatusOr<ModelDescription> ParseModelDescription(
 
 std::string FormatModelDescription(const ModelDescription& d) {
   std::string out = absl::StrCat(
-      "# retrace model description (docs/models.md)\n", "format = ",
-      Quoted(kDescriptionFormat), "\nversion = ", kDescriptionVersion,
+      "# retrace model description (docs/models.md)\n",
+      "format = ", Quoted(kDescriptionFormat),
+      "\nversion = ", kDescriptionVersion,
       "\n\n[model]\nkind = ", Quoted(std::string(ModelKindName(d.kind))), "\n");
   if (d.kind == ModelKind::kBuiltinUNet) {
     absl::StrAppend(&out, "base_channels = ", d.unet.base_channels,
@@ -428,8 +434,7 @@ std::string FormatModelDescription(const ModelDescription& d) {
     absl::StrAppend(&out, "sha256 = ", Quoted(d.data.sha256), "\n");
   }
   if (!d.training_run.empty()) {
-    absl::StrAppend(&out, "\n[training]\nrun = ", Quoted(d.training_run),
-                    "\n");
+    absl::StrAppend(&out, "\n[training]\nrun = ", Quoted(d.training_run), "\n");
   }
   return out;
 }
@@ -452,9 +457,9 @@ absl::StatusOr<ModelDescription> LoadModelDescription(const std::string& path,
     CheckpointDescription& ck = d.checkpoints[c];
     const std::string resolved = d.Resolve(ck.file);
     if (!fs::is_regular_file(resolved, ec)) {
-      return absl::NotFoundError(absl::StrCat(
-          file, ": field 'checkpoints[", c, "].file': ", resolved,
-          " does not exist or is not a file"));
+      return absl::NotFoundError(
+          absl::StrCat(file, ": field 'checkpoints[", c, "].file': ", resolved,
+                       " does not exist or is not a file"));
     }
     if (ck.sha256.empty() || verify_checksums) {
       ASSIGN_OR_RETURN(const std::string actual, Sha256File(resolved));
@@ -463,8 +468,8 @@ absl::StatusOr<ModelDescription> LoadModelDescription(const std::string& path,
       } else if (actual != ck.sha256) {
         return absl::DataLossError(absl::StrCat(
             file, ": field 'checkpoints[", c, "].sha256': ", resolved,
-            " has sha256 ", actual, " but the description records ",
-            ck.sha256, " (was the checkpoint changed?)"));
+            " has sha256 ", actual, " but the description records ", ck.sha256,
+            " (was the checkpoint changed?)"));
       }
     }
   }
@@ -496,9 +501,9 @@ absl::StatusOr<model::LossType> LossTypeOf(const ModelDescription& d) {
 absl::StatusOr<std::unique_ptr<model::DiffusionModel>> LoadCheckpointModel(
     const ModelDescription& d, int64_t checkpoint) {
   if (checkpoint < 0 || checkpoint >= int64_t(d.checkpoints.size())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("checkpoint ", checkpoint, " out of range [0, ",
-                     d.checkpoints.size(), ")"));
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", checkpoint,
+                                                   " out of range [0, ",
+                                                   d.checkpoints.size(), ")"));
   }
   const std::string field = absl::StrCat("checkpoints[", checkpoint, "].file");
   const std::string file = d.Resolve(d.checkpoints[checkpoint].file);
@@ -516,8 +521,8 @@ absl::StatusOr<std::unique_ptr<model::DiffusionModel>> LoadCheckpointModel(
     absl::StatusOr<std::unique_ptr<model::UNetModel>> unet =
         model::UNetModel::Create(d.unet, /*seed=*/0);
     if (!unet.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          d.source, ": field 'model': ", unet.status().message()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(d.source, ": field 'model': ", unet.status().message()));
     }
     if (absl::Status s = (*unet)->Load(file); !s.ok()) return annotate(s);
     net = std::move(*unet);
@@ -559,9 +564,9 @@ absl::StatusOr<data::Mixture> LoadTrainingData(const ModelDescription& d,
   locations.folder_spec.width = d.image.width;
   absl::StatusOr<data::Mixture> mixture = data::BuildMixture(spec, locations);
   if (!mixture.ok()) {
-    return absl::Status(mixture.status().code(),
-                        absl::StrCat(d.source, ": field 'data': ",
-                                     mixture.status().message()));
+    return absl::Status(
+        mixture.status().code(),
+        absl::StrCat(d.source, ": field 'data': ", mixture.status().message()));
   }
   if (mixture->images.channels != d.image.channels ||
       mixture->images.height != d.image.height ||
@@ -575,13 +580,12 @@ absl::StatusOr<data::Mixture> LoadTrainingData(const ModelDescription& d,
   return mixture;
 }
 
-void ToModelRange(const ImageDescription& image, float* pixels,
-                  int64_t count) {
+void ToModelRange(const ImageDescription& image, float* pixels, int64_t count) {
   if (image.pixel_min == -1.0 && image.pixel_max == 1.0) return;
   const double scale = (image.pixel_max - image.pixel_min) / 2.0;
   for (int64_t i = 0; i < count; ++i) {
-    pixels[i] = static_cast<float>(image.pixel_min +
-                                   (double(pixels[i]) + 1.0) * scale);
+    pixels[i] =
+        static_cast<float>(image.pixel_min + (double(pixels[i]) + 1.0) * scale);
   }
 }
 
@@ -615,10 +619,11 @@ absl::Status CheckMatchesStore(const ModelDescription& d,
   RecordInStoreSpec(d, &mine);
   auto differ = [&](absl::string_view field, const std::string& ours,
                     const std::string& theirs) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        d.source, " does not describe the store's model: ", field, " is ",
-        ours, " here but ", theirs, " in the store (is this the store's "
-        "model description?)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(d.source, " does not describe the store's model: ", field,
+                     " is ", ours, " here but ", theirs,
+                     " in the store (is this the store's "
+                     "model description?)"));
   };
   if (mine.model.architecture != spec.model.architecture) {
     return differ("the architecture", mine.model.architecture,

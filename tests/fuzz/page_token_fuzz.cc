@@ -1,6 +1,8 @@
 // GetSelfInfluence page tokens: any text is refused or decodes to a column
 // of 0 or 1 and an offset within the listing; what decodes encodes back to a
-// token that decodes to the same; and a refusal quotes a bounded prefix.
+// token that decodes to the same; and a refusal quotes a bounded prefix
+// (a first bound of 200 characters was wrong: the campaign found a token of
+// non-ASCII bytes, each escaped as \ooo, whose refusal takes 235).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -23,7 +25,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         retrace::service::DecodePageToken(text, samples);
     if (!token.ok()) {
       Require(token.status().code() == absl::StatusCode::kInvalidArgument);
-      Require(token.status().message().size() < 200);
+      // 40 quoted bytes take at most 4 characters each once escaped.
+      Require(token.status().message().size() < 300);
       continue;
     }
     Require(token->column == 0 || token->column == 1);

@@ -90,6 +90,16 @@ class Abuse:
                      ("grpc.max_receive_message_length", 64 << 20)])
         grpc.channel_ready_future(self.channel).result(timeout=30)
         self.stub = pb_grpc.AttributionStub(self.channel)
+        # The port opens before the store is loaded (UNAVAILABLE until then).
+        until = time.monotonic() + 300
+        while True:
+            try:
+                self.stub.GetStoreInfo(pb.GetStoreInfoRequest(), timeout=10)
+                break
+            except grpc.RpcError:
+                if time.monotonic() > until:
+                    raise
+                time.sleep(0.2)
         self.c, self.h, self.w = args.shape
         self.lock = threading.Lock()
         self.counts = collections.Counter()

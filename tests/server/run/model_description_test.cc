@@ -124,6 +124,24 @@ TEST(ModelDescriptionTest, FormatReadsBackExactly) {
   EXPECT_EQ(FormatModelDescription(*back), text);
 }
 
+// Found by model_description_fuzz: a file name holding a control character
+// (here a form feed, a tab, a newline and DEL) was written raw into the TOML,
+// which TOML does not allow, so the description did not read back.
+TEST(ModelDescriptionTest, FormatEscapesControlCharactersInStrings) {
+  ModelDescription d;
+  d.kind = ModelKind::kTorchScript;
+  d.image = {3, 8, 8, -1.0, 1.0};
+  d.checkpoints = {{"a\fb\tc\nd\x7f\"e\\f.pt", 1.0, "", 0}};
+  const std::string text = FormatModelDescription(d);
+  EXPECT_NE(text.find("a\\u000cb\\u0009c\\u000ad\\u007f\\\"e\\\\f.pt"),
+            std::string::npos)
+      << text;
+  absl::StatusOr<ModelDescription> back =
+      ParseModelDescription(text, "model.toml");
+  ASSERT_TRUE(back.ok()) << back.status() << "\n" << text;
+  EXPECT_EQ(FormatModelDescription(*back), text);
+}
+
 struct BadCase {
   std::string from;  // replaced in kValid
   std::string to;
@@ -192,15 +210,14 @@ TEST(ModelDescriptionTest, LoadChecksCheckpointFilesAndHashes) {
 
   // A recorded hash that the file no longer has.
   const std::string pinned = absl::StrReplaceAll(
-      kValid, {{"file = \"a.pt\"\n",
-                absl::StrCat("file = \"a.pt\"\nsha256 = \"",
-                             Sha256Hex("other"), "\"\n")}});
+      kValid,
+      {{"file = \"a.pt\"\n", absl::StrCat("file = \"a.pt\"\nsha256 = \"",
+                                          Sha256Hex("other"), "\"\n")}});
   WriteText(dir + "/model.toml", pinned);
   d = LoadModelDescription(dir);
   ASSERT_FALSE(d.ok());
   EXPECT_EQ(d.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_THAT(d.status().message(),
-              HasSubstr("field 'checkpoints[0].sha256'"));
+  EXPECT_THAT(d.status().message(), HasSubstr("field 'checkpoints[0].sha256'"));
   EXPECT_THAT(d.status().message(), HasSubstr(Sha256Hex("first")));
   EXPECT_THAT(d.status().message(), HasSubstr(Sha256Hex("other")));
   // Without verification the recorded hash is kept.
@@ -257,7 +274,8 @@ std::string DescribeOne(const std::string& file) {
 
 TEST(ModelDescriptionTest, RefusesTorchScriptFilesAtLoadNamingTheField) {
   if (FixtureDir().empty()) {
-    GTEST_SKIP() << "no TorchScript fixture (needs /usr/bin/python3 with torch)";
+    GTEST_SKIP()
+        << "no TorchScript fixture (needs /usr/bin/python3 with torch)";
   }
   const std::string dir = FreshDir("torchscript");
   struct Case {
@@ -265,10 +283,8 @@ TEST(ModelDescriptionTest, RefusesTorchScriptFilesAtLoadNamingTheField) {
     std::string message;
   };
   const Case cases[] = {
-      {"one_input.pt", "forward"},
-      {"three_inputs.pt", "forward"},
-      {"shrinks.pt", "shape"},
-      {"wants_rgb.pt", "shape"},
+      {"one_input.pt", "forward"}, {"three_inputs.pt", "forward"},
+      {"shrinks.pt", "shape"},     {"wants_rgb.pt", "shape"},
       {"version99.pt", "99"},
   };
   for (const Case& c : cases) {
