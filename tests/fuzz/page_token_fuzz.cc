@@ -2,7 +2,7 @@
 // of 0 or 1 and an offset within the listing; what decodes encodes back to a
 // token that decodes to the same; and a refusal quotes a bounded prefix
 // (a first bound of 200 characters was wrong: the campaign found a token of
-// non-ASCII bytes, each escaped as \ooo, whose refusal takes 235).
+// non-ASCII bytes, each escaped as \ooo, whose refusal is longer).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
