@@ -5,8 +5,8 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
 #include "nlohmann/json.hpp"
+#include "server/core/status.h"
 
 namespace retrace::store {
 namespace {

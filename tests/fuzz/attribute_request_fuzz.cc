@@ -25,18 +25,17 @@
 #include "server/service/engine.h"
 #include "server/service/query_featurizer.h"
 #include "server/store/store_reader.h"
+#include "tests/fuzz/require.h"
 #include "tests/server/store/store_test_data.h"
 
 namespace {
+
+using retrace::fuzz::Require;
 
 namespace v1 = retrace::v1;
 using retrace::service::FeaturizedQuery;
 using retrace::service::QueryFeatureOptions;
 using retrace::service::QueryImage;
-
-void Require(bool condition) {
-  if (!condition) std::abort();
-}
 
 // q_raw and q_unit as a fixed function of the pixels, of the store's shape.
 class StandInFeaturizer : public retrace::service::QueryFeaturizer {

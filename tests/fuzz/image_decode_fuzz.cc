@@ -9,15 +9,14 @@
 #include "absl/strings/string_view.h"
 #include "server/data/image_codec.h"
 #include "server/data/image_folder.h"
+#include "tests/fuzz/require.h"
 
 namespace {
 
+using retrace::fuzz::Require;
+
 using retrace::data::DecodedPixels;
 using retrace::data::ImageHeader;
-
-void Require(bool condition) {
-  if (!condition) std::abort();
-}
 
 }  // namespace
 

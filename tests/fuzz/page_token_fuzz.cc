@@ -2,21 +2,16 @@
 // of 0 or 1 and an offset within the listing; what decodes encodes back to a
 // token that decodes to the same; and a refusal quotes a bounded prefix
 // (a first bound of 200 characters was wrong: the campaign found a token of
-// non-ASCII bytes, each escaped as \ooo, whose refusal is longer).
+// non-ASCII bytes, each escaped as \xNN, whose refusal is longer).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 
 #include "absl/strings/string_view.h"
 #include "server/service/page_token.h"
+#include "tests/fuzz/require.h"
 
-namespace {
-
-void Require(bool condition) {
-  if (!condition) std::abort();
-}
-
-}  // namespace
+using retrace::fuzz::Require;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const absl::string_view text(reinterpret_cast<const char*>(data), size);

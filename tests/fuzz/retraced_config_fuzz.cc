@@ -13,12 +13,11 @@
 #include <string>
 
 #include "server/retraced/config.h"
+#include "tests/fuzz/require.h"
 
 namespace {
 
-void Require(bool condition) {
-  if (!condition) std::abort();
-}
+using retrace::fuzz::Require;
 
 std::string* g_path = nullptr;
 

@@ -11,14 +11,9 @@
 #include "absl/strings/string_view.h"
 #include "server/store/manifest.h"
 #include "server/store/safetensors.h"
+#include "tests/fuzz/require.h"
 
-namespace {
-
-void Require(bool condition) {
-  if (!condition) std::abort();
-}
-
-}  // namespace
+using retrace::fuzz::Require;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;

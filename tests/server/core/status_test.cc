@@ -55,7 +55,7 @@ TEST(StatusTest, Annotate) {
 
 TEST(StatusTest, QuoteForErrorCutsLongTextAndEscapesBytes) {
   EXPECT_EQ(QuoteForError("abc"), "'abc'");
-  EXPECT_EQ(QuoteForError(std::string("a\0\n\xff", 4)), "'a\\000\\n\\377'");
+  EXPECT_EQ(QuoteForError(std::string("a\0\n\xff", 4)), "'a\\x00\\n\\xff'");
   const std::string exact(kQuotedPrefix, 'x');
   EXPECT_EQ(QuoteForError(exact), "'" + exact + "'");
   const std::string huge(100000, 'A');

@@ -113,7 +113,8 @@ TEST(ImageFolderTest, CorruptMissingAndEmpty) {
   EXPECT_EQ(set.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(set.status().message().find(root + "/a/bad.jpg"), std::string::npos)
       << set.status();
-  EXPECT_NE(set.status().message().find("not a PNG or JPEG file"), std::string::npos);
+  EXPECT_NE(set.status().message().find("not a PNG or JPEG file"),
+            std::string::npos);
 
   EXPECT_EQ(LoadImageFolder(root + "/missing", kGray28).status().code(),
             absl::StatusCode::kNotFound);
