@@ -82,6 +82,26 @@ class StoreFaultTest : public ::testing::Test {
     EXPECT_FALSE(reader.ok()) << dir << " opens as a finished store";
   }
 
+  // After a build of `dir` crashed at write point `point` of `points`: a
+  // power loss drops what was not synced; then no store the reader accepts
+  // exists (except after a process crash in the last directory fsync, when
+  // the store is already finished), and a resume gives the reference bytes.
+  void ExpectResumeAfterCrash(const std::string& dir, FaultEnv& env,
+                              Crash crash, int64_t point,
+                              int64_t points) const {
+    if (crash == Crash::kPowerLoss) ASSERT_TRUE(env.DropUnsyncedData().ok());
+    if (crash == Crash::kProcess && point == points - 1) {
+      ASSERT_TRUE(StoreReader::Open(dir).ok());
+      ExpectReferenceBytes(dir);
+      return;
+    }
+    ExpectNoStore(dir);
+    absl::StatusOr<Manifest> resumed =
+        testing::BuildStore(dir, Spec(), kSamples, kSeed);
+    ASSERT_TRUE(resumed.ok()) << resumed.status();
+    ExpectReferenceBytes(dir);
+  }
+
   std::string reference_dir_;
   std::map<std::string, std::string> reference_;
 };
@@ -118,21 +138,7 @@ TEST_F(StoreFaultTest, CrashAtEveryWritePointThenResumeGivesTheSameBytes) {
             testing::BuildStore(dir, Spec(), kSamples, kSeed, &env);
         EXPECT_FALSE(crashed.ok());
         EXPECT_TRUE(env.crashed());
-        if (crash == Crash::kPowerLoss)
-          ASSERT_TRUE(env.DropUnsyncedData().ok());
-        if (crash == Crash::kProcess && point == points - 1) {
-          // Killed during the last directory fsync: the manifest is already
-          // in place and the data durable, so the store is finished.
-          ASSERT_TRUE(StoreReader::Open(dir).ok());
-          ExpectReferenceBytes(dir);
-          continue;
-        }
-        ExpectNoStore(dir);
-
-        absl::StatusOr<Manifest> resumed =
-            testing::BuildStore(dir, Spec(), kSamples, kSeed);
-        ASSERT_TRUE(resumed.ok()) << resumed.status();
-        ExpectReferenceBytes(dir);
+        ExpectResumeAfterCrash(dir, env, crash, point, points);
         if (HasFailure()) return;
       }
     }
@@ -174,17 +180,7 @@ TEST_F(StoreFaultTest, CrashWhileResumingThenResumeAgain) {
       env.CrashAtWritePoint(point);
       EXPECT_FALSE(
           testing::BuildStore(dir, Spec(), kSamples, kSeed, &env).ok());
-      if (crash == Crash::kPowerLoss) ASSERT_TRUE(env.DropUnsyncedData().ok());
-      if (crash == Crash::kProcess && point == points - 1) {
-        ASSERT_TRUE(StoreReader::Open(dir).ok());
-        ExpectReferenceBytes(dir);
-        continue;
-      }
-      ExpectNoStore(dir);
-      absl::StatusOr<Manifest> resumed =
-          testing::BuildStore(dir, Spec(), kSamples, kSeed);
-      ASSERT_TRUE(resumed.ok()) << resumed.status();
-      ExpectReferenceBytes(dir);
+      ExpectResumeAfterCrash(dir, env, crash, point, points);
       if (HasFailure()) return;
     }
   }
