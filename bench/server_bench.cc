@@ -64,7 +64,7 @@
 #include "jobs/train.h"
 #include "kernels/device.h"
 #include "retrace/v1/attribution.grpc.pb.h"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/data/image_folder.h"
 #include "server/data/mixture.h"
 #include "server/scoring/scorer.h"

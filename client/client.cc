@@ -11,8 +11,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "server/core/file_util.h"
-#include "server/core/status.h"
+#include "common/file_util.h"
+#include "common/status.h"
 
 namespace retrace::client {
 namespace {

@@ -14,7 +14,7 @@
 #include "client/contact_sheet.h"
 #include "client/format.h"
 #include "client/progress.h"
-#include "server/core/file_util.h"
+#include "common/file_util.h"
 
 namespace retrace::client {
 namespace {

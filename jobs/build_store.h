@@ -39,7 +39,7 @@
 #include "absl/types/span.h"
 #include "kernels/dtype.h"
 #include "kernels/projection.h"
-#include "server/core/env.h"
+#include "common/env.h"
 #include "server/data/image_set.h"
 #include "server/model/device.h"
 #include "server/store/manifest.h"

@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "jobs/command.h"
 #include "jobs/run_dir.h"
-#include "server/core/file_util.h"
+#include "common/file_util.h"
 #include "server/data/image_folder.h"
 #include "server/data/mixture.h"
 

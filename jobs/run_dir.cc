@@ -10,8 +10,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "server/core/file_util.h"
-#include "server/core/sha256.h"
+#include "common/file_util.h"
+#include "common/sha256.h"
 #include "server/model/replay.h"
 
 namespace retrace::jobs {

@@ -20,7 +20,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
-#include "server/core/env.h"
+#include "common/env.h"
 #include "server/data/image_set.h"
 #include "server/model/loss.h"
 #include "server/model/schedule.h"

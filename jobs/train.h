@@ -23,7 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "jobs/run_dir.h"
-#include "server/core/env.h"
+#include "common/env.h"
 #include "server/data/image_set.h"
 #include "server/model/device.h"
 

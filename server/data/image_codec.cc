@@ -13,7 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "server/core/status.h"
+#include "common/status.h"
 
 namespace retrace::data {
 namespace {

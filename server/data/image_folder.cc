@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/data/image_codec.h"
 
 namespace retrace::data {

@@ -12,7 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/data/mnist_json.h"
 
 namespace retrace::data {

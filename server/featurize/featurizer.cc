@@ -9,7 +9,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
+#include "common/status.h"
+#include "server/core/kernel_status.h"
 #include "server/featurize/timesteps.h"
 #include "server/model/counter_rng.h"
 #include "server/model/torch_status.h"

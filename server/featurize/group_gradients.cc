@@ -14,7 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/featurize/unet_mirror.h"
 #include "server/model/diffusion.h"
 #include "server/model/torch_status.h"

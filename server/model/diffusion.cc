@@ -6,7 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/model/torch_status.h"
 
 namespace retrace::model {

@@ -7,7 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/sha256.h"
+#include "common/sha256.h"
 #include "server/model/counter_rng.h"
 
 namespace retrace::model {

@@ -7,7 +7,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
+#include "common/status.h"
 
 namespace retrace::model {
 namespace {

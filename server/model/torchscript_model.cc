@@ -20,7 +20,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/model/torch_status.h"
 
 namespace retrace::model {

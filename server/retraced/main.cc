@@ -13,7 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "server/core/logging.h"
+#include "common/logging.h"
 #include "server/retraced/config.h"
 #include "server/stack/server_stack.h"
 

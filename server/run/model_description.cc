@@ -14,9 +14,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "server/core/file_util.h"
-#include "server/core/sha256.h"
-#include "server/core/status.h"
+#include "common/file_util.h"
+#include "common/sha256.h"
+#include "common/status.h"
 #include "server/model/torchscript_model.h"
 
 namespace retrace::run {

@@ -8,8 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/device_memory.h"
-#include "server/core/logging.h"
-#include "server/core/status.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "server/core/kernel_status.h"
 
 namespace retrace::scoring {
 namespace {

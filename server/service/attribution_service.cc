@@ -12,8 +12,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
-#include "server/core/file_util.h"
-#include "server/core/status.h"
+#include "common/file_util.h"
+#include "common/status.h"
 #include "server/service/grpc_status.h"
 
 namespace retrace::service {

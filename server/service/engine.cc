@@ -13,7 +13,7 @@
 #include "kernels/dtype.h"
 #include "kernels/projection.h"
 #include "nlohmann/json.hpp"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/data/image_folder.h"
 #include "server/model/loss.h"
 #include "server/model/schedule.h"

@@ -25,7 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "retrace/v1/attribution.pb.h"
-#include "server/core/clock.h"
+#include "common/clock.h"
 #include "server/metrics/metrics.h"
 #include "server/scoring/query_plan.h"
 #include "server/service/batcher.h"

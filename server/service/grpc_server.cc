@@ -6,8 +6,8 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/file_util.h"
-#include "server/core/status.h"
+#include "common/file_util.h"
+#include "common/status.h"
 
 namespace retrace::service {
 namespace {

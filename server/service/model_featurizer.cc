@@ -7,7 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/featurize/featurizer.h"
 #include "server/model/schedule.h"
 #include "server/model/torch_status.h"

@@ -6,7 +6,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "server/core/status.h"
+#include "common/status.h"
 
 namespace retrace::service {
 namespace {

@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
-#include "server/core/status.h"
+#include "common/status.h"
 #include "server/data/image_folder.h"
 
 namespace retrace::service {

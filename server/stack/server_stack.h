@@ -36,7 +36,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "server/core/clock.h"
+#include "common/clock.h"
 #include "server/metrics/metrics.h"
 #include "server/scoring/scorer.h"
 #include "server/service/attribution_service.h"

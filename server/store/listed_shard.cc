@@ -1,7 +1,7 @@
 #include "server/store/listed_shard.h"
 
 #include "absl/strings/str_cat.h"
-#include "server/core/sha256.h"
+#include "common/sha256.h"
 
 namespace retrace::store {
 

@@ -8,7 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "server/core/file_util.h"
+#include "common/file_util.h"
 
 namespace retrace::store {
 

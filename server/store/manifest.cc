@@ -6,8 +6,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/sha256.h"
-#include "server/core/status.h"
+#include "common/sha256.h"
+#include "common/status.h"
 
 namespace retrace::store {
 namespace {

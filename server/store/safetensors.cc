@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
-#include "server/core/status.h"
+#include "common/status.h"
 
 namespace retrace::store {
 namespace {

@@ -7,8 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "server/core/file_util.h"
-#include "server/core/status.h"
+#include "common/file_util.h"
+#include "common/status.h"
 #include "server/store/layout.h"
 #include "server/store/listed_shard.h"
 #include "server/store/safetensors.h"

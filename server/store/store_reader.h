@@ -38,7 +38,7 @@
 
 #include "absl/status/statusor.h"
 #include "kernels/dtype.h"
-#include "server/core/env.h"
+#include "common/env.h"
 #include "server/store/manifest.h"
 
 namespace retrace::store {

@@ -49,7 +49,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "nlohmann/json.hpp"
-#include "server/core/file_util.h"
+#include "common/file_util.h"
 #include "server/store/manifest.h"
 
 namespace retrace::store {

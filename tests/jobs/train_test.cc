@@ -20,13 +20,13 @@
 #include <string>
 #include <vector>
 
-#include "server/core/file_util.h"
-#include "server/core/sha256.h"
+#include "common/file_util.h"
+#include "common/sha256.h"
 #include "server/model/diffusion.h"
 #include "server/model/replay.h"
 #include "server/model/unet.h"
 #include "tests/jobs/reference_order.h"
-#include "tests/server/core/fault_env.h"
+#include "tests/common/fault_env.h"
 
 namespace retrace::jobs {
 namespace {

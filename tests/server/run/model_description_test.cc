@@ -10,7 +10,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "jobs/build_store.h"
-#include "server/core/sha256.h"
+#include "common/sha256.h"
 
 namespace retrace::run {
 namespace {

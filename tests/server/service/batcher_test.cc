@@ -18,7 +18,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "server/core/clock.h"
+#include "common/clock.h"
 
 namespace retrace::service {
 namespace {

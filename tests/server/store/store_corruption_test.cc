@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/core/sha256.h"
+#include "common/sha256.h"
 #include "server/store/layout.h"
 #include "server/store/safetensors.h"
 #include "server/store/store_reader.h"

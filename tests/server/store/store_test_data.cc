@@ -1,6 +1,6 @@
 #include "tests/server/store/store_test_data.h"
 
-#include "server/core/status.h"
+#include "common/status.h"
 
 namespace retrace::store::testing {
 

@@ -4,8 +4,8 @@
 //
 // Thread-safe: each statement is written with one call. The minimum level is
 // read from RETRACE_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR; default INFO).
-#ifndef RETRACE_SERVER_CORE_LOGGING_H_
-#define RETRACE_SERVER_CORE_LOGGING_H_
+#ifndef RETRACE_COMMON_LOGGING_H_
+#define RETRACE_COMMON_LOGGING_H_
 
 #include <sstream>
 
@@ -41,4 +41,4 @@ class LogMessage {
     ::retrace::LogMessage(RETRACE_LOG_LEVEL_##level, __FILE__, __LINE__) \
         .stream()
 
-#endif  // RETRACE_SERVER_CORE_LOGGING_H_
+#endif  // RETRACE_COMMON_LOGGING_H_

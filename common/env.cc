@@ -1,4 +1,4 @@
-#include "server/core/env.h"
+#include "common/env.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -12,7 +12,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/file_util.h"
+#include "common/file_util.h"
 
 namespace retrace {
 

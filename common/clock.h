@@ -14,8 +14,8 @@
 //   clock.Advance(absl::Milliseconds(5));  // wakes those now due
 //
 // Thread safety: every method of both clocks may be called from any thread.
-#ifndef RETRACE_SERVER_CORE_CLOCK_H_
-#define RETRACE_SERVER_CORE_CLOCK_H_
+#ifndef RETRACE_COMMON_CLOCK_H_
+#define RETRACE_COMMON_CLOCK_H_
 
 #include <condition_variable>
 #include <cstdint>
@@ -104,4 +104,4 @@ class SimulatedClock final : public Clock {
 
 }  // namespace retrace
 
-#endif  // RETRACE_SERVER_CORE_CLOCK_H_
+#endif  // RETRACE_COMMON_CLOCK_H_

@@ -4,8 +4,8 @@
 // the overloads without one use Env::Default(). Errors are absl::Status
 // values whose message names the operation and the path.
 // Thread-safe (no shared state); each lock object belongs to one owner.
-#ifndef RETRACE_SERVER_CORE_FILE_UTIL_H_
-#define RETRACE_SERVER_CORE_FILE_UTIL_H_
+#ifndef RETRACE_COMMON_FILE_UTIL_H_
+#define RETRACE_COMMON_FILE_UTIL_H_
 
 #include <cstdint>
 #include <memory>
@@ -17,7 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
-#include "server/core/env.h"
+#include "common/env.h"
 
 namespace retrace {
 
@@ -139,4 +139,4 @@ class FileLock {
 
 }  // namespace retrace
 
-#endif  // RETRACE_SERVER_CORE_FILE_UTIL_H_
+#endif  // RETRACE_COMMON_FILE_UTIL_H_

@@ -1,4 +1,4 @@
-#include "server/core/logging.h"
+#include "common/logging.h"
 
 #include <chrono>
 #include <cstdio>

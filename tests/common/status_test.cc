@@ -1,4 +1,4 @@
-#include "server/core/status.h"
+#include "common/status.h"
 
 #include <gtest/gtest.h>
 
@@ -29,20 +29,6 @@ TEST(StatusTest, Macros) {
   EXPECT_EQ(q, 2);
   EXPECT_EQ(Quarter(6, &q).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Fails().code(), absl::StatusCode::kNotFound);
-}
-
-TEST(StatusTest, KernelConversion) {
-  using kernels::KernelStatus;
-  EXPECT_TRUE(FromKernelStatus(KernelStatus::Ok()).ok());
-  EXPECT_EQ(FromKernelStatus(KernelStatus::InvalidArgument("x")).code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(FromKernelStatus(KernelStatus::OutOfMemory("x")).code(),
-            absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(FromKernelStatus(KernelStatus::Unavailable("x")).code(),
-            absl::StatusCode::kUnavailable);
-  absl::Status dev = FromKernelStatus(KernelStatus::DeviceError("launch"));
-  EXPECT_EQ(dev.code(), absl::StatusCode::kInternal);
-  EXPECT_NE(dev.message().find("launch"), absl::string_view::npos);
 }
 
 TEST(StatusTest, Annotate) {

@@ -1,6 +1,6 @@
 // SHA-256 of files and buffers, as lowercase hex (64 characters).
-#ifndef RETRACE_SERVER_CORE_SHA256_H_
-#define RETRACE_SERVER_CORE_SHA256_H_
+#ifndef RETRACE_COMMON_SHA256_H_
+#define RETRACE_COMMON_SHA256_H_
 
 #include <cstddef>
 #include <memory>
@@ -36,4 +36,4 @@ absl::StatusOr<std::string> Sha256File(const std::string& path);
 
 }  // namespace retrace
 
-#endif  // RETRACE_SERVER_CORE_SHA256_H_
+#endif  // RETRACE_COMMON_SHA256_H_

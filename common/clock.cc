@@ -1,4 +1,4 @@
-#include "server/core/clock.h"
+#include "common/clock.h"
 
 #include <cstdlib>
 #include <vector>

@@ -23,8 +23,8 @@
 //
 // Thread-safe (one mutex); the state covers everything done through this
 // object since construction or the last DropUnsyncedData.
-#ifndef RETRACE_TESTS_SERVER_CORE_FAULT_ENV_H_
-#define RETRACE_TESTS_SERVER_CORE_FAULT_ENV_H_
+#ifndef RETRACE_TESTS_COMMON_FAULT_ENV_H_
+#define RETRACE_TESTS_COMMON_FAULT_ENV_H_
 
 #include <array>
 #include <cstdint>
@@ -36,7 +36,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "server/core/env.h"
+#include "common/env.h"
 
 namespace retrace::testing {
 
@@ -155,4 +155,4 @@ class FaultEnv : public Env {
 
 }  // namespace retrace::testing
 
-#endif  // RETRACE_TESTS_SERVER_CORE_FAULT_ENV_H_
+#endif  // RETRACE_TESTS_COMMON_FAULT_ENV_H_

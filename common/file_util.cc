@@ -1,4 +1,4 @@
-#include "server/core/file_util.h"
+#include "common/file_util.h"
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -13,7 +13,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/status.h"
+#include "common/status.h"
 
 namespace retrace {
 namespace {

@@ -1,7 +1,7 @@
 // The clocks: a SimulatedClock wakes exactly the waits its Advance makes due
 // and nothing else, a notification still ends a wait, and the real clock's
 // timed wait runs out on the system clock.
-#include "server/core/clock.h"
+#include "common/clock.h"
 
 #include <gtest/gtest.h>
 

@@ -2,9 +2,11 @@
 //
 // Errors are values: functions return absl::Status or absl::StatusOr<T>. The
 // conversion to the wire's error type happens in exactly one place (the gRPC
-// service layer). Kernel errors become absl::Status here.
-#ifndef RETRACE_SERVER_CORE_STATUS_H_
-#define RETRACE_SERVER_CORE_STATUS_H_
+// service layer). Kernel errors become absl::Status in
+// server/core/kernel_status.h, so this header (and the CLI that uses it) does
+// not depend on the kernels.
+#ifndef RETRACE_COMMON_STATUS_H_
+#define RETRACE_COMMON_STATUS_H_
 
 #include <cstddef>
 #include <string>
@@ -13,13 +15,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "kernels/kernel_status.h"
 
 namespace retrace {
-
-// kInvalidArgument -> INVALID_ARGUMENT, kOutOfMemory -> RESOURCE_EXHAUSTED,
-// kUnavailable -> UNAVAILABLE, kDeviceError/kInternal -> INTERNAL.
-absl::Status FromKernelStatus(const kernels::KernelStatus& status);
 
 // Prefixes the message of a non-ok status with `context` ("context: message"),
 // keeping the code. Returns ok statuses unchanged.
@@ -57,8 +54,4 @@ std::string QuoteForError(absl::string_view text);
   if (!sor.ok()) return sor.status();           \
   lhs = std::move(sor).value()
 
-// Converts a KernelStatus and returns it when it is not ok.
-#define RETURN_IF_KERNEL_ERROR(expr) \
-  RETURN_IF_ERROR(::retrace::FromKernelStatus(expr))
-
-#endif  // RETRACE_SERVER_CORE_STATUS_H_
+#endif  // RETRACE_COMMON_STATUS_H_

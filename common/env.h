@@ -21,8 +21,8 @@
 //
 // Thread safety: Env::Default() is stateless and safe to use from any thread.
 // A WritableFile belongs to one thread at a time.
-#ifndef RETRACE_SERVER_CORE_ENV_H_
-#define RETRACE_SERVER_CORE_ENV_H_
+#ifndef RETRACE_COMMON_ENV_H_
+#define RETRACE_COMMON_ENV_H_
 
 #include <cstdint>
 #include <memory>
@@ -35,7 +35,7 @@
 
 namespace retrace {
 
-class MappedFile;  // server/core/file_util.h
+class MappedFile;  // common/file_util.h
 
 // A file opened for writing. Bytes appended are in the operating system's
 // cache until Sync returns ok; only then do they survive a power loss.
@@ -100,4 +100,4 @@ absl::Status IoError(absl::string_view operation, absl::string_view path,
 
 }  // namespace retrace
 
-#endif  // RETRACE_SERVER_CORE_ENV_H_
+#endif  // RETRACE_COMMON_ENV_H_

@@ -1,4 +1,4 @@
-#include "tests/server/core/fault_env.h"
+#include "tests/common/fault_env.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -8,8 +8,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "server/core/file_util.h"
-#include "server/core/status.h"
+#include "common/file_util.h"
+#include "common/status.h"
 
 namespace retrace::testing {
 namespace {

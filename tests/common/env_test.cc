@@ -1,6 +1,6 @@
 // Env::Default against the file system seen through std::filesystem, and
 // FaultEnv's crash model against the outcome written out by hand.
-#include "server/core/env.h"
+#include "common/env.h"
 
 #include <unistd.h>
 
@@ -12,8 +12,8 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/core/file_util.h"
-#include "tests/server/core/fault_env.h"
+#include "common/file_util.h"
+#include "tests/common/fault_env.h"
 
 namespace retrace {
 namespace {
