@@ -191,7 +191,18 @@ Metrics::Metrics(prometheus::Registry& registry)
                               "CPU backend).")),
       ready_(AddGauge(registry, "retrace_ready",
                       "1 while the server accepts requests, 0 while it "
-                      "loads or drains.")) {
+                      "loads or drains.")),
+      shard_requests_(
+          prometheus::BuildCounter()
+              .Name("retrace_router_shard_requests_total")
+              .Help("A router's calls to its shards, by shard address and "
+                    "gRPC status code.")
+              .Register(registry)),
+      shard_latency_(prometheus::BuildHistogram()
+                         .Name("retrace_router_shard_latency_seconds")
+                         .Help("Time of a router's call to one shard, in "
+                               "seconds, by shard address.")
+                         .Register(registry)) {
   auto& stages = prometheus::BuildHistogram()
                      .Name("retrace_stage_duration_seconds")
                      .Help("Time one query spends in each stage, in seconds.")
@@ -250,6 +261,16 @@ void Metrics::ObserveRequest(absl::string_view method, double seconds) {
 
 void Metrics::ObserveStage(Stage stage, double seconds) {
   stage_duration_[static_cast<int>(stage)]->Observe(seconds);
+}
+
+void Metrics::ObserveShardCall(absl::string_view shard, absl::string_view code,
+                               double seconds) {
+  // Family::Add returns the existing child for labels it has seen.
+  shard_requests_
+      .Add({{"shard", std::string(shard)}, {"code", std::string(code)}})
+      .Increment();
+  shard_latency_.Add({{"shard", std::string(shard)}}, LatencyBucketsSeconds())
+      .Observe(seconds);
 }
 
 void Metrics::ObserveBatchSize(int64_t queries) {

@@ -20,6 +20,10 @@
 //   retrace_store_samples, retrace_store_bytes    gauges
 //   retrace_device_memory_bytes                   gauge (0 on the CPU backend)
 //   retrace_ready                                 gauge, 1 while serving
+//   retrace_router_shard_requests_total{shard,code}   counter (a router's
+//                                                      calls to its shards)
+//   retrace_router_shard_latency_seconds{shard}       histogram,
+//                                                      kLatencyBuckets
 //
 // The six stage series exist (at zero) from construction; the per-method and
 // per-code series appear at their first use (and with them the two families,
@@ -123,6 +127,11 @@ class Metrics {
   // retrace_ready: 1 while serving, 0 while loading or draining.
   void SetReady(bool ready);
 
+  // A router's call to one shard (by address): counted by gRPC code name,
+  // its time observed.
+  void ObserveShardCall(absl::string_view shard, absl::string_view code,
+                        double seconds);
+
  private:
   prometheus::Counter& RequestCounter(absl::string_view method,
                                       absl::string_view code);
@@ -138,6 +147,8 @@ class Metrics {
   prometheus::Gauge& store_bytes_;
   prometheus::Gauge& device_memory_;
   prometheus::Gauge& ready_;
+  prometheus::Family<prometheus::Counter>& shard_requests_;
+  prometheus::Family<prometheus::Histogram>& shard_latency_;
 
   // Children already created, so that the hot path neither allocates a
   // histogram nor takes the family's lock. Keyed by "method" and

@@ -18,8 +18,32 @@ void Describe(CLI::App* app, ServerConfig* c) {
   app->add_option("--config",
                   "TOML file of options (keys = long flag names "
                   "without '--'); flags override it");
-  app->add_option("--store", c->store_dir, "Store directory to serve")
-      ->required();
+  app->add_option("--store", c->store_dir,
+                  "Store directory to serve (roles single and shard)");
+  app->add_option("--role", c->role,
+                  "single: serve the whole store; shard: serve part "
+                  "--shard-part of it behind a router; router: serve no "
+                  "vectors, fan requests out to --shards and merge their "
+                  "answers (docs/operations.md, \"Scale-out\")")
+      ->check(CLI::IsMember({"single", "shard", "router"}))
+      ->capture_default_str();
+  app->add_option("--shard-part", c->shard_part,
+                  "Role shard: serve part I/N of the store's shard files, the "
+                  "same split as retrace-batch build-store --shard I/N");
+  app->add_option("--shards", c->shards,
+                  "Role router: the shards, host:port,host:port or "
+                  "dns:///NAME:PORT (every address the name resolves to, "
+                  "e.g. a Kubernetes headless Service)");
+  app->add_option("--shard-timeout-s", c->shard_timeout_s,
+                  "Role router: the longest a shard may take for one call")
+      ->check(CLI::Range(0.001, 3600.0))
+      ->capture_default_str();
+  app->add_option("--shard-ca", c->shard_ca,
+                  "Role router: PEM CA of the shards' TLS certificates "
+                  "(default: plaintext to the shards)");
+  app->add_option("--shard-token-file", c->shard_token_file,
+                  "Role router: a file whose first token the router sends to "
+                  "the shards as 'authorization: Bearer <token>'");
   app->add_option("--model,--run", c->model_path,
                   "Model description of the store's model (model.toml, or a "
                   "folder holding one such as a retrace-batch train run); "
@@ -101,6 +125,30 @@ void Describe(CLI::App* app, ServerConfig* c) {
       ->capture_default_str();
 }
 
+// What the role needs and refuses, or "" when the options fit it.
+std::string RoleProblem(const ServerConfig& c) {
+  if (c.role == "router") {
+    if (c.shards.empty()) return "--role router needs --shards";
+    if (!c.store_dir.empty()) {
+      return "--role router serves no store: drop --store (the shards "
+             "serve it)";
+    }
+    return "";
+  }
+  if (c.store_dir.empty()) return "--store is required";
+  if (!c.shards.empty()) return "--shards is for --role router";
+  if (c.role == "shard") {
+    if (c.shard_part.empty()) return "--role shard needs --shard-part I/N";
+    if (!c.model_path.empty()) {
+      return "--role shard takes precomputed query vectors only: drop "
+             "--run (the router featurizes)";
+    }
+  } else if (!c.shard_part.empty()) {
+    return "--shard-part is for --role shard";
+  }
+  return "";
+}
+
 // "--key=value" arguments from a TOML file, or an error naming file and key.
 bool TomlArguments(const std::string& path, const CLI::App& app,
                    std::vector<std::string>* args, std::ostream& err) {
@@ -172,6 +220,10 @@ std::optional<int> ParseServerConfig(int argc, const char* const* argv,
     return 0;
   } catch (const CLI::ParseError& e) {
     err << "retraced: " << e.what() << "\n";
+    return 2;
+  }
+  if (const std::string problem = RoleProblem(*config); !problem.empty()) {
+    err << "retraced: " << problem << "\n";
     return 2;
   }
   return std::nullopt;

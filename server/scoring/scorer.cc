@@ -7,9 +7,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "kernels/device_memory.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "kernels/device_memory.h"
 #include "server/core/kernel_status.h"
 
 namespace retrace::scoring {
@@ -209,8 +209,8 @@ absl::StatusOr<std::unique_ptr<Scorer>> Scorer::Create(
                       << " queries: "
                       << Bytes(scorer->footprint_.scratch_bytes);
   }
-  RETRACE_LOG(INFO) << "scorer ready: " << store->num_samples() << " samples, "
-                    << kernels::BackendName(backend)
+  RETRACE_LOG(INFO) << "scorer ready: " << store->served_samples()
+                    << " samples, " << kernels::BackendName(backend)
                     << (backend == kernels::Backend::kCuda
                             ? " (" + kernels::CudaAvailabilityReason() + ", " +
                                   Bytes(scorer->device_bytes_) + " on device)"
@@ -316,7 +316,7 @@ absl::StatusOr<kernels::ScanResult> Scorer::ScanCuda(
 
 absl::StatusOr<std::vector<QueryResult>> Scorer::Score(
     const std::vector<ScoreQuery>& queries) {
-  const int64_t n = store_->num_samples();
+  const int64_t n = store_->served_samples();
   if (queries.empty() ||
       queries.size() > static_cast<size_t>(options_.max_batch)) {
     return absl::InvalidArgumentError(absl::StrCat(

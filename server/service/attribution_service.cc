@@ -87,7 +87,7 @@ AttributionService::AttributionService(ServiceOptions options,
                                        metrics::Metrics* metrics)
     : options_(std::move(options)), metrics_(metrics) {}
 
-void AttributionService::SetEngine(AttributionEngine* engine) {
+void AttributionService::SetEngine(ServingEngine* engine) {
   engine_.store(engine);
 }
 
@@ -117,12 +117,12 @@ absl::Status AttributionService::Authenticate(
   return absl::OkStatus();
 }
 
-absl::StatusOr<AttributionEngine*> AttributionService::Gate(
+absl::StatusOr<ServingEngine*> AttributionService::Gate(
     grpc::ServerContext* context) const {
   if (draining_.load()) {
     return absl::UnavailableError("the server is shutting down");
   }
-  AttributionEngine* engine = engine_.load();
+  ServingEngine* engine = engine_.load();
   if (engine == nullptr) {
     return absl::UnavailableError("the server is still loading its store");
   }
@@ -143,7 +143,7 @@ grpc::Status AttributionService::Finish(absl::string_view method,
 }
 
 absl::StatusOr<v1::AttributeResponse> AttributionService::AttributeOne(
-    grpc::ServerContext* context, AttributionEngine* engine,
+    grpc::ServerContext* context, ServingEngine* engine,
     const v1::AttributeRequest& request) {
   Admission admission(this);
   RETURN_IF_ERROR(admission.status());
@@ -157,7 +157,7 @@ grpc::Status AttributionService::Attribute(grpc::ServerContext* context,
                                            const v1::AttributeRequest* request,
                                            v1::AttributeResponse* response) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<AttributionEngine*> engine = Gate(context);
+  absl::StatusOr<ServingEngine*> engine = Gate(context);
   if (!engine.ok()) return Finish("Attribute", start, engine.status());
   absl::StatusOr<v1::AttributeResponse> r =
       AttributeOne(context, *engine, *request);
@@ -170,7 +170,7 @@ grpc::Status AttributionService::AttributeStream(
     grpc::ServerReaderWriter<v1::AttributeStreamResponse, v1::AttributeRequest>*
         stream) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<AttributionEngine*> engine = Gate(context);
+  absl::StatusOr<ServingEngine*> engine = Gate(context);
   if (!engine.ok()) return Finish("AttributeStream", start, engine.status());
 
   // Requests are processed concurrently (so that they can share batches) and
@@ -245,13 +245,13 @@ grpc::Status AttributionService::SelfInfluence(
     grpc::ServerContext* context, const v1::SelfInfluenceRequest* request,
     v1::SelfInfluenceResponse* response) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<AttributionEngine*> engine = Gate(context);
+  absl::StatusOr<ServingEngine*> engine = Gate(context);
   if (!engine.ok()) return Finish("SelfInfluence", start, engine.status());
   Admission admission(this);
   absl::Status status = admission.status();
   if (status.ok()) {
     absl::StatusOr<v1::SelfInfluenceResponse> r =
-        (*engine)->SelfInfluence(*request);
+        (*engine)->SelfInfluence(*request, Deadline(context));
     status = r.status();
     if (r.ok()) *response = std::move(*r);
   }
@@ -259,13 +259,14 @@ grpc::Status AttributionService::SelfInfluence(
 }
 
 grpc::Status AttributionService::GetStoreInfo(
-    grpc::ServerContext* context, const v1::GetStoreInfoRequest* /*request*/,
+    grpc::ServerContext* context, const v1::GetStoreInfoRequest* request,
     v1::StoreInfo* response) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<AttributionEngine*> engine = Gate(context);
+  absl::StatusOr<ServingEngine*> engine = Gate(context);
   if (!engine.ok()) return Finish("GetStoreInfo", start, engine.status());
-  *response = (*engine)->StoreInfo();
-  return Finish("GetStoreInfo", start, absl::OkStatus());
+  absl::StatusOr<v1::StoreInfo> info = (*engine)->StoreInfo(*request);
+  if (info.ok()) *response = std::move(*info);
+  return Finish("GetStoreInfo", start, info.status());
 }
 
 }  // namespace retrace::service

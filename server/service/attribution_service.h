@@ -20,7 +20,7 @@
 #include "absl/status/statusor.h"
 #include "retrace/v1/attribution.grpc.pb.h"
 #include "server/metrics/metrics.h"
-#include "server/service/engine.h"
+#include "server/service/serving_engine.h"
 
 namespace retrace::service {
 
@@ -44,7 +44,7 @@ class AttributionService final : public v1::Attribution::Service {
 
   // The engine must outlive the service (or StartDraining and the end of
   // every call must come first).
-  void SetEngine(AttributionEngine* engine);
+  void SetEngine(ServingEngine* engine);
   void StartDraining();
 
   grpc::Status Attribute(grpc::ServerContext* context,
@@ -65,17 +65,17 @@ class AttributionService final : public v1::Attribution::Service {
   class Admission;
   // UNAVAILABLE while loading/draining, UNAUTHENTICATED without a valid
   // token; returns the engine otherwise.
-  absl::StatusOr<AttributionEngine*> Gate(grpc::ServerContext* context) const;
+  absl::StatusOr<ServingEngine*> Gate(grpc::ServerContext* context) const;
   absl::Status Authenticate(grpc::ServerContext* context) const;
   absl::StatusOr<v1::AttributeResponse> AttributeOne(
-      grpc::ServerContext* context, AttributionEngine* engine,
+      grpc::ServerContext* context, ServingEngine* engine,
       const v1::AttributeRequest& request);
   grpc::Status Finish(absl::string_view method, absl::Time start,
                       const absl::Status& status);
 
   const ServiceOptions options_;
   metrics::Metrics* const metrics_;
-  std::atomic<AttributionEngine*> engine_{nullptr};
+  std::atomic<ServingEngine*> engine_{nullptr};
   std::atomic<bool> draining_{false};
   std::atomic<int32_t> in_flight_{0};
 };

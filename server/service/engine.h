@@ -24,31 +24,18 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "retrace/v1/attribution.pb.h"
 #include "common/clock.h"
+#include "retrace/v1/attribution.pb.h"
 #include "server/metrics/metrics.h"
 #include "server/scoring/query_plan.h"
 #include "server/service/batcher.h"
 #include "server/service/query_featurizer.h"
+#include "server/service/query_input.h"
+#include "server/service/serving_engine.h"
 #include "server/service/training_images.h"
 #include "server/store/store_reader.h"
 
 namespace retrace::service {
-
-inline constexpr int32_t kDefaultTopK = 10;
-inline constexpr int32_t kMaxTopK = 4096;
-inline constexpr int32_t kDefaultQueryTimesteps = 2;
-inline constexpr int32_t kDefaultNoiseDraws = 4;
-// Upper bounds of the query-side work one request may ask for.
-inline constexpr int32_t kMaxQueryTimesteps = 64;
-inline constexpr int32_t kMaxNoiseDraws = 64;
-inline constexpr int32_t kDefaultPageSize = 100;
-inline constexpr int32_t kMaxPageSize = 10000;
-// The longest request_id taken (it is echoed in responses and logs).
-inline constexpr size_t kMaxRequestIdBytes = 256;
-// The largest magnitude of a precomputed query vector's value: with fp16
-// store values (at most 65504) and D up to 65536, no score can overflow.
-inline constexpr float kMaxQueryVectorValue = 1e18f;
 
 // What the engine works with. Every pointer must outlive the engine;
 // featurizer, images and metrics may be null (no image input, no thumbnails,
@@ -65,7 +52,7 @@ struct EngineParts {
   Clock* clock = Clock::Real();
 };
 
-class AttributionEngine {
+class AttributionEngine final : public ServingEngine {
  public:
   explicit AttributionEngine(EngineParts parts);
 
@@ -77,29 +64,23 @@ class AttributionEngine {
   //     thumbnails on a server without the training images.
   //   ResourceExhausted: the scoring queue is full; DeadlineExceeded.
   absl::StatusOr<v1::AttributeResponse> Attribute(
-      const v1::AttributeRequest& request, absl::Time deadline);
+      const v1::AttributeRequest& request, absl::Time deadline) override;
 
   // Samples ranked by self-influence, highest first (ties: lower index).
   // InvalidArgument for a bad method, page size or page token.
   absl::StatusOr<v1::SelfInfluenceResponse> SelfInfluence(
-      const v1::SelfInfluenceRequest& request);
+      const v1::SelfInfluenceRequest& request, absl::Time deadline) override;
 
-  v1::StoreInfo StoreInfo() const;
+  absl::StatusOr<v1::StoreInfo> StoreInfo(
+      const v1::GetStoreInfoRequest& request) const override;
 
  private:
-  absl::StatusOr<scoring::BucketQuery> QueryVectors(
-      const v1::AttributeRequest& request, absl::Time deadline,
-      v1::AttributeResponse* response);
-  absl::StatusOr<scoring::BucketQuery> FromImage(
-      const QueryImage& image, const v1::AttributeRequest& request,
-      absl::Time deadline, v1::AttributeResponse* response);
   absl::Status FillSample(const scoring::RankedSample& ranked, int32_t rank,
                           bool thumbnails, v1::AttributedSample* out) const;
-  void AddTiming(absl::string_view stage, metrics::Stage metric, double seconds,
-                 v1::AttributeResponse* response) const;
   const std::vector<int64_t>& SelfInfluenceOrder(int column);
 
   const EngineParts parts_;
+  const QueryInput input_;
   std::once_flag self_influence_once_[2];
   std::vector<int64_t> self_influence_order_[2];  // TracIn, ReTrac
 };

@@ -1,5 +1,6 @@
-// The one place where absl::Status becomes grpc::Status (STYLE: one status
-// type inside, converted at one boundary). The codes are the same
+// The one place where absl::Status and grpc::Status meet (one status type
+// inside, converted at the boundary: the service's answers, a router's calls
+// to its shards). The codes are the same
 // google.rpc.Code values, so the conversion keeps code and message.
 #ifndef RETRACE_SERVER_SERVICE_GRPC_STATUS_H_
 #define RETRACE_SERVER_SERVICE_GRPC_STATUS_H_
@@ -13,6 +14,7 @@
 namespace retrace::service {
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
 
 // "OK", "INVALID_ARGUMENT", ...: the name used in metrics labels and logs.
 std::string CodeName(grpc::StatusCode code);

@@ -10,6 +10,14 @@
 namespace retrace::stack {
 
 struct ServerConfig {
+  // What this process is: "single" (the whole store), "shard" (part
+  // shard_part of it) or "router" (no store; fans out to `shards`).
+  std::string role = "single";
+  std::string shard_part;  // "I/N", role shard
+  std::string shards;      // router/shard_set.h's spec, role router
+  double shard_timeout_s = 10;
+  std::string shard_ca;          // PEM CA of the shards' certificates
+  std::string shard_token_file;  // its first token is sent to the shards
   // What to serve.
   std::string store_dir;
   // Model description (file, or a folder holding model.toml, such as a

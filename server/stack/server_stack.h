@@ -30,14 +30,17 @@
 #ifndef RETRACE_SERVER_STACK_SERVER_STACK_H_
 #define RETRACE_SERVER_STACK_SERVER_STACK_H_
 
+#include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/clock.h"
 #include "server/metrics/metrics.h"
+#include "server/router/router_engine.h"
 #include "server/scoring/scorer.h"
 #include "server/service/attribution_service.h"
 #include "server/service/batcher.h"
@@ -90,11 +93,15 @@ class ServerStack {
 
   const ServerConfig& config() const { return config_; }
   metrics::Metrics& metrics() { return *metrics_; }
+  // Roles single and shard only (a router has no store).
   const store::StoreReader& store() const { return *store_; }
   scoring::Scorer& scorer() { return *scorer_; }
+  // Role router only.
+  router::RouterEngine& router() { return *router_; }
   // What the engine featurizes with (the wrapper when there is one); null
   // without a model.
   service::QueryFeaturizer* featurizer() const { return featurizer_; }
+  // Roles single and shard only.
   service::AttributionEngine& engine() { return *engine_; }
   service::AttributionService& service() { return *service_; }
   service::GrpcServer& server() { return *server_; }
@@ -103,6 +110,10 @@ class ServerStack {
   ServerStack(const ServerConfig& config, StackOverrides overrides);
   absl::Status Listen();
   absl::Status Load();
+  absl::Status LoadRouter();
+  // Role router: re-checks the shards every kWatchInterval and says
+  // NOT_SERVING while one is down.
+  void WatchShards();
 
   const ServerConfig config_;
   const StackOverrides overrides_;
@@ -120,9 +131,15 @@ class ServerStack {
   std::unique_ptr<service::TrainingImages> images_;
   std::unique_ptr<service::Batcher> batcher_;
   std::unique_ptr<service::AttributionEngine> engine_;
+  std::unique_ptr<router::RouterEngine> router_;
+  service::ServingEngine* serving_ = nullptr;  // engine_ or router_
   std::unique_ptr<service::AttributionService> service_;
   std::unique_ptr<service::GrpcServer> server_;
   std::once_flag shutdown_once_;
+  std::mutex watch_mutex_;
+  std::condition_variable watch_stop_;
+  bool stopping_ = false;  // guarded by watch_mutex_
+  std::thread watcher_;
 };
 
 }  // namespace retrace::stack

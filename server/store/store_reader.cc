@@ -13,6 +13,7 @@
 #include "server/store/listed_shard.h"
 #include "server/store/safetensors.h"
 #include "server/store/shard_metadata.h"
+#include "server/store/store_parts.h"
 
 namespace retrace::store {
 namespace {
@@ -33,7 +34,7 @@ int64_t StoreReader::row_bytes() const {
 }
 
 int64_t StoreReader::total_vector_bytes() const {
-  return num_samples() * row_bytes();
+  return served_samples() * row_bytes();
 }
 
 absl::StatusOr<std::unique_ptr<StoreReader>> StoreReader::Open(
@@ -49,9 +50,27 @@ absl::StatusOr<std::unique_ptr<StoreReader>> StoreReader::Open(
   ASSIGN_OR_RETURN(Manifest manifest, Manifest::Parse(*text, manifest_path));
   absl::StatusOr<std::string> spec_sha256 = manifest.spec.Sha256();
   if (!spec_sha256.ok()) return Annotate(spec_sha256.status(), manifest_path);
+  if (options.num_parts < 1 || options.num_parts > kMaxParts ||
+      options.part_index < 0 || options.part_index >= options.num_parts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("store part ", options.part_index, "/", options.num_parts,
+                     " is not a part: need 0 <= i < n <= ", kMaxParts));
+  }
   std::unique_ptr<StoreReader> reader(
       new StoreReader(dir, std::move(manifest)));
-  for (int64_t i = 0; i < int64_t(reader->manifest_.shards.size()); ++i) {
+  const std::vector<ShardInfo>& files = reader->manifest_.shards;
+  const int64_t j = int64_t(files.size());
+  const int64_t first = options.part_index * j / options.num_parts;
+  const int64_t end = (options.part_index + 1) * j / options.num_parts;
+  reader->part_index_ = options.part_index;
+  reader->num_parts_ = options.num_parts;
+  // A part without files (more parts than files) serves an empty range at
+  // the place where its files would start.
+  reader->served_first_ =
+      first < j ? files[size_t(first)].first : reader->manifest_.num_samples;
+  reader->served_end_ =
+      end < j ? files[size_t(end)].first : reader->manifest_.num_samples;
+  for (int64_t i = first; i < end; ++i) {
     RETURN_IF_ERROR(reader->OpenShard(i, *spec_sha256, options));
   }
   RETURN_IF_ERROR(reader->CheckDuplicateIds());
@@ -185,9 +204,10 @@ absl::Status StoreReader::CheckDuplicateIds() const {
 }
 
 absl::StatusOr<int64_t> StoreReader::ShardOf(int64_t sample) const {
-  if (sample < 0 || sample >= num_samples()) {
-    return absl::OutOfRangeError(absl::StrCat(
-        "sample ", sample, " is outside [0, ", num_samples(), ")"));
+  if (sample < served_first_ || sample >= served_end_) {
+    return absl::OutOfRangeError(
+        absl::StrCat("sample ", sample, " is outside the served [",
+                     served_first_, ", ", served_end_, ")"));
   }
   auto it = std::upper_bound(
       shards_.begin(), shards_.end(), sample,
@@ -214,10 +234,10 @@ SampleBlock StoreReader::Slice(const SampleBlock& block, int64_t offset,
 
 absl::StatusOr<std::vector<SampleBlock>> StoreReader::Range(int64_t begin,
                                                             int64_t end) const {
-  if (begin < 0 || begin > end || end > num_samples()) {
-    return absl::OutOfRangeError(absl::StrCat("sample range [", begin, ", ",
-                                              end, ") is not inside [0, ",
-                                              num_samples(), ")"));
+  if (begin < served_first_ || begin > end || end > served_end_) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "sample range [", begin, ", ", end, ") is not inside the served [",
+        served_first_, ", ", served_end_, ")"));
   }
   std::vector<SampleBlock> blocks;
   if (begin == end) return blocks;

@@ -37,8 +37,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "kernels/dtype.h"
 #include "common/env.h"
+#include "kernels/dtype.h"
 #include "server/store/manifest.h"
 
 namespace retrace::store {
@@ -63,6 +63,12 @@ struct StoreReaderOptions {
   bool verify_checksums = true;
   // Where the files are read from (not owned; must outlive Open).
   Env* env = Env::Default();
+  // Open only part part_index of num_parts (a shard server's range): with
+  // J shard files, the files [floor(i J / n), floor((i + 1) J / n)), the
+  // same split as `retrace-batch build-store --shard i/n`. The other files
+  // are neither read nor required to exist. 0 of 1: the whole store.
+  int64_t part_index = 0;
+  int64_t num_parts = 1;
 };
 
 class StoreReader {
@@ -78,7 +84,15 @@ class StoreReader {
   const Manifest& manifest() const { return manifest_; }
   const std::string& dir() const { return dir_; }
 
+  // N of the whole store (the manifest's), also when only a part is served.
   int64_t num_samples() const { return manifest_.num_samples; }
+  // The samples whose shard files are open: [served_first(), served_end()),
+  // all of [0, N) unless Options asked for a part.
+  int64_t served_first() const { return served_first_; }
+  int64_t served_end() const { return served_end_; }
+  int64_t served_samples() const { return served_end_ - served_first_; }
+  int64_t part_index() const { return part_index_; }
+  int64_t num_parts() const { return num_parts_; }
   int64_t num_checkpoints() const { return manifest_.spec.num_checkpoints(); }
   int64_t num_buckets() const { return manifest_.spec.num_buckets(); }
   int64_t num_slots() const { return manifest_.spec.num_slots(); }
@@ -89,22 +103,23 @@ class StoreReader {
   kernels::DType dtype() const { return manifest_.spec.dtype; }
   // Bytes of one sample's vectors: C * S * D * sizeof(dtype).
   int64_t row_bytes() const;
-  // Bytes of all vectors in the store: num_samples * row_bytes.
+  // Bytes of the served vectors: served_samples * row_bytes.
   int64_t total_vector_bytes() const;
 
   int64_t num_shards() const { return int64_t(shards_.size()); }
-  // Whole-shard blocks, in sample order.
+  // Whole-shard blocks of the served shard files, in sample order.
   const std::vector<SampleBlock>& shards() const { return shards_; }
   // Precondition: 0 <= index < num_shards().
   const SampleBlock& shard(int64_t index) const {
     return shards_[size_t(index)];
   }
 
-  // Index of the shard holding global sample `sample`; OutOfRange when
-  // sample is not in [0, num_samples).
+  // Index into shards() of the block holding global sample `sample`;
+  // OutOfRange when sample is not served.
   absl::StatusOr<int64_t> ShardOf(int64_t sample) const;
   // Blocks covering samples [begin, end) in order, one per shard touched
-  // (none when begin == end). OutOfRange unless 0 <= begin <= end <= N.
+  // (none when begin == end). OutOfRange unless
+  // served_first <= begin <= end <= served_end.
   absl::StatusOr<std::vector<SampleBlock>> Range(int64_t begin,
                                                  int64_t end) const;
   // A one-sample block for sample `sample`.
@@ -122,6 +137,10 @@ class StoreReader {
   const Manifest manifest_;
   std::vector<std::unique_ptr<MappedFile>> maps_;
   std::vector<SampleBlock> shards_;
+  int64_t served_first_ = 0;
+  int64_t served_end_ = 0;
+  int64_t part_index_ = 0;
+  int64_t num_parts_ = 1;
 };
 
 }  // namespace retrace::store

@@ -146,7 +146,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   v1::SelfInfluenceRequest listing;
   if (listing.ParseFromArray(data, static_cast<int>(size))) {
     absl::StatusOr<v1::SelfInfluenceResponse> page =
-        g_served->engine->SelfInfluence(listing);
+        g_served->engine->SelfInfluence(listing,
+                                        absl::Now() + absl::Seconds(30));
     if (!page.ok()) {
       Require(IsClientError(page.status().code()));
       Require(page.status().message().size() < 4096);
