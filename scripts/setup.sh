@@ -27,6 +27,7 @@ packages=(
   zlib1g-dev libpng-dev libjpeg62-turbo-dev
   dataset-fashion-mnist fonts-dejavu-core
   prometheus docker-compose python3-grpcio python3-protobuf openssl
+  kubernetes-client python3-jsonschema python3-yaml
 )
 
 if [ $without_torch -eq 1 ]; then

@@ -19,10 +19,19 @@ naming Dockerfile.gpu's LibTorch and CUDA pins, never `latest`), keep exactly
 one NVIDIA GPU reservation, and leave everything else as the base file has
 it; without the override the CPU-LibTorch Dockerfile stays the default.
 
+The multi-GPU host's file (docker-compose.shards.yml, docs/operations.md
+"Scale-out: router and shards") is resolved on its own: a router and two
+shards, shard i serving --shard-part i/2 on GPU i alone, the router listing
+exactly the shard services, the scale-out configuration file mounted over the
+image's, Prometheus (deploy/prometheus-shards.yml) scraping all three, and
+Grafana provisioned with the Prometheus datasource and the dashboards
+directory. A broken copy (two shards on one GPU) must be caught.
+
 Exit status 77 (skipped) when docker-compose is not installed.
 Environment: RETRACE_SOURCE_DIR (the repository).
 """
 
+import json
 import os
 import re
 import shutil
@@ -37,6 +46,7 @@ SOURCE_DIR = os.environ.get("RETRACE_SOURCE_DIR") or os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", ".."))
 COMPOSE_FILE = os.path.join(SOURCE_DIR, "docker-compose.yml")
 GPU_OVERRIDE = os.path.join(SOURCE_DIR, "docker-compose.gpu.yml")
+SHARDS_FILE = os.path.join(SOURCE_DIR, "docker-compose.shards.yml")
 
 DOCKER_COMPOSE = shutil.which("docker-compose")
 if DOCKER_COMPOSE is None:
@@ -249,6 +259,152 @@ class ComposeGpuOverride(unittest.TestCase):
         self.assertEqual(self.config["services"]["prometheus"],
                          self.base["services"]["prometheus"])
         self.assertEqual(self.config.get("volumes"), self.base.get("volumes"))
+
+
+def shard_problems(config, retraced_toml):
+    """What is wrong with docker-compose.shards.yml's resolved services."""
+    p = []
+    services = config["services"]
+    shards = sorted(n for n in services if n.startswith("shard-"))
+    if set(services) != set(shards) | {"router", "prometheus", "grafana"} or \
+            len(shards) < 2:
+        return ["services are %s; expected router, shard-0..n, prometheus, "
+                "grafana" % sorted(services)]
+    listen_port = int(retraced_toml["listen"].rsplit(":", 1)[1])
+    n = len(shards)
+    gpus = []
+    for i in range(n):
+        name = "shard-%d" % i
+        if name not in services:
+            p.append("shards are not numbered 0..%d: %s missing" % (n - 1, name))
+            continue
+        svc = services[name]
+        command = svc["command"]
+        if command[command.index("--role") + 1] != "shard" or \
+                command[command.index("--shard-part") + 1] != "%d/%d" % (i, n):
+            p.append("%s must run --role shard --shard-part %d/%d: %s"
+                     % (name, i, n, command))
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        if len(devices) != 1 or "count" in devices[0] or \
+                len(devices[0].get("device_ids", [])) != 1:
+            p.append("%s must reserve exactly one GPU by device_ids: %s"
+                     % (name, devices))
+        else:
+            gpus.append(devices[0]["device_ids"][0])
+        by_target = {t: (s, ro) for s, t, ro in mounts(svc)}
+        if by_target.get(retraced_toml["store"], (None, False))[1] is not True:
+            p.append("%s must mount the store read-only at %s"
+                     % (name, retraced_toml["store"]))
+    if len(set(gpus)) != len(gpus):
+        p.append("shards share a GPU: device_ids %s" % gpus)
+    router = services["router"]
+    command = router["command"]
+    listed = command[command.index("--shards") + 1].split(",")
+    expected = ["%s:%d" % (s, listen_port) for s in shards]
+    if sorted(listed) != expected:
+        p.append("router --shards %s must list exactly %s" % (listed, expected))
+    if "deploy" in router:
+        p.append("the router reserves devices; the GPUs are the shards'")
+    for name in shards + ["router"]:
+        svc = services[name]
+        by_target = {t: (s, ro) for s, t, ro in mounts(svc)}
+        if by_target.get("/etc/retrace/retraced.toml") != (
+                os.path.join(SOURCE_DIR, "deploy", "k8s", "base", "retraced.toml"),
+                True):
+            p.append("%s must mount deploy/k8s/base/retraced.toml read-only over "
+                     "the image's /etc/retrace/retraced.toml" % name)
+        grace = svc.get("stop_grace_period", "10s")
+        if not (grace.endswith("s") and grace[:-1].isdigit()
+                and int(grace[:-1]) > float(retraced_toml["drain-timeout-s"])):
+            p.append("%s: stop_grace_period %s is not longer than the drain"
+                     % (name, grace))
+        if svc.get("image") != "retrace:latest" or "build" not in svc:
+            p.append("%s must build retrace:latest, never pull it" % name)
+    return p
+
+
+class ComposeShards(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.result = compose_config(files=(SHARDS_FILE,))
+        cls.config = yaml.safe_load(cls.result.stdout) \
+            if cls.result.returncode == 0 else None
+        with open(os.path.join(SOURCE_DIR, "deploy", "k8s", "base",
+                               "retraced.toml"), "rb") as f:
+            cls.retraced_toml = tomllib.load(f)
+        # The shards' --store is the store's mount point (the scale-out
+        # configuration file has no store key).
+        cls.retraced_toml["store"] = "/var/lib/retrace/store"
+
+    def setUp(self):
+        self.assertEqual(self.result.returncode, 0,
+                         "docker-compose config of docker-compose.shards.yml "
+                         "failed:\n" + self.result.stderr)
+
+    def test_no_warnings(self):
+        self.assertNotIn("WARNING", self.result.stderr, self.result.stderr)
+
+    def test_router_and_shards(self):
+        problems = shard_problems(self.config, self.retraced_toml)
+        self.assertEqual(problems, [], "\n".join(problems))
+
+    def test_broken_copies_are_caught(self):
+        same_gpu = yaml.safe_load(self.result.stdout)
+        (same_gpu["services"]["shard-1"]["deploy"]["resources"]["reservations"]
+         ["devices"][0]["device_ids"]) = ["0"]
+        self.assertIn("shards share a GPU: device_ids ['0', '0']",
+                      shard_problems(same_gpu, self.retraced_toml))
+        one_listed = yaml.safe_load(self.result.stdout)
+        command = one_listed["services"]["router"]["command"]
+        command[command.index("--shards") + 1] = "shard-0:50051"
+        self.assertTrue(any("router --shards" in q for q in
+                            shard_problems(one_listed, self.retraced_toml)))
+        wrong_part = yaml.safe_load(self.result.stdout)
+        command = wrong_part["services"]["shard-1"]["command"]
+        command[command.index("--shard-part") + 1] = "0/2"
+        self.assertTrue(any("shard-1 must run" in q for q in
+                            shard_problems(wrong_part, self.retraced_toml)))
+
+    def test_prometheus_scrapes_router_and_shards(self):
+        service = self.config["services"]["prometheus"]
+        by_target = {t: (s, ro) for s, t, ro in mounts(service)}
+        source, read_only = by_target["/etc/prometheus/prometheus.yml"]
+        self.assertEqual(source,
+                         os.path.join(SOURCE_DIR, "deploy", "prometheus-shards.yml"))
+        self.assertTrue(read_only)
+        with open(source, encoding="utf-8") as f:
+            prometheus = yaml.safe_load(f)
+        targets = {t for job in prometheus["scrape_configs"]
+                   for sc in job.get("static_configs", [])
+                   for t in sc["targets"]}
+        port = int(self.retraced_toml["metrics-port"])
+        expected = {"%s:%d" % (s, port) for s in self.config["services"]
+                    if s == "router" or s.startswith("shard-")}
+        self.assertEqual(targets, expected)
+
+    def test_grafana_is_provisioned(self):
+        service = self.config["services"]["grafana"]
+        by_target = {t: (s, ro) for s, t, ro in mounts(service)}
+        grafana_dir = os.path.join(SOURCE_DIR, "deploy", "grafana")
+        self.assertEqual(by_target["/etc/grafana/provisioning"],
+                         (os.path.join(grafana_dir, "provisioning"), True))
+        dashboards_source, _ = by_target["/var/lib/grafana/dashboards"]
+        self.assertEqual(dashboards_source, os.path.join(grafana_dir, "dashboards"))
+        with open(os.path.join(grafana_dir, "provisioning", "dashboards",
+                               "retrace.yaml")) as f:
+            provider = yaml.safe_load(f)["providers"][0]
+        self.assertEqual(provider["options"]["path"], "/var/lib/grafana/dashboards")
+        with open(os.path.join(grafana_dir, "provisioning", "datasources",
+                               "prometheus.yaml")) as f:
+            datasource = yaml.safe_load(f)["datasources"][0]
+        self.assertEqual(datasource["url"], "http://prometheus:9090")
+        self.assertIn(9090, port_targets(self.config["services"]["prometheus"]))
+        with open(os.path.join(grafana_dir, "dashboards", "retrace.json")) as f:
+            dashboard = json.load(f)
+        uids = {t["datasource"]["uid"] for panel in dashboard["panels"]
+                for t in panel.get("targets", [])}
+        self.assertEqual(uids, {datasource["uid"]})
 
 
 if __name__ == "__main__":

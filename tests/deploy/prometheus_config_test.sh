@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # deploy/prometheus.yml is a valid Prometheus configuration (promtool, from
-# Debian's prometheus package) that scrapes retraced's metrics port.
+# Debian's prometheus package) that scrapes retraced's metrics port; so is
+# deploy/prometheus-shards.yml (docker-compose.shards.yml's).
 set -euo pipefail
 src=${RETRACE_SOURCE_DIR:?RETRACE_SOURCE_DIR must name the repository}
 if ! command -v promtool >/dev/null; then
@@ -8,4 +9,5 @@ if ! command -v promtool >/dev/null; then
   exit 77
 fi
 promtool check config "$src/deploy/prometheus.yml"
+promtool check config "$src/deploy/prometheus-shards.yml"
 echo "PASS"
