@@ -34,12 +34,6 @@ if PROMTOOL is None:
           "scripts/setup.sh lists it)")
     sys.exit(SKIP)
 
-# The router's families as its interface defines them; used only while no
-# source under server/ registers a retrace_router_ family.
-ROUTER_FAMILIES = {
-    "retrace_router_shard_requests_total": "counter",
-    "retrace_router_shard_latency_seconds": "histogram",
-}
 # Grafana's variables, replaced before promtool sees an expression.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m",
                      "$__range": "1h"}
@@ -65,10 +59,7 @@ def source_families():
 
 
 def known_families():
-    families = source_families()
-    if not any(n.startswith("retrace_router_") for n in families):
-        families.update(ROUTER_FAMILIES)
-    return families
+    return source_families()
 
 
 def expressions(dashboard):
