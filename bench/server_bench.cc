@@ -27,12 +27,18 @@
 // 32 is the batcher's max batch (retraced's default), so at 32 clients a
 // request can ride in a full batch: the batch size the server is built for.
 // The vectors ratios at every concurrency are printed as plain lines.
+// With --shards n, the vectors store is also served by n shard stacks
+// (--role shard, part i/n) behind a router stack (--role router), all in this
+// process, and the same clients call the router:
+//   routed/server/c:c          the router's p99
+//   RATIO router_p99_vs_single routed p99 / vectors p99 at concurrency 32
+//                              (the router's overhead; aim <= 1.25)
 //
 //   server_bench [--n 20000] [--checkpoints 3] [--buckets 5] [--dim 512]
 //                [--concurrency 1,8,32] [--seconds 3] [--rounds 10]
 //                [--soak-windows 6]
 //                [--warmup 2] [--scan-reps 5] [--max-queue-delay-us 2000]
-//                [--workers 2] [--run RUN --store STORE]
+//                [--workers 2] [--run RUN --store STORE] [--shards 4]
 //                [--benchmark_filter=vectors]
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
@@ -58,13 +64,14 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_join.h"
 #include "bench/bench_util.h"
 #include "bench/ratio_reporter.h"
+#include "common/status.h"
 #include "jobs/build_store.h"
 #include "jobs/train.h"
 #include "kernels/device.h"
 #include "retrace/v1/attribution.grpc.pb.h"
-#include "common/status.h"
 #include "server/data/image_folder.h"
 #include "server/data/mixture.h"
 #include "server/scoring/scorer.h"
@@ -114,6 +121,9 @@ struct Args {
   // The soak after the benchmarks: this many load windows (of --seconds
   // each) of the vectors part at kSoakClients, resident memory after each.
   int soak_windows = 6;
+  // --shards n: also the vectors store behind a router and n shard stacks
+  // (retraced --role router / --role shard) in this process.
+  int shards = 0;
 };
 
 Args Parse(int argc, char** argv) {
@@ -149,6 +159,8 @@ Args Parse(int argc, char** argv) {
       a.run_dir = v;
     } else if (f == "--store") {
       a.store_dir = v;
+    } else if (f == "--shards") {
+      a.shards = std::max(0, std::atoi(v));
     } else if (f == "--soak-windows") {
       a.soak_windows = std::max(0, std::atoi(v));
     } else if (f == "--concurrency") {
@@ -325,6 +337,42 @@ class Part {
       std::unique_ptr<TempDir> temp) {
     std::unique_ptr<Part> p(new Part);
     p->temp_ = std::move(temp);
+    p->store_dir_ = store_dir;
+    ASSIGN_OR_RETURN(p->stack_,
+                     stack::ServerStack::Create(Config(store_dir, run_dir, a)));
+    p->stack_->Start();
+    RETURN_IF_ERROR(p->MakeQueries(p->stack_->scorer().shape()));
+    return p;
+  }
+
+  // `store_dir` split over `shards` shard stacks (--role shard, part i of
+  // n) behind a router stack (--role router), which the clients call.
+  static absl::StatusOr<std::unique_ptr<Part>> CreateRouted(
+      const std::string& store_dir, int shards, const Args& a) {
+    std::unique_ptr<Part> p(new Part);
+    p->store_dir_ = store_dir;
+    std::vector<std::string> addresses;
+    for (int i = 0; i < shards; ++i) {
+      stack::ServerConfig config = Config(store_dir, "", a);
+      config.role = "shard";
+      config.shard_part = std::to_string(i) + "/" + std::to_string(shards);
+      ASSIGN_OR_RETURN(std::unique_ptr<stack::ServerStack> shard,
+                       stack::ServerStack::Create(config));
+      shard->Start();
+      addresses.push_back("127.0.0.1:" + std::to_string(shard->port()));
+      p->shards_.push_back(std::move(shard));
+    }
+    stack::ServerConfig config = Config("", "", a);
+    config.role = "router";
+    config.shards = absl::StrJoin(addresses, ",");
+    ASSIGN_OR_RETURN(p->stack_, stack::ServerStack::Create(config));
+    p->stack_->Start();
+    RETURN_IF_ERROR(p->MakeQueries(p->shards_[0]->scorer().shape()));
+    return p;
+  }
+
+  static stack::ServerConfig Config(const std::string& store_dir,
+                                    const std::string& run_dir, const Args& a) {
     stack::ServerConfig config;
     config.store_dir = store_dir;
     config.model_path = run_dir;
@@ -337,10 +385,7 @@ class Part {
     config.workers = a.workers;
     config.max_batch = kMaxBatch;
     config.max_queue_delay_us = a.max_queue_delay_us;
-    ASSIGN_OR_RETURN(p->stack_, stack::ServerStack::Create(config));
-    p->stack_->Start();
-    RETURN_IF_ERROR(p->MakeQueries());
-    return p;
+    return config;
   }
 
   ~Part() {
@@ -350,6 +395,7 @@ class Part {
   std::string address() const {
     return "127.0.0.1:" + std::to_string(stack_->port());
   }
+  const std::string& store_dir() const { return store_dir_; }
   const std::vector<v1::AttributeRequest>& requests() const {
     return requests_;
   }
@@ -378,8 +424,7 @@ class Part {
   // Vectors: kVariants random [C, B, D] queries, sent as query_vectors and
   // scanned directly. Image: kVariants PNG patterns not in the training set
   // (scanned as random vectors: the scan's time does not depend on values).
-  absl::Status MakeQueries() {
-    const scoring::StoreShape& shape = stack_->scorer().shape();
+  absl::Status MakeQueries(const scoring::StoreShape& shape) {
     service::QueryFeaturizer* featurizer = stack_->featurizer();
     const int64_t size =
         int64_t{shape.num_checkpoints} * shape.num_buckets * shape.dim;
@@ -424,6 +469,9 @@ class Part {
 
   // Destroyed last: the store's files live there.
   std::unique_ptr<TempDir> temp_;
+  std::string store_dir_;
+  // A routed part's shards, destroyed after the router (stack_).
+  std::vector<std::unique_ptr<stack::ServerStack>> shards_;
   std::unique_ptr<stack::ServerStack> stack_;
   std::vector<v1::AttributeRequest> requests_;
   std::vector<scoring::BucketQuery> scan_vectors_;
@@ -606,33 +654,35 @@ struct Results {
 };
 
 void RegisterPart(const std::string& name, LazyPart* lazy, const Args& a,
-                  Results* results) {
+                  Results* results, bool with_scan = true) {
   auto fail = [results](benchmark::State& state, const std::string& error) {
     state.SkipWithError(error.c_str());
     results->failed = true;
   };
   for (int c : a.concurrency) {
-    benchmark::RegisterBenchmark(
-        (name + "/scan/batch:" + std::to_string(c)).c_str(),
-        [=](benchmark::State& state) {
-          auto part = lazy->Get();
-          if (!part.ok()) {
-            fail(state, part.status().ToString());
-            return;
-          }
-          for (auto _ : state) {
-            auto seconds = (*part)->ScanSeconds(c, a.scan_reps);
-            if (!seconds.ok()) {
-              fail(state, seconds.status().ToString());
+    if (with_scan) {
+      benchmark::RegisterBenchmark(
+          (name + "/scan/batch:" + std::to_string(c)).c_str(),
+          [=](benchmark::State& state) {
+            auto part = lazy->Get();
+            if (!part.ok()) {
+              fail(state, part.status().ToString());
               return;
             }
-            state.SetIterationTime(*seconds);
-            results->rows[name][c].scan = *seconds;
-          }
-        })
-        ->Iterations(1)
-        ->UseManualTime()
-        ->Unit(benchmark::kMillisecond);
+            for (auto _ : state) {
+              auto seconds = (*part)->ScanSeconds(c, a.scan_reps);
+              if (!seconds.ok()) {
+                fail(state, seconds.status().ToString());
+                return;
+              }
+              state.SetIterationTime(*seconds);
+              results->rows[name][c].scan = *seconds;
+            }
+          })
+          ->Iterations(1)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond);
+    }
     benchmark::RegisterBenchmark(
         (name + "/server/c:" + std::to_string(c)).c_str(),
         [=](benchmark::State& state) {
@@ -712,13 +762,22 @@ int main(int argc, char** argv) {
       retrace::kernels::CpuThreads(), a.seconds, a.rounds, a.warmup);
   std::fflush(stdout);
 
+  // The same store as the vectors part, behind a router and --shards shards.
+  rb::LazyPart routed([&]() -> absl::StatusOr<std::unique_ptr<rb::Part>> {
+    ASSIGN_OR_RETURN(rb::Part * single, vectors.Get());
+    return rb::Part::CreateRouted(single->store_dir(), a.shards, a);
+  });
+
   rb::Results results;
   rb::RegisterPart("vectors", &vectors, a, &results);
+  if (a.shards > 0) {
+    rb::RegisterPart("routed", &routed, a, &results, /*with_scan=*/false);
+  }
   rb::RegisterPart("image", &image, a, &results);
   rb::RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
 
-  const std::vector<std::string> parts = {"vectors", "image"};
+  const std::vector<std::string> parts = {"vectors", "routed", "image"};
   std::printf("\n%-8s %8s %10s %10s %10s %16s %10s\n", "part", "clients", "QPS",
               "p50_ms", "p99_ms", "scan_ms(batch=c)", "p99/scan");
   for (const std::string& part : parts) {
@@ -798,6 +857,19 @@ int main(int argc, char** argv) {
   }
   reporter.PrintRatio("server_p99_vs_scan", "vectors/server/c:" + at,
                       "vectors/scan/batch:" + at);
+  if (a.shards > 0) {
+    for (const auto& [c, row] : results.rows["routed"]) {
+      const rb::Row& single = results.rows["vectors"][c];
+      if (!row.loaded || !single.loaded) continue;
+      std::printf(
+          "router (%d shards) p99 / single server p99, vectors, concurrency "
+          "%d: %.2f ms / %.2f ms = %.2f\n",
+          a.shards, c, row.load.p99 * 1e3, single.load.p99 * 1e3,
+          row.load.p99 / single.load.p99);
+    }
+    reporter.PrintRatio("router_p99_vs_single", "routed/server/c:" + at,
+                        "vectors/server/c:" + at);
+  }
   benchmark::Shutdown();
   return results.failed ? 1 : 0;
 }

@@ -4,6 +4,8 @@
 #   scripts/bench.sh projection               the named ones
 #   scripts/bench.sh projection -- --benchmark_filter=sjlt   arguments for the binaries
 #   scripts/bench.sh scan -- --n 20000 --queries 1,8     a smaller scan store
+#   scripts/bench.sh server --shards 4        also the store behind a router and
+#                                             4 shards (RATIO router_p99_vs_single)
 #   scripts/bench.sh soak                     retraced under mixed valid and
 #                                             invalid traffic, RSS per minute
 #                                             (scripts/soak.sh; only when named,
@@ -32,14 +34,18 @@ all=(projection scan featurize server)
 extra=(soak)
 
 usage() {
-  echo "usage: scripts/bench.sh [NAME...] [-- benchmark args]   (NAME: ${all[*]} ${extra[*]})" >&2
+  echo "usage: scripts/bench.sh [NAME...] [--shards N] [-- benchmark args]   (NAME: ${all[*]} ${extra[*]})" >&2
+  echo "  --shards N   server: also serve the store from N shards behind a router (RATIO router_p99_vs_single)" >&2
 }
 
 names=()
 bench_args=()
+server_args=()  # --shards n: server_bench only
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --shards) [ $# -ge 2 ] || { usage; exit 2; }
+              server_args+=(--shards "$2"); shift 2 ;;
     --) shift; bench_args=("$@"); break ;;
     -*) usage; exit 2 ;;
     *) names+=("$1"); shift ;;
@@ -123,7 +129,9 @@ for n in "${names[@]}"; do
   mapfile -t progs < <(programs_of "$n")
   for prog in "${progs[@]}"; do
     echo "== $n: $prog ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
-    if ! "$build_dir/bench/$prog" --benchmark_color=false "${bench_args[@]}" 2>&1 |
+    extra_args=()
+    [ "$prog" = server_bench ] && extra_args=("${server_args[@]}")
+    if ! "$build_dir/bench/$prog" --benchmark_color=false "${extra_args[@]}" "${bench_args[@]}" 2>&1 |
         tee -a "$results/$n.txt"; then
       failed+=("$prog")
     fi

@@ -98,8 +98,12 @@ absl::StatusOr<v1::AttributeResponse> AttributionEngine::Attribute(
       scoring::PlanQuery(parts_.shape, query.vectors, query.plan).status());
   RETURN_IF_ERROR(CheckDeadline(*parts_.clock, deadline, "scoring"));
 
-  ASSIGN_OR_RETURN(BatchedResult batched,
-                   parts_.batcher->Score(std::move(query), deadline));
+  // A shard with no samples (more parts than shard files) ranks nothing.
+  BatchedResult batched;
+  if (query.k > 0) {
+    ASSIGN_OR_RETURN(batched,
+                     parts_.batcher->Score(std::move(query), deadline));
+  }
   input_.AddTiming("queue", metrics::Stage::kQueue, batched.queue_seconds,
                    &response);
   input_.AddTiming("score", metrics::Stage::kScore, batched.score_seconds,

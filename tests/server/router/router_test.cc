@@ -182,6 +182,34 @@ TEST(RouterTest, TwoHundredRandomRequestsMatchOneServer) {
   EXPECT_GT(images, 5);
 }
 
+TEST(RouterTest, MorePartsThanShardFilesStillMatch) {
+  // 5 parts of a store of 3 shard files: parts 0 and 2 serve no sample.
+  Cluster& c = SharedCluster();
+  std::vector<std::unique_ptr<Stack>> shards;
+  std::vector<std::string> addresses;
+  for (int part = 0; part < 5; ++part) {
+    shards.push_back(std::make_unique<Stack>(ShardOptions(part, 5)));
+    addresses.push_back(shards.back()->address());
+  }
+  EXPECT_EQ(Info(*shards[0]->Stub()).served_end_sample(), 0);
+  StackOptions options = RouterOptionsFor(addresses);
+  options.with_model = false;
+  Stack router(std::move(options));
+  auto single = c.single->Stub();
+  const v1::StoreInfo info = Info(*single);
+  std::mt19937 rng(5);
+  for (int i = 0; i < 20; ++i) {
+    v1::AttributeRequest r = RandomRequest(info, rng, i);
+    if (r.has_image()) continue;
+    SCOPED_TRACE(absl::StrCat("request ", i));
+    v1::AttributeResponse expected, got;
+    ASSERT_TRUE(Call(*single, r, &expected).ok());
+    const grpc::Status status = Call(*router.Stub(), r, &got);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    ExpectSameResults(expected, got);
+  }
+}
+
 TEST(RouterTest, SelfInfluencePagesMatchOneServer) {
   Cluster& c = SharedCluster();
   auto single = c.single->Stub();
