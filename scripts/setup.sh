@@ -27,8 +27,15 @@ packages=(
   zlib1g-dev libpng-dev libjpeg62-turbo-dev
   dataset-fashion-mnist fonts-dejavu-core
   prometheus docker-compose python3-grpcio python3-protobuf openssl
-  kubernetes-client python3-jsonschema python3-yaml
+  python3-jsonschema python3-yaml
 )
+
+# kubectl renders deploy/k8s in the tests. Debian's kubernetes-client ships
+# /usr/bin/kubectl, and so do Google's and Kubernetes' own packages: dpkg
+# refuses to unpack one over another, so any kubectl already installed is kept.
+if ! command -v kubectl >/dev/null 2>&1; then
+  packages+=(kubernetes-client)
+fi
 
 if [ $without_torch -eq 1 ]; then
   kept=()
