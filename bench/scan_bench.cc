@@ -1,11 +1,15 @@
 // CPU scan benchmark (scripts/bench.sh scan): the fused TracIn + ReTrac scan
 // against the LibTorch way a user would write (fp16 -> fp32 conversion,
-// batched matmul per block of rows, then torch::topk) and against the
-// machine's measured memory read bandwidth, on the same in-memory store, in
-// one run. Prints a table and the RATIO lines (docs/benchmarks.md).
+// batched matmul per block of rows, then torch::topk) and against this
+// machine's limits measured in the same run (memory read bandwidth, fp32 FMA
+// peak of each instruction set), on the same in-memory store. Prints a table
+// and the RATIO lines (docs/benchmarks.md); the headline is the instruction
+// set the scan picks by itself (auto), the others are listed for comparison.
 //
 //   scan_bench [--n 200000] [--checkpoints 2] [--slots 6] [--dim 1024]
 //              [--queries 1,8,32] [--k 10] [--reps 3] [--torch-reps 1]
+//              [--isas auto,avx2]
+// --torch-reps 0 leaves the LibTorch way out (and RATIO cpu_scan_vs_libtorch).
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
@@ -22,6 +26,7 @@
 #include <vector>
 
 #include "bench/bench_util.h"
+#include "bench/cpu_peak.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
 #include "kernels/scoring.h"
@@ -42,6 +47,7 @@ struct Args {
   int k = 10;
   int reps = 3;
   int torch_reps = 1;
+  std::vector<std::string> isas = {"auto", "avx2"};
 };
 
 Args Parse(int argc, char** argv) {
@@ -72,7 +78,15 @@ Args Parse(int argc, char** argv) {
       a.reps = std::atoi(v);
     else if (f == "--torch-reps")
       a.torch_reps = std::atoi(v);
-    else if (f == "--queries") {
+    else if (f == "--isas") {
+      a.isas.clear();
+      for (const char* p = v; *p;) {
+        const char* e = p;
+        while (*e && *e != ',') ++e;
+        a.isas.emplace_back(p, e);
+        p = *e ? e + 1 : e;
+      }
+    } else if (f == "--queries") {
       a.queries.clear();
       for (const char* p = v; *p;) {
         a.queries.push_back(std::atoi(p));
@@ -96,36 +110,16 @@ void ParallelFor(int64_t n, int threads, F f) {
   for (auto& th : pool) th.join();
 }
 
-// STREAM-like read: every thread sums its slice of the buffer as 64-bit words.
-double ReadBandwidth(const void* buf, int64_t bytes, int threads) {
-  const uint64_t* w = static_cast<const uint64_t*>(buf);
-  const int64_t words = bytes / 8;
-  std::vector<uint64_t> sums(threads * 8);
-  double best = 1e30;
-  for (int rep = 0; rep < 3; ++rep) {
-    double t0 = Now();
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        const int64_t b = words * t / threads, e = words * (t + 1) / threads;
-        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        int64_t i = b;
-        for (; i + 4 <= e; i += 4) {
-          s0 += w[i];
-          s1 += w[i + 1];
-          s2 += w[i + 2];
-          s3 += w[i + 3];
-        }
-        for (; i < e; ++i) s0 += w[i];
-        sums[t * 8] = s0 + s1 + s2 + s3;
-      });
+// The CpuIsa named `name` (auto, scalar, avx2, avx512), or false.
+bool ParseIsa(const std::string& name, rk::CpuIsa* isa) {
+  for (rk::CpuIsa i : {rk::CpuIsa::kAuto, rk::CpuIsa::kScalar,
+                       rk::CpuIsa::kAvx2, rk::CpuIsa::kAvx512}) {
+    if (name == rk::CpuIsaName(i)) {
+      *isa = i;
+      return true;
     }
-    for (auto& th : pool) th.join();
-    best = std::min(best, Now() - t0);
   }
-  volatile uint64_t sink = 0;
-  for (uint64_t s : sums) sink = sink + s;
-  return bytes / best;
+  return false;
 }
 
 struct TorchTopK {
@@ -212,66 +206,122 @@ int main(int argc, char** argv) {
     }
   });
 
-  const double bandwidth = ReadBandwidth(vectors.get(), vec_bytes, threads);
-  std::printf("memory read bandwidth: %.2f GB/s\n", bandwidth / 1e9);
+  const double bandwidth =
+      retrace::bench::ReadBandwidth(vectors.get(), vec_bytes, threads);
+  std::printf("memory read bandwidth: %.2f GB/s (%d threads)\n",
+              bandwidth / 1e9, threads);
+  // The FMA peak of each width this CPU has, all threads at once.
+  const double peak8 = retrace::bench::FmaPeak(8, threads);
+  const double peak16 = retrace::bench::FmaPeak(16, threads);
+  std::printf("fp32 FMA peak: avx2 %.1f GFMA/s, avx512 %.1f GFMA/s\n",
+              peak8 / 1e9, peak16 / 1e9);
+  std::fflush(stdout);
 
   rk::StoreLayout layout{rk::DType::kF16, a.checkpoints, a.slots, a.dim};
   std::vector<rk::StoreChunk> chunks = {{vectors.get(), norms.get(), a.n, 0}};
 
-  std::printf("%6s %14s %14s %14s %12s %12s %10s\n", "Q", "scan_ms",
-              "libtorch_ms", "scan_GB/s", "vs_libtorch", "vs_bandwidth",
-              "top_agree");
-  double worst_vs_torch = 1e30, q1_vs_bandwidth = -1;
-  for (int q : a.queries) {
-    std::vector<float> raw(q * row), unit(q * row), w(q * cs, 1.0f);
-    for (int64_t i = 0; i < q * row; ++i) {
-      raw[i] = (int64_t(SplitMix(i + 7777) >> 40) - (1 << 23)) / float(1 << 23);
-      unit[i] =
-          (int64_t(SplitMix(i + 9999) >> 40) - (1 << 23)) / float(1 << 23);
+  std::printf("%8s %4s %10s %12s %10s %9s %12s %12s %12s %10s\n", "isa", "Q",
+              "scan_ms", "libtorch_ms", "scan_GB/s", "GFMA/s", "vs_libtorch",
+              "vs_bandwidth", "vs_fma_peak", "top_agree");
+  double worst_vs_torch = 1e30, q1_vs_bandwidth = -1, q32_vs_bandwidth = -1,
+         q32_vs_peak = -1;
+  for (size_t ii = 0; ii < a.isas.size(); ++ii) {
+    rk::CpuIsa requested = rk::CpuIsa::kAuto;
+    if (!ParseIsa(a.isas[ii], &requested)) {
+      std::fprintf(stderr, "unknown instruction set %s\n", a.isas[ii].c_str());
+      return 2;
     }
-    rk::QueryBatch batch{q, raw.data(), unit.data(), w.data(), w.data()};
-    rk::ScanOptions opt;
-    opt.k = a.k;
-    opt.want_bottom = true;
-    rk::ScanResult result;
-    double t_scan = 1e30;
-    for (int rep = 0; rep < a.reps; ++rep) {
-      double t0 = Now();
-      rk::KernelStatus s = rk::ScanCpu(layout, chunks, batch, opt, &result);
-      t_scan = std::min(t_scan, Now() - t0);
-      if (!s.ok()) {
-        std::fprintf(stderr, "scan failed: %s\n", s.ToString().c_str());
-        return 1;
+    rk::CpuIsa isa = rk::CpuIsa::kScalar;
+    const rk::KernelStatus resolved = rk::ResolveCpuIsa(requested, &isa);
+    if (!resolved.ok()) {
+      std::printf("%8s: skipped (%s)\n", a.isas[ii].c_str(),
+                  resolved.ToString().c_str());
+      continue;
+    }
+    const bool headline = ii == 0;  // the first listed (auto by default)
+    const std::string label = requested == rk::CpuIsa::kAuto
+                                  ? std::string("auto=") + rk::CpuIsaName(isa)
+                                  : rk::CpuIsaName(isa);
+    const double peak = isa == rk::CpuIsa::kAvx512 ? peak16
+                        : isa == rk::CpuIsa::kAvx2 ? peak8
+                                                   : 0.0;
+    for (int q : a.queries) {
+      std::vector<float> raw(q * row), unit(q * row), w(q * cs, 1.0f);
+      for (int64_t i = 0; i < q * row; ++i) {
+        raw[i] =
+            (int64_t(SplitMix(i + 7777) >> 40) - (1 << 23)) / float(1 << 23);
+        unit[i] =
+            (int64_t(SplitMix(i + 9999) >> 40) - (1 << 23)) / float(1 << 23);
       }
+      rk::QueryBatch batch{q, raw.data(), unit.data(), w.data(), w.data()};
+      rk::ScanOptions opt;
+      opt.k = a.k;
+      opt.want_bottom = true;
+      opt.isa = requested;
+      rk::ScanResult result;
+      double t_scan = 1e30;
+      for (int rep = 0; rep < a.reps; ++rep) {
+        double t0 = Now();
+        rk::KernelStatus s = rk::ScanCpu(layout, chunks, batch, opt, &result);
+        t_scan = std::min(t_scan, Now() - t0);
+        if (!s.ok()) {
+          std::fprintf(stderr, "scan failed: %s\n", s.ToString().c_str());
+          return 1;
+        }
+      }
+      const double gbps = vec_bytes / t_scan / 1e9;
+      const double fmas = 2.0 * q * double(a.n) * double(row);
+      const double gfma = fmas / t_scan / 1e9;
+      const double vs_bw = (vec_bytes / t_scan) / bandwidth;
+      const double vs_peak = peak > 0 ? fmas / t_scan / peak : 0.0;
+      if (headline) {
+        if (q == 1) q1_vs_bandwidth = vs_bw;
+        if (q == 32) {
+          q32_vs_bandwidth = vs_bw;
+          q32_vs_peak = vs_peak;
+        }
+      }
+      if (!headline || a.torch_reps < 1) {
+        std::printf(
+            "%8s %4d %10.1f %12s %10.2f %9.1f %12s %12.2f %12.2f %10s\n",
+            label.c_str(), q, t_scan * 1e3, "-", gbps, gfma, "-", vs_bw,
+            vs_peak, "-");
+        std::fflush(stdout);
+        continue;
+      }
+      double t_torch = 1e30;
+      TorchTopK ref;
+      for (int rep = 0; rep < a.torch_reps; ++rep) {
+        double t0 = Now();
+        ref = TorchScan(a, vectors.get(), norms.get(), raw, unit, w, q, a.k);
+        t_torch = std::min(t_torch, Now() - t0);
+      }
+      // Both compute the same scores in fp32 with different summation
+      // orders: the top lists should agree up to near-ties.
+      int agree = 0;
+      for (int j = 0; j < a.k; ++j) {
+        agree += result.Get(0, rk::Method::kTracIn).top[j].index ==
+                 ref.top_tracin[j];
+        agree += result.Get(0, rk::Method::kReTrac).top[j].index ==
+                 ref.top_retrac[j];
+      }
+      const double vs_torch = t_torch / t_scan;
+      std::printf(
+          "%8s %4d %10.1f %12.1f %10.2f %9.1f %12.2f %12.2f %12.2f %7d/%d\n",
+          label.c_str(), q, t_scan * 1e3, t_torch * 1e3, gbps, gfma, vs_torch,
+          vs_bw, vs_peak, agree, 2 * a.k);
+      std::fflush(stdout);
+      worst_vs_torch = std::min(worst_vs_torch, vs_torch);
     }
-    double t_torch = 1e30;
-    TorchTopK ref;
-    for (int rep = 0; rep < a.torch_reps; ++rep) {
-      double t0 = Now();
-      ref = TorchScan(a, vectors.get(), norms.get(), raw, unit, w, q, a.k);
-      t_torch = std::min(t_torch, Now() - t0);
-    }
-    // Both compute the same scores in fp32 with different summation orders:
-    // the top lists should agree up to near-ties.
-    int agree = 0;
-    for (int j = 0; j < a.k; ++j) {
-      agree +=
-          result.Get(0, rk::Method::kTracIn).top[j].index == ref.top_tracin[j];
-      agree +=
-          result.Get(0, rk::Method::kReTrac).top[j].index == ref.top_retrac[j];
-    }
-    const double gbps = vec_bytes / t_scan / 1e9;
-    const double vs_torch = t_torch / t_scan;
-    const double vs_bw = (vec_bytes / t_scan) / bandwidth;
-    std::printf("%6d %14.1f %14.1f %14.2f %12.2f %12.2f %7d/%d\n", q,
-                t_scan * 1e3, t_torch * 1e3, gbps, vs_torch, vs_bw, agree,
-                2 * a.k);
-    std::fflush(stdout);
-    worst_vs_torch = std::min(worst_vs_torch, vs_torch);
-    if (q == 1) q1_vs_bandwidth = vs_bw;
   }
-  std::printf("RATIO cpu_scan_vs_libtorch %.2f\n", worst_vs_torch);
+  if (worst_vs_torch < 1e30)
+    std::printf("RATIO cpu_scan_vs_libtorch %.2f\n", worst_vs_torch);
   if (q1_vs_bandwidth >= 0)
     std::printf("RATIO cpu_scan_vs_bandwidth %.2f\n", q1_vs_bandwidth);
+  if (q32_vs_bandwidth >= 0) {
+    std::printf("RATIO cpu_scan_q32_vs_bandwidth %.2f\n", q32_vs_bandwidth);
+    if (q32_vs_peak > 0)
+      std::printf("RATIO cpu_scan_q32_vs_fma_peak %.2f\n", q32_vs_peak);
+  }
   return 0;
 }

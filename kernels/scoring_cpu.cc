@@ -1,24 +1,38 @@
 // CPU backend (and reference) of the fused scoring scan; see scoring.h.
 //
-// Work is split into tiles of R consecutive rows handed to worker threads
+// Work is split into tiles of consecutive rows handed to worker threads
 // through an atomic counter. For each tile and each (checkpoint, slot) pair
-// with a non-zero weight, the R row pieces are converted to fp32 once into a
-// small per-thread buffer and dotted with all 2Q query vectors of that slot by
-// a register-blocked micro-kernel (RB rows x QB queries x 2 methods). The
-// tile buffer and one slot's query vectors stay in L1/L2 while the micro-kernel
-// sweeps them, so memory traffic is one read of each row.
+// with a non-zero weight, the tile's row pieces are dotted with all 2Q query
+// vectors of that slot by a register-blocked micro-kernel (RB rows x QB
+// queries x 2 methods), so memory traffic is one read of each row.
 //
-// Every dot product is one 8-lane accumulator chain over d (the row and query
-// slices are zero-padded to a multiple of 8) followed by a fixed horizontal
-// sum; slot contributions are summed in double in cs order. Neither depends on
-// the blocking, the tile boundaries, the thread count or the other queries, so
-// a (row, query) score is reproducible bit for bit.
+// Two kinds of instruction set:
+//  - buffered (scalar, AVX2): the R row pieces of a slot are first converted
+//    to fp32 into a small per-thread buffer that stays in L1/L2 while the
+//    micro-kernel sweeps it;
+//  - direct (AVX-512): the micro-kernel reads the stored values (fp16, bf16
+//    or fp32) and converts them in registers, and the loop order follows the
+//    batch: with one query block, a block of RB rows is read through all its
+//    slots front to back (a few sequential streams, so the prefetchers keep
+//    up and the scan runs at memory speed); with more, the slot is the outer
+//    loop so that its 2Q query vectors stay in cache while the rows sweep.
+//    The loop order changes which dots run first, never how one is computed.
+//
+// Every dot product is one W-lane accumulator chain over d (W = 8 for the
+// scalar and AVX2 paths, 16 for AVX-512; the query vectors are zero-padded to
+// a multiple of 16 and the row's tail is zero-filled) followed by a fixed
+// horizontal-sum tree; slot contributions are summed in double in cs order.
+// Neither depends on the blocking, the loop order, the tile boundaries, the
+// thread count or the other queries, so a (row, query) score is reproducible
+// bit for bit within one instruction set.
 //
 // Each thread keeps, per ranked list, a threshold buffer of packed candidates
 // (kernels/topk.h); at the end the buffers of all threads are merged exactly.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <new>
@@ -41,6 +55,8 @@ namespace retrace::kernels {
 namespace {
 
 constexpr int64_t kLanes = 8;
+// Query vectors are zero-padded to a multiple of the widest chain (AVX-512).
+constexpr int64_t kQueryPad = 16;
 // Budget for the per-thread fp32 tile buffer: small enough for L2 next to one
 // slot's query vectors.
 constexpr int64_t kTileBufferBytes = 64 * 1024;
@@ -48,7 +64,7 @@ constexpr int64_t kMaxTileRows = 32;
 // Largest micro-kernel blocks: they fit the 16 AVX2 registers (accumulators,
 // row vectors and one query vector).
 constexpr int kMaxQueryBlock = 3;
-constexpr int kMaxRowBlock = 4;
+constexpr int kMaxRowBlock = 8;
 
 int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -61,9 +77,12 @@ std::string SlotName(const StoreLayout& layout, int64_t cs) {
 // Dot products and conversion. Both ISAs implement the same contract; within
 // one ISA the arithmetic of a dot does not depend on RB or QB.
 
-// Micro-kernel: for rb rows (u + r * dp) and qb queries (query i, method m at
+// Micro-kernel: for rb rows (row r at u + r * u_stride elements: fp32 values
+// padded to dp for a buffered instruction set, the stored values with d valid
+// ones for a direct one) and qb queries (query i, method m at
 // q + (2 * i + m) * dp), out[r * out_row_stride + 2 * i + m] = <u_r, q_im>.
-using MicroFn = void (*)(const float* u, const float* q, int64_t dp, float* out,
+using MicroFn = void (*)(const void* u, int64_t u_stride, int64_t d,
+                         const float* q, int64_t dp, float* out,
                          int64_t out_row_stride);
 // Converts d stored values to fp32 and zero-pads them to dp.
 using ConvertFn = void (*)(const void* src, DType dtype, int64_t d, int64_t dp,
@@ -99,12 +118,14 @@ float HsumLanes(const float* l) {
 }
 
 template <int RB, int QB>
-void MicroScalar(const float* u, const float* q, int64_t dp, float* out,
+void MicroScalar(const void* u_void, int64_t u_stride, int64_t /*d*/,
+                 const float* q, int64_t dp, float* out,
                  int64_t out_row_stride) {
+  const float* u = static_cast<const float*>(u_void);
   for (int r = 0; r < RB; ++r) {
     for (int i = 0; i < 2 * QB; ++i) {
       float lanes[kLanes] = {};
-      const float* ur = u + r * dp;
+      const float* ur = u + r * u_stride;
       const float* qi = q + i * dp;
       for (int64_t d = 0; d < dp; d += kLanes) {
         for (int l = 0; l < kLanes; ++l) lanes[l] += ur[d + l] * qi[d + l];
@@ -123,10 +144,10 @@ __attribute__((target("avx2,fma"))) inline float HsumAvx2(__m256 v) {
 }
 
 template <int RB, int QB>
-__attribute__((target("avx2,fma"))) void MicroAvx2(const float* u,
-                                                   const float* q, int64_t dp,
-                                                   float* out,
-                                                   int64_t out_row_stride) {
+__attribute__((target("avx2,fma"))) void MicroAvx2(
+    const void* u_void, int64_t u_stride, int64_t /*d*/, const float* q,
+    int64_t dp, float* out, int64_t out_row_stride) {
+  const float* u = static_cast<const float*>(u_void);
   __m256 acc[RB][2 * QB];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r) {
@@ -136,7 +157,7 @@ __attribute__((target("avx2,fma"))) void MicroAvx2(const float* u,
   for (int64_t d = 0; d < dp; d += kLanes) {
     __m256 uv[RB];
 #pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) uv[r] = _mm256_loadu_ps(u + r * dp + d);
+    for (int r = 0; r < RB; ++r) uv[r] = _mm256_loadu_ps(u + r * u_stride + d);
 #pragma GCC unroll 8
     for (int i = 0; i < 2 * QB; ++i) {
       __m256 qv = _mm256_loadu_ps(q + i * dp + d);
@@ -195,13 +216,102 @@ bool CpuHasAvx2() {
                           __builtin_cpu_supports("fma") && CpuHasF16c();
   return has;
 }
+
+// AVX-512 F, BW, VL and DQ (libgcc's check includes the OS's XCR0 state for
+// the 512-bit registers).
+bool CpuHasAvx512() {
+  static const bool has = CpuHasAvx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
+#define RETRACE_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+// The horizontal sum of 16 lanes: the upper 256 bits onto the lower, then the
+// 8-lane tree of HsumAvx2.
+RETRACE_AVX512 inline float HsumAvx512(__m512 v) {
+  const __m256 lo = _mm512_castps512_ps256(v);
+  const __m256 hi =
+      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return HsumAvx2(_mm256_add_ps(lo, hi));
+}
+
+// 16 stored values at p (the first `count` of them when count < 16, the rest
+// zero) as fp32.
+template <DType DT>
+RETRACE_AVX512 inline __m512 LoadRow16(const void* p, int64_t count) {
+  if constexpr (DT == DType::kF32) {
+    const float* f = static_cast<const float*>(p);
+    return count >= 16 ? _mm512_loadu_ps(f)
+                       : _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), f);
+  } else {
+    const __m256i h =
+        count >= 16 ? _mm256_loadu_si256(static_cast<const __m256i*>(p))
+                    : _mm256_maskz_loadu_epi16(__mmask16((1u << count) - 1), p);
+    if constexpr (DT == DType::kF16) {
+      return _mm512_cvtph_ps(h);
+    } else {
+      return _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+// The direct micro-kernel: rows of DT at u + r * u_stride elements, d valid
+// values each; one 16-lane fmadd chain per (row, query vector) over d.
+template <DType DT, int RB, int QB>
+RETRACE_AVX512 void MicroAvx512(const void* u, int64_t u_stride, int64_t d,
+                                const float* q, int64_t dp, float* out,
+                                int64_t out_row_stride) {
+  const int64_t elem = DTypeSize(DT);
+  const uint8_t* rows = static_cast<const uint8_t*>(u);
+  __m512 acc[RB][2 * QB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) acc[r][i] = _mm512_setzero_ps();
+  }
+  for (int64_t x = 0; x < d; x += 16) {
+    const int64_t count = std::min<int64_t>(16, d - x);
+    __m512 uv[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      uv[r] = LoadRow16<DT>(rows + (r * u_stride + x) * elem, count);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) {
+      const __m512 qv = _mm512_loadu_ps(q + i * dp + x);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) {
+        acc[r][i] = _mm512_fmadd_ps(uv[r], qv, acc[r][i]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) {
+      out[r * out_row_stride + i] = HsumAvx512(acc[r][i]);
+    }
+  }
+}
+#undef RETRACE_AVX512
 #else
 bool CpuHasAvx2() { return false; }
+bool CpuHasAvx512() { return false; }
 #endif  // RETRACE_SCAN_X86
 
 struct Isa {
+  CpuIsa name = CpuIsa::kScalar;
   MicroFn micro[kMaxRowBlock][kMaxQueryBlock];  // [rb - 1][qb - 1]
+  int row_block[kMaxQueryBlock];                // rows per call, by qb - 1
+  // Buffered: rows are converted to fp32 with `convert` before the
+  // micro-kernel; direct (convert == nullptr): it reads the stored values.
   ConvertFn convert;
+  bool direct() const { return convert == nullptr; }
 };
 
 template <int RB, int QB>
@@ -213,37 +323,83 @@ template <int RB, int QB>
 struct Avx2Kernel {
   static constexpr MicroFn kFn = &MicroAvx2<RB, QB>;
 };
+template <DType DT>
+struct Avx512 {
+  template <int RB, int QB>
+  struct Kernel {
+    static constexpr MicroFn kFn = &MicroAvx512<DT, RB, QB>;
+  };
+};
 #endif
 
 template <template <int, int> class K>
-Isa MakeIsa(ConvertFn convert) {
-  return Isa{{{K<1, 1>::kFn, K<1, 2>::kFn, K<1, 3>::kFn},
+Isa MakeIsa(CpuIsa name, ConvertFn convert, std::array<int, 3> row_block) {
+  return Isa{name,
+             {{K<1, 1>::kFn, K<1, 2>::kFn, K<1, 3>::kFn},
               {K<2, 1>::kFn, K<2, 2>::kFn, K<2, 3>::kFn},
               {K<3, 1>::kFn, K<3, 2>::kFn, K<3, 3>::kFn},
-              {K<4, 1>::kFn, K<4, 2>::kFn, K<4, 3>::kFn}},
+              {K<4, 1>::kFn, K<4, 2>::kFn, K<4, 3>::kFn},
+              {K<5, 1>::kFn, K<5, 2>::kFn, K<5, 3>::kFn},
+              {K<6, 1>::kFn, K<6, 2>::kFn, K<6, 3>::kFn},
+              {K<7, 1>::kFn, K<7, 2>::kFn, K<7, 3>::kFn},
+              {K<8, 1>::kFn, K<8, 2>::kFn, K<8, 3>::kFn}},
+             {row_block[0], row_block[1], row_block[2]},
              convert};
 }
 
-KernelStatus SelectIsa(CpuIsa requested, Isa* isa) {
-  bool avx2 = requested == CpuIsa::kAvx2 ||
-              (requested == CpuIsa::kAuto && CpuHasAvx2());
-  if (avx2) {
-#ifdef RETRACE_SCAN_X86
-    if (!CpuHasAvx2()) {
-      return KernelStatus::Unavailable("this CPU lacks AVX2, FMA or F16C");
-    }
-    *isa = MakeIsa<Avx2Kernel>(&ConvertAvx2);
-    return KernelStatus::Ok();
-#else
-    return KernelStatus::Unavailable("AVX2 scan is only built for x86");
-#endif
+bool CpuSupports(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kScalar:
+      return true;
+    case CpuIsa::kAvx2:
+      return CpuHasAvx2();
+    case CpuIsa::kAvx512:
+      return CpuHasAvx512();
+    case CpuIsa::kAuto:
+      return true;
   }
-  *isa = MakeIsa<ScalarKernel>(&ConvertScalar);
-  return KernelStatus::Ok();
+  return false;
 }
 
-// Rows per micro-kernel call for a query block of qb (register budget).
-int RowBlockFor(int qb) { return qb == 1 ? 4 : 2; }
+// Rows per micro-kernel call by query block: the accumulators, row vectors
+// and one query vector fit the 16 AVX2 (32 AVX-512) registers. With one
+// query, AVX-512 takes 8 rows: more loads in flight per step, which is what
+// a memory-bound scan needs (measured: 4 rows read 0.6 of the bandwidth,
+// 8 rows 0.7).
+constexpr std::array<int, 3> kRowBlock16Regs = {4, 2, 2};
+constexpr std::array<int, 3> kRowBlock32Regs = {8, 4, 4};
+
+KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
+  CpuIsa chosen = CpuIsa::kScalar;
+  RETRACE_KERNEL_RETURN_IF_ERROR(ResolveCpuIsa(requested, &chosen));
+  switch (chosen) {
+#ifdef RETRACE_SCAN_X86
+    case CpuIsa::kAvx512:
+      switch (dtype) {
+        case DType::kF16:
+          *isa = MakeIsa<Avx512<DType::kF16>::Kernel>(chosen, nullptr,
+                                                      kRowBlock32Regs);
+          break;
+        case DType::kBF16:
+          *isa = MakeIsa<Avx512<DType::kBF16>::Kernel>(chosen, nullptr,
+                                                       kRowBlock32Regs);
+          break;
+        case DType::kF32:
+          *isa = MakeIsa<Avx512<DType::kF32>::Kernel>(chosen, nullptr,
+                                                      kRowBlock32Regs);
+          break;
+      }
+      return KernelStatus::Ok();
+    case CpuIsa::kAvx2:
+      *isa = MakeIsa<Avx2Kernel>(chosen, &ConvertAvx2, kRowBlock16Regs);
+      return KernelStatus::Ok();
+#endif
+    default:
+      *isa = MakeIsa<ScalarKernel>(CpuIsa::kScalar, &ConvertScalar,
+                                   kRowBlock16Regs);
+      return KernelStatus::Ok();
+  }
+}
 
 // ---------------------------------------------------------------------------
 // Queries, re-laid out once per call: for slot cs, query q, method m the
@@ -278,7 +434,7 @@ KernelStatus PrepareQueries(const StoreLayout& layout, const QueryBatch& qb,
   p->slot_pairs = cs_count;
   p->num_queries = nq;
   p->dim = d;
-  p->dp = RoundUp(d, kLanes);
+  p->dp = RoundUp(d, kQueryPad);
   p->vectors.assign(size_t(cs_count * nq * 2 * p->dp), 0.0f);
   p->weights.assign(size_t(cs_count * nq * 2), 0.0f);
   p->active_slots.clear();
@@ -413,39 +569,85 @@ const uint8_t* RowSlot(const StoreLayout& layout, const StoreChunk& chunk,
              DTypeSize(layout.dtype);
 }
 
+// Adds slot cs's contributions of the tile's rows [r0, r0 + rows), from their
+// dots in w->dots, to their scores (in double; each row's slots arrive in cs
+// order whatever the loop order).
+void AccumulateSlot(const StoreChunk& chunk, const Tile& tile,
+                    const PreparedQueries& pq, int64_t cs, int64_t r0,
+                    int64_t rows, Worker* w) {
+  const int32_t nq = pq.num_queries;
+  const int64_t row_stride = int64_t{nq} * 2;
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    const double norm = chunk.norms[(tile.row0 + r) * pq.slot_pairs + cs];
+    const float* dot = w->dots.data() + r * row_stride;
+    double* score = w->scores.data() + r * row_stride;
+    for (int32_t q = 0; q < nq; ++q) {
+      score[2 * q] += double(pq.Weight(cs, q, 0)) * norm * double(dot[2 * q]);
+      score[2 * q + 1] += double(pq.Weight(cs, q, 1)) * double(dot[2 * q + 1]);
+    }
+  }
+}
+
+// The dots of slot cs for the tile's rows [0, tile.rows) and every query.
+// `rows` is the first row's data (fp32 with stride dp for a buffered
+// instruction set, the store's row for a direct one), `stride` the distance
+// between rows in elements.
+void SlotDots(const StoreLayout& layout, const Tile& tile,
+              const PreparedQueries& pq, const Isa& isa, int64_t cs,
+              const void* rows, int64_t stride, Worker* w) {
+  const int32_t nq = pq.num_queries;
+  const int64_t dp = pq.dp;
+  const int64_t row_stride = int64_t{nq} * 2;
+  const int64_t elem = isa.direct() ? DTypeSize(layout.dtype) : 4;
+  const float* qslot = pq.Slot(cs);
+  for (int32_t q0 = 0; q0 < nq; q0 += kMaxQueryBlock) {
+    const int qb = std::min<int>(kMaxQueryBlock, nq - q0);
+    const int rb_max = isa.row_block[qb - 1];
+    for (int64_t r0 = 0; r0 < tile.rows; r0 += rb_max) {
+      const int rb = int(std::min<int64_t>(rb_max, tile.rows - r0));
+      isa.micro[rb - 1][qb - 1](
+          static_cast<const uint8_t*>(rows) + r0 * stride * elem, stride,
+          layout.dim, qslot + int64_t{q0} * 2 * dp, dp,
+          w->dots.data() + r0 * row_stride + q0 * 2, row_stride);
+    }
+  }
+}
+
 void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
               const Tile& tile, const PreparedQueries& pq, const Isa& isa,
               bool want_bottom, Worker* w) {
   const int32_t nq = pq.num_queries;
   const int64_t dp = pq.dp;
-  const int64_t cs_count = pq.slot_pairs;
   const int64_t row_stride = int64_t{nq} * 2;
   std::fill(w->scores.begin(), w->scores.begin() + tile.rows * row_stride, 0.0);
-  for (int64_t cs : pq.active_slots) {
-    for (int64_t r = 0; r < tile.rows; ++r) {
-      isa.convert(RowSlot(layout, chunk, tile.row0 + r, cs), layout.dtype,
-                  layout.dim, dp, w->rows.data() + r * dp);
+  if (!isa.direct()) {
+    for (int64_t cs : pq.active_slots) {
+      for (int64_t r = 0; r < tile.rows; ++r) {
+        isa.convert(RowSlot(layout, chunk, tile.row0 + r, cs), layout.dtype,
+                    layout.dim, dp, w->rows.data() + r * dp);
+      }
+      SlotDots(layout, tile, pq, isa, cs, w->rows.data(), dp, w);
+      AccumulateSlot(chunk, tile, pq, cs, 0, tile.rows, w);
     }
-    const float* qslot = pq.Slot(cs);
-    for (int32_t q0 = 0; q0 < nq; q0 += kMaxQueryBlock) {
-      const int qb = std::min<int>(kMaxQueryBlock, nq - q0);
-      const int rb_max = RowBlockFor(qb);
-      for (int64_t r0 = 0; r0 < tile.rows; r0 += rb_max) {
-        const int rb = int(std::min<int64_t>(rb_max, tile.rows - r0));
-        isa.micro[rb - 1][qb - 1](
-            w->rows.data() + r0 * dp, qslot + int64_t{q0} * 2 * dp, dp,
-            w->dots.data() + r0 * row_stride + q0 * 2, row_stride);
+  } else if (nq <= kMaxQueryBlock) {
+    // One query block: each block of rows is read through all its slots,
+    // front to back, before the next.
+    const int rb_max = isa.row_block[nq - 1];
+    for (int64_t r0 = 0; r0 < tile.rows; r0 += rb_max) {
+      const int rb = int(std::min<int64_t>(rb_max, tile.rows - r0));
+      for (int64_t cs : pq.active_slots) {
+        isa.micro[rb - 1][nq - 1](RowSlot(layout, chunk, tile.row0 + r0, cs),
+                                  layout.RowValues(), layout.dim, pq.Slot(cs),
+                                  dp, w->dots.data() + r0 * row_stride,
+                                  row_stride);
+        AccumulateSlot(chunk, tile, pq, cs, r0, rb, w);
       }
     }
-    for (int64_t r = 0; r < tile.rows; ++r) {
-      const double norm = chunk.norms[(tile.row0 + r) * cs_count + cs];
-      const float* dot = w->dots.data() + r * row_stride;
-      double* score = w->scores.data() + r * row_stride;
-      for (int32_t q = 0; q < nq; ++q) {
-        score[2 * q] += double(pq.Weight(cs, q, 0)) * norm * double(dot[2 * q]);
-        score[2 * q + 1] +=
-            double(pq.Weight(cs, q, 1)) * double(dot[2 * q + 1]);
-      }
+  } else {
+    for (int64_t cs : pq.active_slots) {
+      SlotDots(layout, tile, pq, isa, cs, RowSlot(layout, chunk, tile.row0, cs),
+               layout.RowValues(), w);
+      AccumulateSlot(chunk, tile, pq, cs, 0, tile.rows, w);
     }
   }
   for (int64_t r = 0; r < tile.rows; ++r) {
@@ -516,9 +718,12 @@ void FillBreakdown(const StoreLayout& layout,
           std::vector<float>& out = entry.sample->breakdown;
           out.assign(size_t(cs_count), 0.0f);
           for (int64_t cs : pq.active_slots) {
-            isa.convert(RowSlot(layout, chunk, r, cs), layout.dtype, layout.dim,
-                        pq.dp, row.data());
-            isa.micro[0][0](row.data(),
+            const void* u = RowSlot(layout, chunk, r, cs);
+            if (!isa.direct()) {
+              isa.convert(u, layout.dtype, layout.dim, pq.dp, row.data());
+              u = row.data();
+            }
+            isa.micro[0][0](u, pq.dp, layout.dim,
                             pq.Slot(cs) + int64_t{entry.query} * 2 * pq.dp,
                             pq.dp, dots, 2);
             const double f = entry.method == 0
@@ -538,13 +743,15 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
                          const QueryBatch& queries, const ScanOptions& options,
                          ScanResult* result) {
   Isa isa;
-  RETRACE_KERNEL_RETURN_IF_ERROR(SelectIsa(options.isa, &isa));
+  RETRACE_KERNEL_RETURN_IF_ERROR(SelectIsa(options.isa, layout.dtype, &isa));
   PreparedQueries pq;
   RETRACE_KERNEL_RETURN_IF_ERROR(PrepareQueries(layout, queries, &pq));
   const int32_t nq = queries.num_queries;
   const int32_t k = options.k;
   const int64_t tile_rows =
-      std::clamp<int64_t>(kTileBufferBytes / (pq.dp * 4), 1, kMaxTileRows);
+      isa.direct() ? kMaxTileRows
+                   : std::clamp<int64_t>(kTileBufferBytes / (pq.dp * 4), 1,
+                                         kMaxTileRows);
 
   std::vector<Tile> tiles;
   for (size_t c = 0; c < chunks.size(); ++c) {
@@ -559,7 +766,7 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
   const int lists = ListCount(nq);
   std::vector<Worker> workers(static_cast<size_t>(threads));
   for (Worker& w : workers) {
-    w.rows.resize(size_t(tile_rows * pq.dp));
+    if (!isa.direct()) w.rows.resize(size_t(tile_rows * pq.dp));
     w.dots.resize(size_t(tile_rows * nq * 2));
     w.scores.resize(size_t(tile_rows * nq * 2));
     w.lists.resize(size_t(lists));
@@ -610,6 +817,66 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
 }
 
 }  // namespace
+
+const char* CpuIsaName(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAuto:
+      return "auto";
+    case CpuIsa::kScalar:
+      return "scalar";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    case CpuIsa::kAvx512:
+      return "avx512";
+  }
+  return "unknown";
+}
+
+std::vector<CpuIsa> SupportedCpuIsas() {
+  std::vector<CpuIsa> out;
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (CpuSupports(isa)) out.push_back(isa);
+  }
+  return out;
+}
+
+KernelStatus ResolveCpuIsa(CpuIsa requested, CpuIsa* chosen) {
+  if (chosen == nullptr) {
+    return KernelStatus::InvalidArgument("chosen pointer is null");
+  }
+  const int value = static_cast<int>(requested);
+  if (value < 0 || value > static_cast<int>(CpuIsa::kAvx512)) {
+    return KernelStatus::InvalidArgument("unknown CPU instruction set " +
+                                         std::to_string(value));
+  }
+  if (requested != CpuIsa::kAuto) {
+    if (!CpuSupports(requested)) {
+      return KernelStatus::Unavailable(
+          std::string("this CPU cannot run the ") + CpuIsaName(requested) +
+          " scan (or it is not built for this architecture)");
+    }
+    *chosen = requested;
+    return KernelStatus::Ok();
+  }
+  // The widest supported, at most the one RETRACE_CPU_ISA names.
+  int cap = static_cast<int>(CpuIsa::kAvx512);
+  if (const char* env = std::getenv(kCpuIsaEnv); env != nullptr && *env) {
+    cap = -1;
+    for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+      if (std::string(env) == CpuIsaName(isa)) cap = static_cast<int>(isa);
+    }
+    if (cap < 0) {
+      return KernelStatus::InvalidArgument(
+          std::string(kCpuIsaEnv) + "='" + std::string(env).substr(0, 32) +
+          "' is not one of scalar, avx2, avx512");
+    }
+  }
+  *chosen = CpuIsa::kScalar;
+  for (CpuIsa isa : SupportedCpuIsas()) {
+    if (static_cast<int>(isa) <= cap) *chosen = isa;
+  }
+  return KernelStatus::Ok();
+}
 
 KernelStatus ValidateScan(const StoreLayout& layout,
                           const std::vector<StoreChunk>& chunks,

@@ -5,7 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <iostream>
 #include <limits>
 #include <ostream>
 #include <string>
@@ -27,10 +30,14 @@ using testing::Reference;
 using testing::TestQueries;
 using testing::TestStore;
 
-const char* IsaName(CpuIsa isa) {
-  return isa == CpuIsa::kScalar ? "scalar"
-         : isa == CpuIsa::kAvx2 ? "avx2"
-                                : "auto";
+const char* IsaName(CpuIsa isa) { return CpuIsaName(isa); }
+
+// kAuto and every instruction set this CPU supports (the generic path is
+// always among them).
+std::vector<CpuIsa> IsasToTest() {
+  std::vector<CpuIsa> isas = {CpuIsa::kAuto};
+  for (CpuIsa isa : SupportedCpuIsas()) isas.push_back(isa);
+  return isas;
 }
 
 struct Case {
@@ -66,7 +73,7 @@ TEST_P(ScanCpuBruteForceTest, MatchesDoublePrecisionLoop) {
   const TestQueries qs = MakeQueries(st.layout, p.queries, seed + 1);
   const Reference ref = BruteForce(st, qs);
   const int32_t k = p.k == 0 ? int32_t(p.rows) : p.k;
-  for (CpuIsa isa : {CpuIsa::kAuto, CpuIsa::kScalar}) {
+  for (CpuIsa isa : IsasToTest()) {
     SCOPED_TRACE(Describe(p, seed, isa));
     ScanOptions opt;
     opt.k = k;
@@ -159,40 +166,43 @@ TEST(ScanCpuTest, ZeroScoresTieRegardlessOfSign) {
 }
 
 TEST(ScanCpuTest, BreakdownSumsToScoreAndMatchesReference) {
-  for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
-    const uint64_t seed = 21 + uint64_t(dtype);
-    SCOPED_TRACE(std::string("dtype=") + DTypeName(dtype) +
-                 " seed=" + std::to_string(seed));
-    const TestStore st = MakeStore(dtype, 2, 5, 77, 300, seed);
-    const TestQueries qs = MakeQueries(st.layout, 4, seed + 1);
-    const Reference ref = BruteForce(st, qs);
-    ScanOptions opt;
-    opt.k = 8;
-    opt.want_breakdown = true;
-    ScanResult result;
-    ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk(0, 123), st.Chunk(123)},
-                        qs.Batch(), opt, &result)
-                    .ok());
-    const int64_t cs_count = st.layout.SlotPairs();
-    for (int q = 0; q < 4; ++q) {
-      for (int m = 0; m < kNumMethods; ++m) {
-        const RankedList& list = result.Get(q, static_cast<Method>(m));
-        for (const auto* samples : {&list.top, &list.bottom}) {
-          for (const ScoredSample& s : *samples) {
-            ASSERT_EQ(s.breakdown.size(), size_t(cs_count));
-            double sum = 0, abs_sum = 0;
-            for (int64_t cs = 0; cs < cs_count; ++cs) {
-              const double want = ref.breakdown[size_t(
-                  ((s.index * 4 + q) * 2 + m) * cs_count + cs)];
-              EXPECT_NEAR(s.breakdown[size_t(cs)], want,
-                          kF32MaxRelErr * ref.Magnitude(s.index, q, m));
-              sum += s.breakdown[size_t(cs)];
-              abs_sum += std::fabs(s.breakdown[size_t(cs)]);
+  for (CpuIsa isa : IsasToTest()) {
+    for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
+      const uint64_t seed = 21 + uint64_t(dtype);
+      SCOPED_TRACE(std::string("dtype=") + DTypeName(dtype) +
+                   " isa=" + IsaName(isa) + " seed=" + std::to_string(seed));
+      const TestStore st = MakeStore(dtype, 2, 5, 77, 300, seed);
+      const TestQueries qs = MakeQueries(st.layout, 4, seed + 1);
+      const Reference ref = BruteForce(st, qs);
+      ScanOptions opt;
+      opt.k = 8;
+      opt.want_breakdown = true;
+      opt.isa = isa;
+      ScanResult result;
+      ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk(0, 123), st.Chunk(123)},
+                          qs.Batch(), opt, &result)
+                      .ok());
+      const int64_t cs_count = st.layout.SlotPairs();
+      for (int q = 0; q < 4; ++q) {
+        for (int m = 0; m < kNumMethods; ++m) {
+          const RankedList& list = result.Get(q, static_cast<Method>(m));
+          for (const auto* samples : {&list.top, &list.bottom}) {
+            for (const ScoredSample& s : *samples) {
+              ASSERT_EQ(s.breakdown.size(), size_t(cs_count));
+              double sum = 0, abs_sum = 0;
+              for (int64_t cs = 0; cs < cs_count; ++cs) {
+                const double want = ref.breakdown[size_t(
+                    ((s.index * 4 + q) * 2 + m) * cs_count + cs)];
+                EXPECT_NEAR(s.breakdown[size_t(cs)], want,
+                            kF32MaxRelErr * ref.Magnitude(s.index, q, m));
+                sum += s.breakdown[size_t(cs)];
+                abs_sum += std::fabs(s.breakdown[size_t(cs)]);
+              }
+              // The contributions are the very terms of the score, rounded to
+              // float once each.
+              EXPECT_NEAR(sum, s.score, 4e-7 * abs_sum + 1e-30)
+                  << "index " << s.index;
             }
-            // The contributions are the very terms of the score, rounded to
-            // float once each.
-            EXPECT_NEAR(sum, s.score, 4e-7 * abs_sum + 1e-30)
-                << "index " << s.index;
           }
         }
       }
@@ -253,7 +263,7 @@ TEST(ScanCpuTest, IndependentOfThreadCount) {
 }
 
 TEST(ScanCpuTest, QueryAloneEqualsQueryInBatch) {
-  for (CpuIsa isa : {CpuIsa::kAuto, CpuIsa::kScalar}) {
+  for (CpuIsa isa : IsasToTest()) {
     SCOPED_TRACE(std::string("isa=") + IsaName(isa) + " seed=51");
     const TestStore st = MakeStore(DType::kF16, 1, 4, 35, 150, 51);
     const TestQueries qs = MakeQueries(st.layout, 64, 52);
@@ -274,6 +284,66 @@ TEST(ScanCpuTest, QueryAloneEqualsQueryInBatch) {
       ExpectIdentical(alone, from_batch);
     }
   }
+}
+
+// Which instruction sets this run covers, and which it cannot: a path the
+// CPU lacks is refused, never run.
+TEST(ScanCpuTest, EveryInstructionSetThisCpuHasOrUnavailable) {
+  const std::vector<CpuIsa> supported = SupportedCpuIsas();
+  ASSERT_FALSE(supported.empty());
+  EXPECT_EQ(supported[0], CpuIsa::kScalar);
+  const TestStore st = MakeStore(DType::kBF16, 1, 2, 40, 30, 81);
+  const TestQueries qs = MakeQueries(st.layout, 2, 82);
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    const bool has =
+        std::find(supported.begin(), supported.end(), isa) != supported.end();
+    ScanOptions opt;
+    opt.k = 5;
+    opt.isa = isa;
+    ScanResult result;
+    const KernelStatus status =
+        ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result);
+    if (has) {
+      EXPECT_TRUE(status.ok()) << IsaName(isa) << ": " << status.ToString();
+    } else {
+      std::cout << "[  SKIPPED ] " << IsaName(isa)
+                << " scan: this CPU lacks its instructions\n";
+      EXPECT_EQ(status.code(), KernelCode::kUnavailable)
+          << IsaName(isa) << ": " << status.ToString();
+    }
+  }
+}
+
+// RETRACE_CPU_ISA caps what kAuto picks: forcing the generic path gives the
+// scalar scan's very bits; an unknown value is refused by name.
+TEST(ScanCpuTest, EnvironmentForcesTheGenericPath) {
+  const TestStore st = MakeStore(DType::kF16, 2, 3, 50, 64, 91);
+  const TestQueries qs = MakeQueries(st.layout, 4, 92);
+  ScanOptions opt;
+  opt.k = 8;
+  opt.isa = CpuIsa::kScalar;
+  ScanResult scalar;
+  ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &scalar).ok());
+  opt.isa = CpuIsa::kAuto;
+  ASSERT_EQ(setenv(kCpuIsaEnv, "scalar", 1), 0);
+  CpuIsa chosen = CpuIsa::kAuto;
+  EXPECT_TRUE(ResolveCpuIsa(CpuIsa::kAuto, &chosen).ok());
+  EXPECT_EQ(chosen, CpuIsa::kScalar);
+  ScanResult forced;
+  EXPECT_TRUE(ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &forced).ok());
+  ExpectIdentical(scalar, forced);
+  ASSERT_EQ(setenv(kCpuIsaEnv, "avx2", 1), 0);
+  EXPECT_TRUE(ResolveCpuIsa(CpuIsa::kAuto, &chosen).ok());
+  EXPECT_LE(static_cast<int>(chosen), static_cast<int>(CpuIsa::kAvx2));
+  ASSERT_EQ(setenv(kCpuIsaEnv, "sse9", 1), 0);
+  const KernelStatus bad =
+      ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &forced);
+  EXPECT_EQ(bad.code(), KernelCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("RETRACE_CPU_ISA='sse9'"), std::string::npos)
+      << bad.ToString();
+  ASSERT_EQ(unsetenv(kCpuIsaEnv), 0);
+  EXPECT_TRUE(ResolveCpuIsa(CpuIsa::kAuto, &chosen).ok());
+  EXPECT_EQ(chosen, SupportedCpuIsas().back());
 }
 
 TEST(ScanCpuTest, LargestK) {
