@@ -307,6 +307,7 @@ bool CpuHasAvx512() { return false; }
 struct Isa {
   CpuIsa name = CpuIsa::kScalar;
   MicroFn micro[kMaxRowBlock][kMaxQueryBlock];  // [rb - 1][qb - 1]
+  int query_block = 3;                          // queries per call, at most
   int row_block[kMaxQueryBlock];                // rows per call, by qb - 1
   // Buffered: rows are converted to fp32 with `convert` before the
   // micro-kernel; direct (convert == nullptr): it reads the stored values.
@@ -332,19 +333,31 @@ struct Avx512 {
 };
 #endif
 
+// Fills isa->micro[rb - 1][qb - 1] with K<rb, qb> for every rb >= RB (and
+// qb >= QB in row RB).
+template <template <int, int> class K, int RB = 1, int QB = 1>
+void FillMicro(Isa* isa) {
+  isa->micro[RB - 1][QB - 1] = K<RB, QB>::kFn;
+  if constexpr (QB < kMaxQueryBlock) {
+    FillMicro<K, RB, QB + 1>(isa);
+  } else if constexpr (RB < kMaxRowBlock) {
+    FillMicro<K, RB + 1, 1>(isa);
+  }
+}
+
 template <template <int, int> class K>
-Isa MakeIsa(CpuIsa name, ConvertFn convert, std::array<int, 3> row_block) {
-  return Isa{name,
-             {{K<1, 1>::kFn, K<1, 2>::kFn, K<1, 3>::kFn},
-              {K<2, 1>::kFn, K<2, 2>::kFn, K<2, 3>::kFn},
-              {K<3, 1>::kFn, K<3, 2>::kFn, K<3, 3>::kFn},
-              {K<4, 1>::kFn, K<4, 2>::kFn, K<4, 3>::kFn},
-              {K<5, 1>::kFn, K<5, 2>::kFn, K<5, 3>::kFn},
-              {K<6, 1>::kFn, K<6, 2>::kFn, K<6, 3>::kFn},
-              {K<7, 1>::kFn, K<7, 2>::kFn, K<7, 3>::kFn},
-              {K<8, 1>::kFn, K<8, 2>::kFn, K<8, 3>::kFn}},
-             {row_block[0], row_block[1], row_block[2]},
-             convert};
+Isa MakeIsa(CpuIsa name, ConvertFn convert,
+            std::array<int, kMaxQueryBlock> row_block) {
+  Isa isa;
+  isa.name = name;
+  FillMicro<K>(&isa);
+  isa.query_block = 0;
+  for (int qb = 0; qb < kMaxQueryBlock; ++qb) {
+    isa.row_block[qb] = row_block[size_t(qb)];
+    if (row_block[size_t(qb)] > 0) isa.query_block = qb + 1;
+  }
+  isa.convert = convert;
+  return isa;
 }
 
 bool CpuSupports(CpuIsa isa) {
@@ -365,9 +378,10 @@ bool CpuSupports(CpuIsa isa) {
 // and one query vector fit the 16 AVX2 (32 AVX-512) registers. With one
 // query, AVX-512 takes 8 rows: more loads in flight per step, which is what
 // a memory-bound scan needs (measured: 4 rows read 0.6 of the bandwidth,
-// 8 rows 0.7).
-constexpr std::array<int, 3> kRowBlock16Regs = {4, 2, 2};
-constexpr std::array<int, 3> kRowBlock32Regs = {8, 4, 4};
+// 8 rows 0.7). Other blockings measured no better: 6 rows x 2 queries the
+// same, 3 rows x 3 or 4 queries half as fast.
+constexpr std::array<int, kMaxQueryBlock> kRowBlock16Regs = {4, 2, 2};
+constexpr std::array<int, kMaxQueryBlock> kRowBlock32Regs = {8, 4, 4};
 
 KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
   CpuIsa chosen = CpuIsa::kScalar;
@@ -594,14 +608,13 @@ void AccumulateSlot(const StoreChunk& chunk, const Tile& tile,
 // between rows in elements.
 void SlotDots(const StoreLayout& layout, const Tile& tile,
               const PreparedQueries& pq, const Isa& isa, int64_t cs,
-              const void* rows, int64_t stride, Worker* w) {
+              const void* rows, int64_t stride, int64_t elem, Worker* w) {
   const int32_t nq = pq.num_queries;
   const int64_t dp = pq.dp;
   const int64_t row_stride = int64_t{nq} * 2;
-  const int64_t elem = isa.direct() ? DTypeSize(layout.dtype) : 4;
   const float* qslot = pq.Slot(cs);
-  for (int32_t q0 = 0; q0 < nq; q0 += kMaxQueryBlock) {
-    const int qb = std::min<int>(kMaxQueryBlock, nq - q0);
+  for (int32_t q0 = 0; q0 < nq; q0 += isa.query_block) {
+    const int qb = std::min<int>(isa.query_block, nq - q0);
     const int rb_max = isa.row_block[qb - 1];
     for (int64_t r0 = 0; r0 < tile.rows; r0 += rb_max) {
       const int rb = int(std::min<int64_t>(rb_max, tile.rows - r0));
@@ -626,10 +639,10 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
         isa.convert(RowSlot(layout, chunk, tile.row0 + r, cs), layout.dtype,
                     layout.dim, dp, w->rows.data() + r * dp);
       }
-      SlotDots(layout, tile, pq, isa, cs, w->rows.data(), dp, w);
+      SlotDots(layout, tile, pq, isa, cs, w->rows.data(), dp, 4, w);
       AccumulateSlot(chunk, tile, pq, cs, 0, tile.rows, w);
     }
-  } else if (nq <= kMaxQueryBlock) {
+  } else if (nq <= isa.query_block) {
     // One query block: each block of rows is read through all its slots,
     // front to back, before the next.
     const int rb_max = isa.row_block[nq - 1];
@@ -646,7 +659,7 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
   } else {
     for (int64_t cs : pq.active_slots) {
       SlotDots(layout, tile, pq, isa, cs, RowSlot(layout, chunk, tile.row0, cs),
-               layout.RowValues(), w);
+               layout.RowValues(), DTypeSize(layout.dtype), w);
       AccumulateSlot(chunk, tile, pq, cs, 0, tile.rows, w);
     }
   }
