@@ -110,18 +110,6 @@ void ParallelFor(int64_t n, int threads, F f) {
   for (auto& th : pool) th.join();
 }
 
-// The CpuIsa named `name` (auto, scalar, avx2, avx512), or false.
-bool ParseIsa(const std::string& name, rk::CpuIsa* isa) {
-  for (rk::CpuIsa i : {rk::CpuIsa::kAuto, rk::CpuIsa::kScalar,
-                       rk::CpuIsa::kAvx2, rk::CpuIsa::kAvx512}) {
-    if (name == rk::CpuIsaName(i)) {
-      *isa = i;
-      return true;
-    }
-  }
-  return false;
-}
-
 struct TorchTopK {
   std::vector<int64_t> top_tracin, top_retrac;
 };
@@ -227,7 +215,7 @@ int main(int argc, char** argv) {
          q32_vs_peak = -1;
   for (size_t ii = 0; ii < a.isas.size(); ++ii) {
     rk::CpuIsa requested = rk::CpuIsa::kAuto;
-    if (!ParseIsa(a.isas[ii], &requested)) {
+    if (!rk::ParseCpuIsa(a.isas[ii], &requested)) {
       std::fprintf(stderr, "unknown instruction set %s\n", a.isas[ii].c_str());
       return 2;
     }

@@ -54,6 +54,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "kernels/dtype.h"
@@ -141,6 +142,9 @@ inline constexpr int32_t kTensorCoreMinDim = 16;
 enum class CpuIsa { kAuto, kScalar, kAvx2, kAvx512 };
 inline constexpr char kCpuIsaEnv[] = "RETRACE_CPU_ISA";
 const char* CpuIsaName(CpuIsa isa);
+// The CpuIsa that CpuIsaName calls `name` (auto, scalar, avx2, avx512);
+// false for any other name.
+bool ParseCpuIsa(const std::string& name, CpuIsa* isa);
 // The instruction sets this CPU (and this build) can run, generic first.
 std::vector<CpuIsa> SupportedCpuIsas();
 // What ScanCpu runs for `requested` (see CpuIsa). kUnavailable for an

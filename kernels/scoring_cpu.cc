@@ -61,8 +61,8 @@ constexpr int64_t kQueryPad = 16;
 // slot's query vectors.
 constexpr int64_t kTileBufferBytes = 64 * 1024;
 constexpr int64_t kMaxTileRows = 32;
-// Largest micro-kernel blocks: they fit the 16 AVX2 registers (accumulators,
-// row vectors and one query vector).
+// Largest micro-kernel blocks (the blockings each instruction set uses are
+// kRowBlock16Regs and kRowBlock32Regs below).
 constexpr int kMaxQueryBlock = 3;
 constexpr int kMaxRowBlock = 8;
 
@@ -305,9 +305,7 @@ bool CpuHasAvx512() { return false; }
 #endif  // RETRACE_SCAN_X86
 
 struct Isa {
-  CpuIsa name = CpuIsa::kScalar;
   MicroFn micro[kMaxRowBlock][kMaxQueryBlock];  // [rb - 1][qb - 1]
-  int query_block = 3;                          // queries per call, at most
   int row_block[kMaxQueryBlock];                // rows per call, by qb - 1
   // Buffered: rows are converted to fp32 with `convert` before the
   // micro-kernel; direct (convert == nullptr): it reads the stored values.
@@ -346,15 +344,11 @@ void FillMicro(Isa* isa) {
 }
 
 template <template <int, int> class K>
-Isa MakeIsa(CpuIsa name, ConvertFn convert,
-            std::array<int, kMaxQueryBlock> row_block) {
+Isa MakeIsa(ConvertFn convert, std::array<int, kMaxQueryBlock> row_block) {
   Isa isa;
-  isa.name = name;
   FillMicro<K>(&isa);
-  isa.query_block = 0;
   for (int qb = 0; qb < kMaxQueryBlock; ++qb) {
     isa.row_block[qb] = row_block[size_t(qb)];
-    if (row_block[size_t(qb)] > 0) isa.query_block = qb + 1;
   }
   isa.convert = convert;
   return isa;
@@ -391,26 +385,23 @@ KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
     case CpuIsa::kAvx512:
       switch (dtype) {
         case DType::kF16:
-          *isa = MakeIsa<Avx512<DType::kF16>::Kernel>(chosen, nullptr,
-                                                      kRowBlock32Regs);
+          *isa = MakeIsa<Avx512<DType::kF16>::Kernel>(nullptr, kRowBlock32Regs);
           break;
         case DType::kBF16:
-          *isa = MakeIsa<Avx512<DType::kBF16>::Kernel>(chosen, nullptr,
-                                                       kRowBlock32Regs);
+          *isa =
+              MakeIsa<Avx512<DType::kBF16>::Kernel>(nullptr, kRowBlock32Regs);
           break;
         case DType::kF32:
-          *isa = MakeIsa<Avx512<DType::kF32>::Kernel>(chosen, nullptr,
-                                                      kRowBlock32Regs);
+          *isa = MakeIsa<Avx512<DType::kF32>::Kernel>(nullptr, kRowBlock32Regs);
           break;
       }
       return KernelStatus::Ok();
     case CpuIsa::kAvx2:
-      *isa = MakeIsa<Avx2Kernel>(chosen, &ConvertAvx2, kRowBlock16Regs);
+      *isa = MakeIsa<Avx2Kernel>(&ConvertAvx2, kRowBlock16Regs);
       return KernelStatus::Ok();
 #endif
     default:
-      *isa = MakeIsa<ScalarKernel>(CpuIsa::kScalar, &ConvertScalar,
-                                   kRowBlock16Regs);
+      *isa = MakeIsa<ScalarKernel>(&ConvertScalar, kRowBlock16Regs);
       return KernelStatus::Ok();
   }
 }
@@ -613,8 +604,8 @@ void SlotDots(const StoreLayout& layout, const Tile& tile,
   const int64_t dp = pq.dp;
   const int64_t row_stride = int64_t{nq} * 2;
   const float* qslot = pq.Slot(cs);
-  for (int32_t q0 = 0; q0 < nq; q0 += isa.query_block) {
-    const int qb = std::min<int>(isa.query_block, nq - q0);
+  for (int32_t q0 = 0; q0 < nq; q0 += kMaxQueryBlock) {
+    const int qb = std::min<int>(kMaxQueryBlock, nq - q0);
     const int rb_max = isa.row_block[qb - 1];
     for (int64_t r0 = 0; r0 < tile.rows; r0 += rb_max) {
       const int rb = int(std::min<int64_t>(rb_max, tile.rows - r0));
@@ -642,7 +633,7 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
       SlotDots(layout, tile, pq, isa, cs, w->rows.data(), dp, 4, w);
       AccumulateSlot(chunk, tile, pq, cs, 0, tile.rows, w);
     }
-  } else if (nq <= isa.query_block) {
+  } else if (nq <= kMaxQueryBlock) {
     // One query block: each block of rows is read through all its slots,
     // front to back, before the next.
     const int rb_max = isa.row_block[nq - 1];
@@ -845,6 +836,17 @@ const char* CpuIsaName(CpuIsa isa) {
   return "unknown";
 }
 
+bool ParseCpuIsa(const std::string& name, CpuIsa* isa) {
+  for (CpuIsa i :
+       {CpuIsa::kAuto, CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (name == CpuIsaName(i)) {
+      *isa = i;
+      return true;
+    }
+  }
+  return false;
+}
+
 std::vector<CpuIsa> SupportedCpuIsas() {
   std::vector<CpuIsa> out;
   for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
@@ -874,15 +876,13 @@ KernelStatus ResolveCpuIsa(CpuIsa requested, CpuIsa* chosen) {
   // The widest supported, at most the one RETRACE_CPU_ISA names.
   int cap = static_cast<int>(CpuIsa::kAvx512);
   if (const char* env = std::getenv(kCpuIsaEnv); env != nullptr && *env) {
-    cap = -1;
-    for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
-      if (std::string(env) == CpuIsaName(isa)) cap = static_cast<int>(isa);
-    }
-    if (cap < 0) {
+    CpuIsa named = CpuIsa::kAuto;
+    if (!ParseCpuIsa(env, &named) || named == CpuIsa::kAuto) {
       return KernelStatus::InvalidArgument(
           std::string(kCpuIsaEnv) + "='" + std::string(env).substr(0, 32) +
           "' is not one of scalar, avx2, avx512");
     }
+    cap = static_cast<int>(named);
   }
   *chosen = CpuIsa::kScalar;
   for (CpuIsa isa : SupportedCpuIsas()) {
