@@ -57,6 +57,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu_isa.h"
 #include "kernels/dtype.h"
 #include "kernels/kernel_status.h"
 
@@ -120,16 +121,13 @@ enum class CudaScanPath { kAuto, kFp32, kTensorCore };
 // step would be mostly padding.
 inline constexpr int32_t kTensorCoreMinDim = 16;
 
-// Instruction set of the CPU scan, chosen at run time from cpuid:
+// Instruction sets of the CPU scan (ScanOptions::isa; kernels/cpu_isa.h says
+// how one is chosen):
 //  - kScalar: portable C++, 8-lane fp32 chains (the generic path, everywhere);
-//  - kAvx2: AVX2 + FMA + F16C, the same 8-lane chains; rows converted to fp32
-//    into a per-thread buffer first;
-//  - kAvx512: AVX-512 F/BW/VL/DQ, 16-lane fp32 chains reading the stored
-//    fp16/bf16/fp32 values directly and converting them in registers.
-// kAuto takes the widest the CPU supports, capped by the environment
-// variable RETRACE_CPU_ISA (scalar, avx2 or avx512) when it is set, so an
-// operator or a test can force the generic path. Asking for an instruction
-// set the CPU lacks is kUnavailable, never a crash.
+//  - kAvx2: the same 8-lane chains; rows converted to fp32 into a per-thread
+//    buffer first;
+//  - kAvx512: 16-lane fp32 chains reading the stored fp16/bf16/fp32 values
+//    directly and converting them in registers.
 //
 // Accuracy: every path converts the stored values exactly and computes each
 // dot as one fp32 fmadd chain per lane (8 or 16 lanes over d, then a fixed
@@ -139,18 +137,6 @@ inline constexpr int32_t kTensorCoreMinDim = 16;
 // differ from each other by the summation tree only, so the same store and
 // query give scores that agree within that tolerance, not bit for bit;
 // within one path a query's scores do not depend on its batch.
-enum class CpuIsa { kAuto, kScalar, kAvx2, kAvx512 };
-inline constexpr char kCpuIsaEnv[] = "RETRACE_CPU_ISA";
-const char* CpuIsaName(CpuIsa isa);
-// The CpuIsa that CpuIsaName calls `name` (auto, scalar, avx2, avx512);
-// false for any other name.
-bool ParseCpuIsa(const std::string& name, CpuIsa* isa);
-// The instruction sets this CPU (and this build) can run, generic first.
-std::vector<CpuIsa> SupportedCpuIsas();
-// What ScanCpu runs for `requested` (see CpuIsa). kUnavailable for an
-// instruction set the CPU lacks; kInvalidArgument for an unknown value or
-// an unknown RETRACE_CPU_ISA, naming it.
-KernelStatus ResolveCpuIsa(CpuIsa requested, CpuIsa* chosen);
 
 struct ScanOptions {
   int32_t k = 10;               // 1..min(kMaxTopK, total rows)

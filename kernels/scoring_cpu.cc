@@ -46,7 +46,6 @@
 #include "kernels/topk.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
 #include <immintrin.h>
 #define RETRACE_SCAN_X86 1
 #endif
@@ -204,29 +203,6 @@ __attribute__((target("avx2,fma,f16c"))) void ConvertAvx2(const void* src,
   for (; i < dp; ++i) dst[i] = 0.0f;
 }
 
-// F16C from cpuid leaf 1 (ECX bit 29): clang before 15 does not know
-// __builtin_cpu_supports("f16c").
-bool CpuHasF16c() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 29)) != 0;
-}
-
-bool CpuHasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") &&
-                          __builtin_cpu_supports("fma") && CpuHasF16c();
-  return has;
-}
-
-// AVX-512 F, BW, VL and DQ (libgcc's check includes the OS's XCR0 state for
-// the 512-bit registers).
-bool CpuHasAvx512() {
-  static const bool has = CpuHasAvx2() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
-  return has;
-}
-
 #define RETRACE_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
@@ -299,9 +275,6 @@ RETRACE_AVX512 void MicroAvx512(const void* u, int64_t u_stride, int64_t d,
   }
 }
 #undef RETRACE_AVX512
-#else
-bool CpuHasAvx2() { return false; }
-bool CpuHasAvx512() { return false; }
 #endif  // RETRACE_SCAN_X86
 
 struct Isa {
@@ -352,20 +325,6 @@ Isa MakeIsa(ConvertFn convert, std::array<int, kMaxQueryBlock> row_block) {
   }
   isa.convert = convert;
   return isa;
-}
-
-bool CpuSupports(CpuIsa isa) {
-  switch (isa) {
-    case CpuIsa::kScalar:
-      return true;
-    case CpuIsa::kAvx2:
-      return CpuHasAvx2();
-    case CpuIsa::kAvx512:
-      return CpuHasAvx512();
-    case CpuIsa::kAuto:
-      return true;
-  }
-  return false;
 }
 
 // Rows per micro-kernel call by query block: the accumulators, row vectors
@@ -821,75 +780,6 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
 }
 
 }  // namespace
-
-const char* CpuIsaName(CpuIsa isa) {
-  switch (isa) {
-    case CpuIsa::kAuto:
-      return "auto";
-    case CpuIsa::kScalar:
-      return "scalar";
-    case CpuIsa::kAvx2:
-      return "avx2";
-    case CpuIsa::kAvx512:
-      return "avx512";
-  }
-  return "unknown";
-}
-
-bool ParseCpuIsa(const std::string& name, CpuIsa* isa) {
-  for (CpuIsa i :
-       {CpuIsa::kAuto, CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
-    if (name == CpuIsaName(i)) {
-      *isa = i;
-      return true;
-    }
-  }
-  return false;
-}
-
-std::vector<CpuIsa> SupportedCpuIsas() {
-  std::vector<CpuIsa> out;
-  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
-    if (CpuSupports(isa)) out.push_back(isa);
-  }
-  return out;
-}
-
-KernelStatus ResolveCpuIsa(CpuIsa requested, CpuIsa* chosen) {
-  if (chosen == nullptr) {
-    return KernelStatus::InvalidArgument("chosen pointer is null");
-  }
-  const int value = static_cast<int>(requested);
-  if (value < 0 || value > static_cast<int>(CpuIsa::kAvx512)) {
-    return KernelStatus::InvalidArgument("unknown CPU instruction set " +
-                                         std::to_string(value));
-  }
-  if (requested != CpuIsa::kAuto) {
-    if (!CpuSupports(requested)) {
-      return KernelStatus::Unavailable(
-          std::string("this CPU cannot run the ") + CpuIsaName(requested) +
-          " scan (or it is not built for this architecture)");
-    }
-    *chosen = requested;
-    return KernelStatus::Ok();
-  }
-  // The widest supported, at most the one RETRACE_CPU_ISA names.
-  int cap = static_cast<int>(CpuIsa::kAvx512);
-  if (const char* env = std::getenv(kCpuIsaEnv); env != nullptr && *env) {
-    CpuIsa named = CpuIsa::kAuto;
-    if (!ParseCpuIsa(env, &named) || named == CpuIsa::kAuto) {
-      return KernelStatus::InvalidArgument(
-          std::string(kCpuIsaEnv) + "='" + std::string(env).substr(0, 32) +
-          "' is not one of scalar, avx2, avx512");
-    }
-    cap = static_cast<int>(named);
-  }
-  *chosen = CpuIsa::kScalar;
-  for (CpuIsa isa : SupportedCpuIsas()) {
-    if (static_cast<int>(isa) <= cap) *chosen = isa;
-  }
-  return KernelStatus::Ok();
-}
 
 KernelStatus ValidateScan(const StoreLayout& layout,
                           const std::vector<StoreChunk>& chunks,
