@@ -51,6 +51,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu_isa.h"
 #include "kernels/device.h"
 #include "kernels/kernel_status.h"
 
@@ -106,15 +107,19 @@ KernelStatus ProjectResetCpu(const ProjectionSpec& spec, int64_t batch,
 // Adds P[:, global_offset .. global_offset+len) · piece to the accumulator,
 // where piece is `batch` rows of `len` floats, row b starting at
 // values + b·row_stride (row_stride >= len). Runs on `num_threads` threads
-// (0 = CpuThreads()); the result does not depend on it. Returns
-// InvalidArgument for bad arguments (nothing is added) and for non-finite or
-// out-of-range data (the accumulator is then marked bad: Finalize refuses it
-// until the next Reset).
+// (0 = CpuThreads()) with the instruction set `isa` (kernels/cpu_isa.h:
+// kAvx512 quantizes eight vectors at a time in registers and adds eight sums
+// per instruction; the others run the generic loops); the result does not
+// depend on either, bit for bit. Returns InvalidArgument for bad arguments
+// (nothing is added) and for non-finite or out-of-range data (the
+// accumulator is then marked bad: Finalize refuses it until the next Reset);
+// Unavailable for an instruction set this CPU lacks.
 KernelStatus ProjectAccumulateCpu(const ProjectionSpec& spec,
                                   const float* values, int64_t batch,
                                   int64_t len, int64_t row_stride,
                                   int64_t global_offset, double input_scale,
-                                  uint64_t* accumulator, int num_threads = 0);
+                                  uint64_t* accumulator, int num_threads = 0,
+                                  CpuIsa isa = CpuIsa::kAuto);
 
 // Writes output[b·D + j] (fp32, [batch, D]); InvalidArgument when any batch
 // vector saw bad data (output is then unspecified). Leaves the accumulator

@@ -12,10 +12,16 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cpu_isa.h"
 #include "kernels/device.h"
 #include "kernels/philox.h"
 #include "kernels/projection.h"
 #include "kernels/projection_impl.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define RETRACE_PROJECTION_X86 1
+#endif
 
 namespace retrace::kernels {
 
@@ -155,6 +161,31 @@ void RunParallel(int n, const std::function<void(int)>& task) {
   for (std::thread& th : threads) th.join();
 }
 
+// Quantizes coordinates [t0, t1) of one batch vector x (x[t] is coordinate
+// t of the tile) into q[t·B] — q points at this vector's column — and adds
+// its L1 units and flags to *l1 / *flags. Same values as
+// projection_internal::QuantizeScaled, written without branches so that the
+// loop pipelines.
+void QuantizeRowTail(const float* x, int64_t t0, int64_t t1, int64_t batch,
+                     double scale, int64_t* q, uint64_t* l1, uint64_t* flags) {
+  uint64_t units = 0;
+  bool bad = false;
+  for (int64_t t = t0; t < t1; ++t) {
+    const double v = double(x[t]) * scale;
+    const bool ok = std::fabs(v) <= kMaxAbsScaledInput;  // false for NaN
+    bad |= !ok;
+    const int64_t qv = pi::RoundScaledToFixed(ok ? v : 0.0);
+    q[t * batch] = qv;
+    units += pi::L1Units(qv);  // <= 2^31 · kTile: cannot wrap
+  }
+  *l1 = pi::SaturatingAdd(*l1, units);
+  if (bad) {
+    uint64_t flag = 0;
+    for (int64_t t = t0; t < t1; ++t) pi::QuantizeScaled(x[t], scale, &flag);
+    *flags |= flag;
+  }
+}
+
 // Quantizes coordinates [begin, begin+n) of every batch vector into
 // q[t·B + b] (coordinate-major, so the scatter reads B contiguous values),
 // adding L1 units and flags to l1[b] / flags[b]. Same values as
@@ -164,23 +195,8 @@ void QuantizeTile(const float* values, int64_t batch, int64_t row_stride,
                   int64_t begin, int64_t n, double scale, int64_t* q,
                   uint64_t* l1, uint64_t* flags) {
   for (int64_t b = 0; b < batch; ++b) {
-    const float* x = values + b * row_stride + begin;
-    uint64_t units = 0;
-    bool bad = false;
-    for (int64_t t = 0; t < n; ++t) {
-      const double v = double(x[t]) * scale;
-      const bool ok = std::fabs(v) <= kMaxAbsScaledInput;  // false for NaN
-      bad |= !ok;
-      const int64_t qv = pi::RoundScaledToFixed(ok ? v : 0.0);
-      q[t * batch + b] = qv;
-      units += pi::L1Units(qv);  // <= 2^31 · kTile: cannot wrap
-    }
-    l1[b] = pi::SaturatingAdd(l1[b], units);
-    if (bad) {
-      uint64_t flag = 0;
-      for (int64_t t = 0; t < n; ++t) pi::QuantizeScaled(x[t], scale, &flag);
-      flags[b] |= flag;
-    }
+    QuantizeRowTail(values + b * row_stride + begin, 0, n, batch, scale, q + b,
+                    l1 + b, flags + b);
   }
 }
 
@@ -191,6 +207,219 @@ inline void AddSigned(uint64_t* __restrict dst, const int64_t* __restrict q,
   for (int64_t b = 0; b < batch; ++b) {
     dst[b] += (uint64_t(q[b]) ^ negative) - negative;
   }
+}
+
+// Whether any of the B quantized values of a coordinate is non-zero (a
+// column whose inputs are all zero adds nothing).
+inline bool AnyNonZero(const int64_t* q, int64_t batch) {
+  bool any = false;
+  for (int64_t b = 0; b < batch; ++b) any |= q[b] != 0;
+  return any;
+}
+
+// Adds the n quantized coordinates of a tile (q[t·B + b]) into the sums:
+// coordinate t goes to the s rows sums[row_offsets[t·s + k]] with the signs
+// negatives[t·s + k] (0 or all ones).
+void ScatterTile(const int64_t* q, int64_t n, int64_t batch, int s,
+                 const int64_t* row_offsets, const uint64_t* negatives,
+                 uint64_t* sums) {
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t* qt = q + t * batch;
+    if (!AnyNonZero(qt, batch)) continue;
+    if (batch == 1) {
+      const uint64_t v = uint64_t(qt[0]);
+      for (int k = 0; k < s; ++k) {
+        const uint64_t neg = negatives[t * s + k];
+        sums[row_offsets[t * s + k]] += (v ^ neg) - neg;
+      }
+    } else {
+      for (int k = 0; k < s; ++k) {
+        AddSigned(sums + row_offsets[t * s + k], qt, batch,
+                  negatives[t * s + k]);
+      }
+    }
+  }
+}
+
+#ifdef RETRACE_PROJECTION_X86
+#define RETRACE_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+
+// 8 doubles of one row quantized as QuantizeRowTail does: the fixed-point
+// values, with `ok` clear for a lane that is NaN, Inf or beyond
+// kMaxAbsScaledInput (its value is then 0).
+RETRACE_AVX512 inline __m512i Quantize8(const float* x, __m512d scale,
+                                        __mmask8* ok) {
+  const __m512d v = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x)), scale);
+  *ok = _mm512_cmp_pd_mask(_mm512_abs_pd(v), _mm512_set1_pd(kMaxAbsScaledInput),
+                           _CMP_LE_OQ);  // false for NaN
+  // RoundScaledToFixed: ×2^32 (exact), + 1.5·2^52 rounds to an integer
+  // (to nearest, ties to even), whose bits minus the constant's are it.
+  const __m512d t = _mm512_add_pd(
+      _mm512_mul_pd(_mm512_maskz_mov_pd(*ok, v), _mm512_set1_pd(4294967296.0)),
+      _mm512_set1_pd(6755399441055744.0));
+  return _mm512_sub_epi64(_mm512_castpd_si512(t),
+                          _mm512_set1_epi64(0x4338000000000000));
+}
+
+// L1Units of 8 fixed-point values.
+RETRACE_AVX512 inline __m512i L1Units8(__m512i q) {
+  return _mm512_srli_epi64(
+      _mm512_add_epi64(_mm512_abs_epi64(q),
+                       _mm512_set1_epi64((int64_t{1} << pi::kL1UnitShift) - 1)),
+      pi::kL1UnitShift);
+}
+
+// The 8x8 transpose of r[i][j] (row i, coordinate j) into c[j][i].
+RETRACE_AVX512 inline void Transpose8x8(const __m512i r[8], __m512i c[8]) {
+  __m512i a[8], b[8];
+  for (int i = 0; i < 8; i += 2) {  // rows 2i, 2i+1 interleaved by pairs
+    a[i] = _mm512_unpacklo_epi64(r[i], r[i + 1]);      // coords 0 2 4 6
+    a[i + 1] = _mm512_unpackhi_epi64(r[i], r[i + 1]);  // coords 1 3 5 7
+  }
+  const __m512i lo = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+  const __m512i hi = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+  for (int i = 0; i < 8; i += 4) {  // four rows, coordinates j and j + 4
+    b[i] = _mm512_permutex2var_epi64(a[i], lo, a[i + 2]);          // 0, 4
+    b[i + 1] = _mm512_permutex2var_epi64(a[i + 1], lo, a[i + 3]);  // 1, 5
+    b[i + 2] = _mm512_permutex2var_epi64(a[i], hi, a[i + 2]);      // 2, 6
+    b[i + 3] = _mm512_permutex2var_epi64(a[i + 1], hi, a[i + 3]);  // 3, 7
+  }
+  for (int j = 0; j < 4; ++j) {  // rows 0-3 from b[j], rows 4-7 from b[j + 4]
+    c[j] = _mm512_shuffle_i64x2(b[j], b[j + 4], 0x44);
+    c[j + 4] = _mm512_shuffle_i64x2(b[j], b[j + 4], 0xEE);
+  }
+}
+
+// QuantizeTile with AVX-512: eight batch vectors at a time, eight
+// coordinates of each converted, scaled and rounded in registers, then
+// transposed so that each coordinate's eight values are one store. The
+// arithmetic is QuantizeRowTail's (the same double operations in the same
+// order), so the values are bit for bit the same.
+RETRACE_AVX512 void QuantizeTileAvx512(const float* values, int64_t batch,
+                                       int64_t row_stride, int64_t begin,
+                                       int64_t n, double scale, int64_t* q,
+                                       uint64_t* l1, uint64_t* flags) {
+  const __m512d vscale = _mm512_set1_pd(scale);
+  const int64_t n8 = n - n % 8;
+  int64_t b = 0;
+  for (; b + 8 <= batch; b += 8) {
+    const float* x = values + b * row_stride + begin;
+    __m512i units[8];
+    __mmask8 bad[8];
+    for (int i = 0; i < 8; ++i) {
+      units[i] = _mm512_setzero_si512();
+      bad[i] = 0;
+    }
+    for (int64_t t = 0; t < n8; t += 8) {
+      __m512i r[8], c[8];
+      for (int i = 0; i < 8; ++i) {
+        __mmask8 ok;
+        r[i] = Quantize8(x + i * row_stride + t, vscale, &ok);
+        bad[i] |= __mmask8(~ok);
+        units[i] = _mm512_add_epi64(units[i], L1Units8(r[i]));
+      }
+      Transpose8x8(r, c);
+      for (int j = 0; j < 8; ++j) {
+        _mm512_storeu_si512(q + (t + j) * batch + b, c[j]);
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      // The tile's units of row b + i (<= 2^31 · kTile: no wrap), then the
+      // last n % 8 coordinates and, for a bad row, its flags, as the generic
+      // path counts them.
+      const uint64_t tile_units = uint64_t(_mm512_reduce_add_epi64(units[i]));
+      l1[b + i] = pi::SaturatingAdd(l1[b + i], tile_units);
+      QuantizeRowTail(x + i * row_stride, n8, n, batch, scale, q + b + i,
+                      l1 + b + i, flags + b + i);
+      if (bad[i] != 0) {
+        uint64_t flag = 0;
+        for (int64_t t = 0; t < n8; ++t) {
+          pi::QuantizeScaled(x[i * row_stride + t], scale, &flag);
+        }
+        flags[b + i] |= flag;
+      }
+    }
+  }
+  for (; b < batch; ++b) {
+    QuantizeRowTail(values + b * row_stride + begin, 0, n, batch, scale, q + b,
+                    l1 + b, flags + b);
+  }
+}
+
+// ScatterTile with AVX-512: each block of eight batch values is loaded once
+// and added, signed, to its s rows. Integer adds: the same sums as the
+// generic path.
+RETRACE_AVX512 void ScatterTileAvx512(const int64_t* q, int64_t n,
+                                      int64_t batch, int s,
+                                      const int64_t* row_offsets,
+                                      const uint64_t* negatives,
+                                      uint64_t* sums) {
+  const __mmask8 tail = __mmask8((1u << (batch % 8)) - 1);
+  const int64_t b8 = batch - batch % 8;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t* qt = q + t * batch;
+    const int64_t* offsets = row_offsets + t * s;
+    const uint64_t* negs = negatives + t * s;
+    __m512i any = _mm512_setzero_si512();
+    for (int64_t b = 0; b < b8; b += 8) {
+      any = _mm512_or_si512(any, _mm512_loadu_si512(qt + b));
+    }
+    if (tail != 0) {
+      any = _mm512_or_si512(any, _mm512_maskz_loadu_epi64(tail, qt + b8));
+    }
+    if (_mm512_test_epi64_mask(any, any) == 0) continue;
+    __m512i neg[kMaxSjltSparsity];
+    for (int k = 0; k < s; ++k) neg[k] = _mm512_set1_epi64(int64_t(negs[k]));
+    for (int64_t b = 0; b < b8; b += 8) {
+      const __m512i v = _mm512_loadu_si512(qt + b);
+      for (int k = 0; k < s; ++k) {
+        uint64_t* dst = sums + offsets[k] + b;
+        const __m512i sv =
+            _mm512_sub_epi64(_mm512_xor_si512(v, neg[k]), neg[k]);
+        _mm512_storeu_si512(dst, _mm512_add_epi64(_mm512_loadu_si512(dst), sv));
+      }
+    }
+    if (tail != 0) {
+      const __m512i v = _mm512_maskz_loadu_epi64(tail, qt + b8);
+      for (int k = 0; k < s; ++k) {
+        uint64_t* dst = sums + offsets[k] + b8;
+        const __m512i sv =
+            _mm512_sub_epi64(_mm512_xor_si512(v, neg[k]), neg[k]);
+        _mm512_mask_storeu_epi64(
+            dst, tail,
+            _mm512_add_epi64(_mm512_maskz_loadu_epi64(tail, dst), sv));
+      }
+    }
+  }
+}
+#undef RETRACE_AVX512
+#endif  // RETRACE_PROJECTION_X86
+
+// The per-tile steps of one instruction set.
+using QuantizeTileFn = void (*)(const float*, int64_t, int64_t, int64_t,
+                                int64_t, double, int64_t*, uint64_t*,
+                                uint64_t*);
+using ScatterTileFn = void (*)(const int64_t*, int64_t, int64_t, int,
+                               const int64_t*, const uint64_t*, uint64_t*);
+struct TileOps {
+  QuantizeTileFn quantize = &QuantizeTile;
+  ScatterTileFn scatter = &ScatterTile;
+};
+
+// kAvx512 has its own quantize and scatter; kAvx2 has none (the generic
+// loops, which the compiler vectorizes for the build's baseline).
+TileOps OpsFor(CpuIsa isa) {
+  TileOps ops;
+#ifdef RETRACE_PROJECTION_X86
+  if (isa == CpuIsa::kAvx512) {
+    ops.quantize = &QuantizeTileAvx512;
+    ops.scatter = &ScatterTileAvx512;
+  }
+#else
+  (void)isa;
+#endif
+  return ops;
 }
 
 // Philox-4x32-10 of kLanes counters at once. Laid out as structure of
@@ -251,8 +480,8 @@ inline uint32_t LaneWord(const PhiloxLanes& s, int w, int l) {
 // columns at a time.
 void SjltRange(const ProjectionSpec& spec, const float* values, int64_t batch,
                int64_t row_stride, int64_t begin, int64_t end,
-               uint64_t global_offset, double scale, uint64_t* sums,
-               uint64_t* l1, uint64_t* flags) {
+               uint64_t global_offset, double scale, const TileOps& ops,
+               uint64_t* sums, uint64_t* l1, uint64_t* flags) {
   const int s = spec.sparsity;
   const pi::SjltBlocks blocks = pi::MakeSjltBlocks(spec);
   std::vector<int64_t> q(kTile * batch);
@@ -261,7 +490,7 @@ void SjltRange(const ProjectionSpec& spec, const float* values, int64_t batch,
   PhiloxLanes lanes;
   for (int64_t tile = begin; tile < end; tile += kTile) {
     const int64_t n = std::min(kTile, end - tile);
-    QuantizeTile(values, batch, row_stride, tile, n, scale, q.data(), l1,
+    ops.quantize(values, batch, row_stride, tile, n, scale, q.data(), l1,
                  flags);
     const uint64_t first = global_offset + uint64_t(tile);
     for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
@@ -281,24 +510,8 @@ void SjltRange(const ProjectionSpec& spec, const float* values, int64_t batch,
         }
       }
     }
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t* qt = q.data() + t * batch;
-      bool any = false;  // a column whose inputs are all zero adds nothing
-      for (int64_t b = 0; b < batch; ++b) any |= qt[b] != 0;
-      if (!any) continue;
-      if (batch == 1) {
-        const uint64_t v = uint64_t(qt[0]);
-        for (int k = 0; k < s; ++k) {
-          const uint64_t neg = negatives[t * s + k];
-          sums[row_offsets[t * s + k]] += (v ^ neg) - neg;
-        }
-      } else {
-        for (int k = 0; k < s; ++k) {
-          AddSigned(sums + row_offsets[t * s + k], qt, batch,
-                    negatives[t * s + k]);
-        }
-      }
-    }
+    ops.scatter(q.data(), n, batch, s, row_offsets.data(), negatives.data(),
+                sums);
   }
 }
 
@@ -308,14 +521,14 @@ void SjltRange(const ProjectionSpec& spec, const float* values, int64_t batch,
 void RademacherGroups(const ProjectionSpec& spec, const float* values,
                       int64_t batch, int64_t row_stride, int64_t len,
                       uint64_t global_offset, double scale, int64_t group_begin,
-                      int64_t group_end, uint64_t* sums, uint64_t* l1,
-                      uint64_t* flags) {
+                      int64_t group_end, const TileOps& ops, uint64_t* sums,
+                      uint64_t* l1, uint64_t* flags) {
   const int64_t d = spec.output_dim;
   std::vector<int64_t> q(kTile * batch);
   PhiloxLanes lanes;
   for (int64_t tile = 0; tile < len; tile += kTile) {
     const int64_t n = std::min(kTile, len - tile);
-    QuantizeTile(values, batch, row_stride, tile, n, scale, q.data(), l1,
+    ops.quantize(values, batch, row_stride, tile, n, scale, q.data(), l1,
                  flags);
     for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
       for (int64_t g = group_begin; g < group_end; ++g) {
@@ -326,9 +539,7 @@ void RademacherGroups(const ProjectionSpec& spec, const float* values,
         uint64_t* dst = sums + row0 * batch;
         for (int l = 0; l < kLanes && t0 + l < n; ++l) {
           const int64_t* qt = q.data() + (t0 + l) * batch;
-          bool any = false;
-          for (int64_t b = 0; b < batch; ++b) any |= qt[b] != 0;
-          if (!any) continue;
+          if (!AnyNonZero(qt, batch)) continue;
           const uint32_t bits[4] = {lanes.c0[l], lanes.c1[l], lanes.c2[l],
                                     lanes.c3[l]};
           if (batch == 1) {
@@ -443,10 +654,14 @@ KernelStatus ProjectAccumulateCpu(const ProjectionSpec& spec,
                                   const float* values, int64_t batch,
                                   int64_t len, int64_t row_stride,
                                   int64_t global_offset, double input_scale,
-                                  uint64_t* accumulator, int num_threads) {
+                                  uint64_t* accumulator, int num_threads,
+                                  CpuIsa isa) {
   RETRACE_KERNEL_RETURN_IF_ERROR(
       pi::ValidateAccumulateArgs(spec, values, batch, len, row_stride,
                                  global_offset, input_scale, accumulator));
+  CpuIsa chosen = CpuIsa::kScalar;
+  RETRACE_KERNEL_RETURN_IF_ERROR(ResolveCpuIsa(isa, &chosen));
+  const TileOps ops = OpsFor(chosen);
   if (num_threads < 0) {
     return KernelStatus::InvalidArgument(
         "projection num_threads must be >= 0 (0 = all cores), got " +
@@ -477,7 +692,7 @@ KernelStatus ProjectAccumulateCpu(const ProjectionSpec& spec,
         const int64_t end = len * (t + 1) / threads;
         uint64_t* sums = t == 0 ? acc.sums : private_sums[t - 1].data();
         SjltRange(spec, values, batch, row_stride, begin, end, offset,
-                  input_scale, sums, l1[t].data(), flags[t].data());
+                  input_scale, ops, sums, l1[t].data(), flags[t].data());
       });
       for (const auto& p : private_sums) {
         for (int64_t e = 0; e < d * batch; ++e) acc.sums[e] += p[e];
@@ -496,8 +711,8 @@ KernelStatus ProjectAccumulateCpu(const ProjectionSpec& spec,
       RunParallel(threads, [&](int t) {
         RademacherGroups(spec, values, batch, row_stride, len, offset,
                          input_scale, groups * t / threads,
-                         groups * (t + 1) / threads, acc.sums, l1[t].data(),
-                         flags[t].data());
+                         groups * (t + 1) / threads, ops, acc.sums,
+                         l1[t].data(), flags[t].data());
       });
       threads = 1;  // the other threads' L1 counts duplicate thread 0's
     }

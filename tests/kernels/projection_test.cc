@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -113,7 +114,7 @@ struct Projected {
 Projected ProjectPieces(const ProjectionSpec& spec, const std::vector<float>& x,
                         int64_t batch, int64_t p, uint64_t global_base,
                         double scale, const std::vector<Piece>& pieces,
-                        int threads = 0) {
+                        int threads = 0, CpuIsa isa = CpuIsa::kAuto) {
   Projected run;
   run.accumulator.assign(ProjectionAccumulatorWords(spec, batch), 0xdead);
   EXPECT_TRUE(ProjectResetCpu(spec, batch, run.accumulator.data()).ok());
@@ -128,7 +129,7 @@ Projected ProjectPieces(const ProjectionSpec& spec, const std::vector<float>& x,
     const KernelStatus s =
         ProjectAccumulateCpu(spec, buf.data(), batch, piece.len, stride,
                              int64_t(global_base) + piece.begin, scale,
-                             run.accumulator.data(), threads);
+                             run.accumulator.data(), threads, isa);
     EXPECT_TRUE(s.ok()) << s.ToString();
   }
   run.output.assign(batch * spec.output_dim, 0.0f);
@@ -458,6 +459,94 @@ TEST(ProjectionTest, ThreadCountDoesNotChangeBits) {
           ProjectPieces(spec, x, batch, p, 0, 1e-2, {{0, p}}, threads);
       EXPECT_EQ(many.accumulator, one.accumulator);
       EXPECT_TRUE(SameBits(many.output, one.output));
+    }
+  }
+}
+
+// Every instruction set this CPU has gives the generic path's accumulator
+// bit for bit: batches that fill the eight-vector blocks and ones that leave
+// a tail, pieces whose length leaves a tail of the eight-coordinate steps,
+// padded rows (the padding is NaN, so a read past a row would show), columns
+// that are all zero, and values at the range's edge.
+TEST(ProjectionIsaTest, EveryInstructionSetGivesTheGenericBits) {
+  const int64_t p = 3001;
+  for (int64_t batch : {1, 3, 8, 13, 64}) {
+    std::vector<float> x = RandomInput(batch * p, 17 + batch);
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 100; i < 140; ++i) x[b * p + i] = 0.0f;   // zero columns
+      x[b * p + 7] = (b % 2 ? -1.0f : 1.0f) * 524288.0f / 1024;  // large
+      x[b * p + 8] = 1e-30f;  // rounds to zero
+    }
+    std::mt19937_64 rng(batch);
+    const std::vector<Piece> pieces = RandomSplit(p, rng, 700);
+    for (const ProjectionSpec& spec :
+         {Sjlt(1024, 4), Sjlt(37, 3), Dense(130)}) {
+      SCOPED_TRACE(Describe(spec) + " B=" + std::to_string(batch));
+      const Projected generic = ProjectPieces(spec, x, batch, p, 5, 1.0 / 1024,
+                                              pieces, 0, CpuIsa::kScalar);
+      for (CpuIsa isa : SupportedCpuIsas()) {
+        SCOPED_TRACE(CpuIsaName(isa));
+        const Projected run =
+            ProjectPieces(spec, x, batch, p, 5, 1.0 / 1024, pieces, 0, isa);
+        EXPECT_EQ(run.accumulator, generic.accumulator);
+        EXPECT_TRUE(SameBits(run.output, generic.output));
+      }
+    }
+  }
+}
+
+// A bad value in any vector (inside an eight-vector block, in its tail rows,
+// in the coordinates after the last eight) is refused by every instruction
+// set with the same message, and the L1 counters match.
+TEST(ProjectionIsaTest, EveryInstructionSetRefusesTheSameBadValues) {
+  const ProjectionSpec spec = Sjlt(64, 4);
+  const int64_t batch = 11, len = 21;
+  for (const auto& [row, col] : {std::pair<int64_t, int64_t>{0, 3},
+                                 {6, 15},
+                                 {9, 2},
+                                 {3, 19},
+                                 {10, 20}}) {
+    for (const float bad : {std::nanf(""), INFINITY, 600000.0f}) {
+      SCOPED_TRACE("row=" + std::to_string(row) + " col=" +
+                   std::to_string(col) + " value=" + std::to_string(bad));
+      std::vector<float> x = RandomInput(batch * len, 3);
+      x[row * len + col] = bad;
+      std::vector<uint64_t> generic(ProjectionAccumulatorWords(spec, batch), 0);
+      const KernelStatus expected =
+          ProjectAccumulateCpu(spec, x.data(), batch, len, len, 0, 1.0,
+                               generic.data(), 1, CpuIsa::kScalar);
+      ASSERT_FALSE(expected.ok());
+      EXPECT_NE(expected.message().find("vector " + std::to_string(row)),
+                std::string::npos)
+          << expected.message();
+      for (CpuIsa isa : SupportedCpuIsas()) {
+        SCOPED_TRACE(CpuIsaName(isa));
+        std::vector<uint64_t> acc(generic.size(), 0);
+        const KernelStatus s = ProjectAccumulateCpu(
+            spec, x.data(), batch, len, len, 0, 1.0, acc.data(), 1, isa);
+        EXPECT_EQ(s.message(), expected.message());
+        EXPECT_EQ(acc, generic);
+      }
+    }
+  }
+}
+
+// An instruction set the CPU lacks is refused before anything is added.
+TEST(ProjectionIsaTest, InstructionSetsThisCpuLacksAreUnavailable) {
+  const ProjectionSpec spec = Sjlt(16, 2);
+  const std::vector<float> x(2 * 10, 1.0f);
+  const std::vector<CpuIsa> supported = SupportedCpuIsas();
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    std::vector<uint64_t> acc(ProjectionAccumulatorWords(spec, 2), 0);
+    const KernelStatus s = ProjectAccumulateCpu(spec, x.data(), 2, 10, 10, 0,
+                                                1.0, acc.data(), 0, isa);
+    if (std::find(supported.begin(), supported.end(), isa) != supported.end()) {
+      EXPECT_TRUE(s.ok()) << CpuIsaName(isa) << ": " << s.ToString();
+    } else {
+      std::printf("[ SKIPPED  ] %s: this CPU lacks it; checked it is refused\n",
+                  CpuIsaName(isa));
+      EXPECT_EQ(s.code(), KernelCode::kUnavailable) << s.ToString();
+      EXPECT_EQ(acc, std::vector<uint64_t>(acc.size(), 0));
     }
   }
 }
