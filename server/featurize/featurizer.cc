@@ -24,14 +24,33 @@ using model::internal::CallTorch;
 // derived pieces (query means) are never all alive at once.
 using PieceFn = std::function<at::Tensor(size_t)>;
 
-// Σ over pieces of the squared row norms, in double: [rows].
+// Σ over pieces of the squared row norms, in double: [rows]. Each row's
+// squares are exact in double and summed in eight interleaved chains, then a
+// fixed tree: the same bits on every machine, and fast enough (several sums
+// per cycle) to cost a fraction of one read of the gradients.
 at::Tensor RowSquaredNorms(size_t num_pieces, int64_t rows,
                            const PieceFn& piece) {
+  constexpr int kChains = 8;
   at::Tensor sum = at::zeros({rows}, at::kDouble);
+  double* out = sum.data_ptr<double>();
   for (size_t i = 0; i < num_pieces; ++i) {
-    sum += at::linalg_vector_norm(piece(i), 2, at::IntArrayRef{1},
-                                  /*keepdim=*/false, at::kDouble)
-               .square();
+    const at::Tensor values = piece(i).contiguous();
+    const int64_t len = values.size(1);
+    const float* data = values.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* x = data + r * len;
+      double chain[kChains] = {};
+      int64_t e = 0;
+      for (; e + kChains <= len; e += kChains) {
+        for (int c = 0; c < kChains; ++c) {
+          chain[c] += double(x[e + c]) * double(x[e + c]);
+        }
+      }
+      for (int c = 0; e < len; ++e, ++c)
+        chain[c] += double(x[e]) * double(x[e]);
+      out[r] += ((chain[0] + chain[4]) + (chain[2] + chain[6])) +
+                ((chain[1] + chain[5]) + (chain[3] + chain[7]));
+    }
   }
   return sum;
 }
