@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "bench/ratio_reporter.h"
+#include "common/allocator.h"
 #include "kernels/device.h"
 #include "server/featurize/featurizer.h"
 #include "server/featurize/group_gradients.h"
@@ -308,6 +309,7 @@ void RunTsQuerySide(benchmark::State& state, GradientMethod method) {
 }  // namespace retrace::featurize
 
 int main(int argc, char** argv) {
+  retrace::KeepFreedMemoryForReuse();
   using namespace retrace::featurize;
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

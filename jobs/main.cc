@@ -5,9 +5,11 @@
 #include <cstdio>
 #include <vector>
 
+#include "common/allocator.h"
 #include "jobs/command.h"
 
 int main(int argc, char** argv) {
+  retrace::KeepFreedMemoryForReuse();
   using namespace retrace::jobs;
   CLI::App app{
       "retrace-batch: offline jobs of retrace (train a diffusion "

@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/allocator.h"
 #include "common/logging.h"
 #include "server/retraced/config.h"
 #include "server/stack/server_stack.h"
@@ -64,6 +65,7 @@ int Run(const ServerConfig& config) {
 }  // namespace retrace::retraced
 
 int main(int argc, char** argv) {
+  retrace::KeepFreedMemoryForReuse();
   retrace::retraced::ServerConfig config;
   if (std::optional<int> exit = retrace::retraced::ParseServerConfig(
           argc, argv, &config, std::cout, std::cerr)) {

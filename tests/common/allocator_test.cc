@@ -1,0 +1,54 @@
+#include "common/allocator.h"
+
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <cstring>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+namespace retrace {
+namespace {
+
+#if defined(__GLIBC__)
+TEST(AllocatorTest, AnOperatorsMallocSettingsWin) {
+  for (const char* name :
+       {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"}) {
+    SCOPED_TRACE(name);
+    const char* value = std::strcmp(name, "GLIBC_TUNABLES") == 0
+                            ? "glibc.malloc.trim_threshold=65536"
+                            : "65536";
+    ASSERT_EQ(setenv(name, value, 1), 0);
+    EXPECT_FALSE(KeepFreedMemoryForReuse());
+    ASSERT_EQ(unsetenv(name), 0);
+  }
+  // Other tunables are not malloc's.
+  ASSERT_EQ(setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0", 1), 0);
+  EXPECT_TRUE(KeepFreedMemoryForReuse());
+  ASSERT_EQ(unsetenv("GLIBC_TUNABLES"), 0);
+}
+
+// A freed 64 MiB block stays in the heap (glibc's default would have handed
+// it back to the kernel: above the 32 MiB most its threshold ever reaches).
+TEST(AllocatorTest, AFreedLargeBlockStaysForReuse) {
+  ASSERT_TRUE(KeepFreedMemoryForReuse());
+  constexpr size_t kBlock = size_t{64} << 20;
+  const size_t free_before = mallinfo2().fordblks;
+  const size_t mapped_before = mallinfo2().hblkhd;
+  char* block = static_cast<char*>(malloc(kBlock));
+  ASSERT_NE(block, nullptr);
+  std::memset(block, 1, kBlock);
+  EXPECT_EQ(mallinfo2().hblkhd, mapped_before) << "the block was mmapped";
+  free(block);
+  EXPECT_GE(mallinfo2().fordblks, free_before + kBlock);
+}
+#else
+TEST(AllocatorTest, DoesNothingOutsideGlibc) {
+  EXPECT_FALSE(KeepFreedMemoryForReuse());
+}
+#endif
+
+}  // namespace
+}  // namespace retrace
