@@ -33,12 +33,16 @@
 //   routed/server/c:c          the router's p99
 //   RATIO router_p99_vs_single routed p99 / vectors p99 at concurrency 32
 //                              (the router's overhead; aim <= 1.25)
+// Each shard scans on its share of the cores, max(1, cores / n) threads
+// (--shard-threads T sets it; 0 = all cores for every shard), so that the
+// shards together use what the single server uses.
 //
 //   server_bench [--n 20000] [--checkpoints 3] [--buckets 5] [--dim 512]
 //                [--concurrency 1,8,32] [--seconds 3] [--rounds 10]
 //                [--soak-windows 6]
 //                [--warmup 2] [--scan-reps 5] [--max-queue-delay-us 2000]
 //                [--workers 2] [--run RUN --store STORE] [--shards 4]
+//                [--shard-threads T]
 //                [--benchmark_filter=vectors]
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
@@ -67,6 +71,7 @@
 #include "absl/strings/str_join.h"
 #include "bench/bench_util.h"
 #include "bench/ratio_reporter.h"
+#include "common/allocator.h"
 #include "common/status.h"
 #include "jobs/build_store.h"
 #include "jobs/train.h"
@@ -124,6 +129,11 @@ struct Args {
   // --shards n: also the vectors store behind a router and n shard stacks
   // (retraced --role router / --role shard) in this process.
   int shards = 0;
+  // Scan threads of each shard (retraced --threads): -1 (the default) gives
+  // each shard its share of the cores, max(1, cores / shards), as an
+  // operator co-locating shards on one node would; 0 lets every shard use
+  // all cores.
+  int shard_threads = -1;
 };
 
 Args Parse(int argc, char** argv) {
@@ -161,6 +171,8 @@ Args Parse(int argc, char** argv) {
       a.store_dir = v;
     } else if (f == "--shards") {
       a.shards = std::max(0, std::atoi(v));
+    } else if (f == "--shard-threads") {
+      a.shard_threads = std::max(0, std::atoi(v));
     } else if (f == "--soak-windows") {
       a.soak_windows = std::max(0, std::atoi(v));
     } else if (f == "--concurrency") {
@@ -356,6 +368,7 @@ class Part {
       stack::ServerConfig config = Config(store_dir, "", a);
       config.role = "shard";
       config.shard_part = std::to_string(i) + "/" + std::to_string(shards);
+      config.threads = ShardThreads(a);
       ASSIGN_OR_RETURN(std::unique_ptr<stack::ServerStack> shard,
                        stack::ServerStack::Create(config));
       shard->Start();
@@ -369,6 +382,11 @@ class Part {
     p->stack_->Start();
     RETURN_IF_ERROR(p->MakeQueries(p->shards_[0]->scorer().shape()));
     return p;
+  }
+
+  static int ShardThreads(const Args& a) {
+    if (a.shard_threads >= 0) return a.shard_threads;
+    return std::max(1, retrace::kernels::CpuThreads() / std::max(1, a.shards));
   }
 
   static stack::ServerConfig Config(const std::string& store_dir,
@@ -719,6 +737,7 @@ void RegisterPart(const std::string& name, LazyPart* lazy, const Args& a,
 }  // namespace retrace::bench
 
 int main(int argc, char** argv) {
+  retrace::KeepFreedMemoryForReuse();
   namespace rb = retrace::bench;
   benchmark::Initialize(&argc, argv);  // takes the --benchmark_* flags
   const rb::Args a = rb::Parse(argc, argv);
@@ -771,6 +790,9 @@ int main(int argc, char** argv) {
   rb::Results results;
   rb::RegisterPart("vectors", &vectors, a, &results);
   if (a.shards > 0) {
+    std::printf("routed: %d shards, %d scan threads each%s\n", a.shards,
+                rb::Part::ShardThreads(a),
+                rb::Part::ShardThreads(a) == 0 ? " (0: all cores)" : "");
     rb::RegisterPart("routed", &routed, a, &results, /*with_scan=*/false);
   }
   rb::RegisterPart("image", &image, a, &results);
