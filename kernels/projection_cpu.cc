@@ -341,6 +341,26 @@ RETRACE_AVX512 void QuantizeTileAvx512(const float* values, int64_t batch,
       }
     }
   }
+  if (batch == 1) {  // one vector (a query): its values are contiguous in q
+    const float* x = values + begin;
+    __m512i units = _mm512_setzero_si512();
+    __mmask8 bad = 0;
+    for (int64_t t = 0; t < n8; t += 8) {
+      __mmask8 ok;
+      const __m512i r = Quantize8(x + t, vscale, &ok);
+      bad |= __mmask8(~ok);
+      units = _mm512_add_epi64(units, L1Units8(r));
+      _mm512_storeu_si512(q + t, r);
+    }
+    l1[0] = pi::SaturatingAdd(l1[0], uint64_t(_mm512_reduce_add_epi64(units)));
+    QuantizeRowTail(x, n8, n, 1, scale, q, l1, flags);
+    if (bad != 0) {
+      uint64_t flag = 0;
+      for (int64_t t = 0; t < n8; ++t) pi::QuantizeScaled(x[t], scale, &flag);
+      flags[0] |= flag;
+    }
+    return;
+  }
   for (; b < batch; ++b) {
     QuantizeRowTail(values + b * row_stride + begin, 0, n, batch, scale, q + b,
                     l1 + b, flags + b);
@@ -355,6 +375,10 @@ RETRACE_AVX512 void ScatterTileAvx512(const int64_t* q, int64_t n,
                                       const int64_t* row_offsets,
                                       const uint64_t* negatives,
                                       uint64_t* sums) {
+  if (batch < 8) {  // under one vector of sums: the generic loop is as fast
+    ScatterTile(q, n, batch, s, row_offsets, negatives, sums);
+    return;
+  }
   const __mmask8 tail = __mmask8((1u << (batch % 8)) - 1);
   const int64_t b8 = batch - batch % 8;
   for (int64_t t = 0; t < n; ++t) {

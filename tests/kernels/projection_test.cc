@@ -15,6 +15,7 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -496,19 +497,24 @@ TEST(ProjectionIsaTest, EveryInstructionSetGivesTheGenericBits) {
 }
 
 // A bad value in any vector (inside an eight-vector block, in its tail rows,
-// in the coordinates after the last eight) is refused by every instruction
-// set with the same message, and the L1 counters match.
+// in the coordinates after the last eight, in a batch of one) is refused by
+// every instruction set with the same message, and the L1 counters match.
 TEST(ProjectionIsaTest, EveryInstructionSetRefusesTheSameBadValues) {
   const ProjectionSpec spec = Sjlt(64, 4);
-  const int64_t batch = 11, len = 21;
-  for (const auto& [row, col] : {std::pair<int64_t, int64_t>{0, 3},
-                                 {6, 15},
-                                 {9, 2},
-                                 {3, 19},
-                                 {10, 20}}) {
+  const int64_t len = 21;
+  // (batch, row, column) of the bad value.
+  for (const auto& [batch, row, col] :
+       {std::tuple<int64_t, int64_t, int64_t>{11, 0, 3},
+        {11, 6, 15},
+        {11, 9, 2},
+        {11, 3, 19},
+        {11, 10, 20},
+        {1, 0, 5},
+        {1, 0, 17}}) {
     for (const float bad : {std::nanf(""), INFINITY, 600000.0f}) {
-      SCOPED_TRACE("row=" + std::to_string(row) + " col=" +
-                   std::to_string(col) + " value=" + std::to_string(bad));
+      SCOPED_TRACE(
+          "B=" + std::to_string(batch) + " row=" + std::to_string(row) +
+          " col=" + std::to_string(col) + " value=" + std::to_string(bad));
       std::vector<float> x = RandomInput(batch * len, 3);
       x[row * len + col] = bad;
       std::vector<uint64_t> generic(ProjectionAccumulatorWords(spec, batch), 0);
