@@ -5,8 +5,9 @@
 // peak of each instruction set), on the same in-memory store. Prints a table
 // and the RATIO lines (docs/benchmarks.md); the headline is the instruction
 // set the scan picks by itself (auto), the others are listed for comparison.
-// The read bandwidth is measured once at the start and again just before each
-// row's scans (column bw_GB/s); vs_bandwidth is against the latter.
+// The read bandwidth and the FMA peak are measured once at the start and
+// again just before each row's scans (column bw_GB/s); vs_bandwidth and
+// vs_fma_peak are against the latter.
 //
 //   scan_bench [--n 200000] [--checkpoints 2] [--slots 6] [--dim 1024]
 //              [--queries 1,8,32] [--k 10] [--reps 3] [--torch-reps 1]
@@ -249,11 +250,15 @@ int main(int argc, char** argv) {
       opt.want_bottom = true;
       opt.isa = requested;
       rk::ScanResult result;
-      // The read bandwidth again just before this row's scans: on a shared
-      // machine it drifts by half between minutes, so each row's ratio is
-      // against the bandwidth of its own moment.
+      // The read bandwidth and the FMA peak again just before this row's
+      // scans: on a shared machine they drift by half between minutes, so
+      // each row's ratios are against the limits of its own moment.
       const double row_bandwidth =
           retrace::bench::ReadBandwidth(vectors.get(), vec_bytes, threads);
+      const double row_peak =
+          peak > 0 ? retrace::bench::FmaPeak(
+                         isa == rk::CpuIsa::kAvx512 ? 16 : 8, threads)
+                   : 0.0;
       double t_scan = 1e30;
       for (int rep = 0; rep < a.reps; ++rep) {
         double t0 = Now();
@@ -268,7 +273,7 @@ int main(int argc, char** argv) {
       const double fmas = 2.0 * q * double(a.n) * double(row);
       const double gfma = fmas / t_scan / 1e9;
       const double vs_bw = (vec_bytes / t_scan) / row_bandwidth;
-      const double vs_peak = peak > 0 ? fmas / t_scan / peak : 0.0;
+      const double vs_peak = row_peak > 0 ? fmas / t_scan / row_peak : 0.0;
       if (headline) {
         if (q == 1) q1_vs_bandwidth = vs_bw;
         if (q == 32) {
