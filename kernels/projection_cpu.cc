@@ -245,8 +245,8 @@ void ScatterTile(const int64_t* q, int64_t n, int64_t batch, int s,
 #define RETRACE_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
-// 8 doubles of one row quantized as QuantizeRowTail does: the fixed-point
-// values, with `ok` clear for a lane that is NaN, Inf or beyond
+// Eight consecutive values of one vector quantized as QuantizeRowTail does:
+// the fixed-point values, with `ok` clear for a lane that is NaN, Inf or beyond
 // kMaxAbsScaledInput (its value is then 0).
 RETRACE_AVX512 inline __m512i Quantize8(const float* x, __m512d scale,
                                         __mmask8* ok) {
@@ -273,7 +273,7 @@ RETRACE_AVX512 inline __m512i L1Units8(__m512i q) {
 // The 8x8 transpose of r[i][j] (row i, coordinate j) into c[j][i].
 RETRACE_AVX512 inline void Transpose8x8(const __m512i r[8], __m512i c[8]) {
   __m512i a[8], b[8];
-  for (int i = 0; i < 8; i += 2) {  // rows 2i, 2i+1 interleaved by pairs
+  for (int i = 0; i < 8; i += 2) {  // rows i and i + 1 interleaved
     a[i] = _mm512_unpacklo_epi64(r[i], r[i + 1]);      // coords 0 2 4 6
     a[i + 1] = _mm512_unpackhi_epi64(r[i], r[i + 1]);  // coords 1 3 5 7
   }
