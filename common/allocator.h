@@ -17,7 +17,8 @@ namespace retrace {
 // the benchmarks). Does nothing, and returns false, when the environment
 // already sets malloc's thresholds (MALLOC_MMAP_THRESHOLD_,
 // MALLOC_TRIM_THRESHOLD_, or glibc.malloc tunables in GLIBC_TUNABLES): an
-// operator's choice wins. Also false where the C library is not glibc.
+// operator's choice wins. Also false where the C library is not glibc, or
+// where mallopt refuses (a sanitizer's allocator).
 bool KeepFreedMemoryForReuse();
 
 inline constexpr long kKeptBlockBytes = 1L << 30;  // 1 GiB
