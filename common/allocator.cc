@@ -35,4 +35,10 @@ bool KeepFreedMemoryForReuse() {
 #endif
 }
 
+void ReleaseFreedMemory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
 }  // namespace retrace

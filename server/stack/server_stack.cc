@@ -7,6 +7,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/allocator.h"
 #include "common/file_util.h"
 #include "common/logging.h"
 #include "common/status.h"
@@ -280,6 +281,9 @@ void ServerStack::WatchShards() {
 }
 
 void ServerStack::Start() {
+  // Loading is over: its freed blocks go back to the kernel rather than
+  // stay kept for reuse (common/allocator.h).
+  ReleaseFreedMemory();
   service_->SetEngine(serving_);
   server_->SetServing(true);
   metrics_->SetReady(true);

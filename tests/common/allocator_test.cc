@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 
 #if defined(__GLIBC__)
@@ -20,6 +22,13 @@
 
 namespace retrace {
 namespace {
+
+// Fills a block so that the compiler cannot drop the writes (or the
+// allocation): the pages must really be touched.
+void Touch(char* block, size_t bytes) {
+  std::memset(block, 1, bytes);
+  asm volatile("" : : "r"(block) : "memory");
+}
 
 #if defined(RETRACE_OWN_MALLOC)
 #define SKIP_UNDER_SANITIZER() \
@@ -57,10 +66,36 @@ TEST(AllocatorTest, AFreedLargeBlockStaysForReuse) {
   const size_t mapped_before = mallinfo2().hblkhd;
   char* block = static_cast<char*>(malloc(kBlock));
   ASSERT_NE(block, nullptr);
-  std::memset(block, 1, kBlock);
+  Touch(block, kBlock);
   EXPECT_EQ(mallinfo2().hblkhd, mapped_before) << "the block was mmapped";
   free(block);
   EXPECT_GE(mallinfo2().fordblks, free_before + kBlock);
+}
+// Resident pages of this process, from /proc/self/statm.
+long ResidentBytes() {
+  long size = 0, resident = 0;
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return -1;
+  const int got = std::fscanf(f, "%ld %ld", &size, &resident);
+  std::fclose(f);
+  return got == 2 ? resident * sysconf(_SC_PAGESIZE) : -1;
+}
+
+// A kept 64 MiB block stays resident after free until ReleaseFreedMemory.
+TEST(AllocatorTest, ReleaseHandsKeptBlocksBack) {
+  SKIP_UNDER_SANITIZER();
+  ASSERT_TRUE(KeepFreedMemoryForReuse());
+  constexpr size_t kBlock = size_t{64} << 20;
+  char* block = static_cast<char*>(malloc(kBlock));
+  ASSERT_NE(block, nullptr);
+  Touch(block, kBlock);
+  free(block);
+  const long kept = ResidentBytes();
+  ASSERT_GT(kept, 0);
+  ReleaseFreedMemory();
+  const long released = ResidentBytes();
+  EXPECT_LE(released, kept - long(kBlock / 2))
+      << "kept " << kept << " bytes, " << released << " after the release";
 }
 #else
 TEST(AllocatorTest, DoesNothingOutsideGlibc) {
