@@ -161,6 +161,15 @@ void RunParallel(int n, const std::function<void(int)>& task) {
   for (std::thread& th : threads) th.join();
 }
 
+// The flags (kFlagNonFinite, kFlagTooLarge) that coordinates [t0, t1) of
+// one batch vector x raise: what a quantization loop that saw a bad value
+// reports.
+uint64_t RangeFlags(const float* x, int64_t t0, int64_t t1, double scale) {
+  uint64_t flag = 0;
+  for (int64_t t = t0; t < t1; ++t) pi::QuantizeScaled(x[t], scale, &flag);
+  return flag;
+}
+
 // Quantizes coordinates [t0, t1) of one batch vector x (x[t] is coordinate
 // t of the tile) into q[t·B] — q points at this vector's column — and adds
 // its L1 units and flags to *l1 / *flags. Same values as
@@ -179,11 +188,20 @@ void QuantizeRowTail(const float* x, int64_t t0, int64_t t1, int64_t batch,
     units += pi::L1Units(qv);  // <= 2^31 · kTile: cannot wrap
   }
   *l1 = pi::SaturatingAdd(*l1, units);
-  if (bad) {
-    uint64_t flag = 0;
-    for (int64_t t = t0; t < t1; ++t) pi::QuantizeScaled(x[t], scale, &flag);
-    *flags |= flag;
-  }
+  if (bad) *flags |= RangeFlags(x, t0, t1, scale);
+}
+
+// Completes one batch vector's tile after its first n8 coordinates were
+// quantized eight at a time, as the generic loop would have counted them:
+// adds their L1 units (`units`: <= 2^31 · kTile, no wrap), quantizes
+// coordinates [n8, n), and adds the flags of the first n8 when one of them
+// was out of range (`bad`).
+void FinishVector(const float* x, int64_t n8, int64_t n, int64_t batch,
+                  double scale, uint64_t units, bool bad, int64_t* q,
+                  uint64_t* l1, uint64_t* flags) {
+  *l1 = pi::SaturatingAdd(*l1, units);
+  QuantizeRowTail(x, n8, n, batch, scale, q, l1, flags);
+  if (bad) *flags |= RangeFlags(x, 0, n8, scale);
 }
 
 // Quantizes coordinates [begin, begin+n) of every batch vector into
@@ -325,20 +343,9 @@ RETRACE_AVX512 void QuantizeTileAvx512(const float* values, int64_t batch,
       }
     }
     for (int i = 0; i < 8; ++i) {
-      // The tile's units of row b + i (<= 2^31 · kTile: no wrap), then the
-      // last n % 8 coordinates and, for a bad row, its flags, as the generic
-      // path counts them.
-      const uint64_t tile_units = uint64_t(_mm512_reduce_add_epi64(units[i]));
-      l1[b + i] = pi::SaturatingAdd(l1[b + i], tile_units);
-      QuantizeRowTail(x + i * row_stride, n8, n, batch, scale, q + b + i,
-                      l1 + b + i, flags + b + i);
-      if (bad[i] != 0) {
-        uint64_t flag = 0;
-        for (int64_t t = 0; t < n8; ++t) {
-          pi::QuantizeScaled(x[i * row_stride + t], scale, &flag);
-        }
-        flags[b + i] |= flag;
-      }
+      FinishVector(x + i * row_stride, n8, n, batch, scale,
+                   uint64_t(_mm512_reduce_add_epi64(units[i])), bad[i] != 0,
+                   q + b + i, l1 + b + i, flags + b + i);
     }
   }
   if (batch == 1) {  // one vector (a query): its values are contiguous in q
@@ -352,13 +359,8 @@ RETRACE_AVX512 void QuantizeTileAvx512(const float* values, int64_t batch,
       units = _mm512_add_epi64(units, L1Units8(r));
       _mm512_storeu_si512(q + t, r);
     }
-    l1[0] = pi::SaturatingAdd(l1[0], uint64_t(_mm512_reduce_add_epi64(units)));
-    QuantizeRowTail(x, n8, n, 1, scale, q, l1, flags);
-    if (bad != 0) {
-      uint64_t flag = 0;
-      for (int64_t t = 0; t < n8; ++t) pi::QuantizeScaled(x[t], scale, &flag);
-      flags[0] |= flag;
-    }
+    FinishVector(x, n8, n, 1, scale, uint64_t(_mm512_reduce_add_epi64(units)),
+                 bad != 0, q, l1, flags);
     return;
   }
   for (; b < batch; ++b) {
