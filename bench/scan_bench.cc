@@ -233,9 +233,10 @@ int main(int argc, char** argv) {
     const std::string label = requested == rk::CpuIsa::kAuto
                                   ? std::string("auto=") + rk::CpuIsaName(isa)
                                   : rk::CpuIsaName(isa);
-    const double peak = isa == rk::CpuIsa::kAvx512 ? peak16
-                        : isa == rk::CpuIsa::kAvx2 ? peak8
-                                                   : 0.0;
+    // The FMA width of this instruction set's chains (none for scalar).
+    const int lanes = isa == rk::CpuIsa::kAvx512 ? 16
+                      : isa == rk::CpuIsa::kAvx2 ? 8
+                                                 : 0;
     for (int q : a.queries) {
       std::vector<float> raw(q * row), unit(q * row), w(q * cs, 1.0f);
       for (int64_t i = 0; i < q * row; ++i) {
@@ -256,9 +257,7 @@ int main(int argc, char** argv) {
       const double row_bandwidth =
           retrace::bench::ReadBandwidth(vectors.get(), vec_bytes, threads);
       const double row_peak =
-          peak > 0 ? retrace::bench::FmaPeak(
-                         isa == rk::CpuIsa::kAvx512 ? 16 : 8, threads)
-                   : 0.0;
+          lanes > 0 ? retrace::bench::FmaPeak(lanes, threads) : 0.0;
       double t_scan = 1e30;
       for (int rep = 0; rep < a.reps; ++rep) {
         double t0 = Now();

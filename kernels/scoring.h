@@ -54,7 +54,6 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "kernels/cpu_isa.h"
