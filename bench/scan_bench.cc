@@ -2,16 +2,23 @@
 // against the LibTorch way a user would write (fp16 -> fp32 conversion,
 // batched matmul per block of rows, then torch::topk) and against this
 // machine's limits measured in the same run (memory read bandwidth, fp32 FMA
-// peak of each instruction set), on the same in-memory store. Prints a table
-// and the RATIO lines (docs/benchmarks.md); the headline is the instruction
-// set the scan picks by itself (auto), the others are listed for comparison.
-// The read bandwidth and the FMA peak are measured once at the start and
-// again just before each row's scans (column bw_GB/s); vs_bandwidth and
-// vs_fma_peak are against the latter.
+// peak of each instruction set, the AMX matrix unit's bf16 peak where the CPU
+// has one), on the same in-memory store. Prints a table and the RATIO lines
+// (docs/benchmarks.md); the headline is the instruction set the scan picks by
+// itself (auto), the others are listed for comparison (an instruction set
+// that auto already is, or that the CPU lacks, is skipped). The read
+// bandwidth and the peak are measured once at the start and again just
+// before each row's scans (column bw_GB/s); vs_bandwidth and vs_peak are
+// against the latter. vs_peak is the useful fp32 multiply-adds (2Q per store
+// value) over the FMA peak for the FMA paths, and the multiply-adds the
+// matrix unit issues (padded to whole tiles: 16 query columns, 4 per query,
+// and each fp16 value as two bf16 parts) over its bf16 peak for amx.
 //
 //   scan_bench [--n 200000] [--checkpoints 2] [--slots 6] [--dim 1024]
 //              [--queries 1,8,32] [--k 10] [--reps 3] [--torch-reps 1]
-//              [--isas auto,avx2]
+//              [--isas auto,amx,avx512,avx2] [--dtype fp16|bf16]
+// --dtype bf16 scans a bf16 store (the LibTorch way converts bf16 instead of
+// fp16) and names its RATIO lines cpu_scan_bf16_*.
 // --torch-reps 0 leaves the LibTorch way out (and RATIO cpu_scan_vs_libtorch).
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
@@ -50,7 +57,8 @@ struct Args {
   int k = 10;
   int reps = 3;
   int torch_reps = 1;
-  std::vector<std::string> isas = {"auto", "avx2"};
+  std::vector<std::string> isas = {"auto", "amx", "avx512", "avx2"};
+  rk::DType dtype = rk::DType::kF16;
 };
 
 Args Parse(int argc, char** argv) {
@@ -81,7 +89,12 @@ Args Parse(int argc, char** argv) {
       a.reps = std::atoi(v);
     else if (f == "--torch-reps")
       a.torch_reps = std::atoi(v);
-    else if (f == "--isas") {
+    else if (f == "--dtype") {
+      if (!rk::ParseDType(v, &a.dtype) || a.dtype == rk::DType::kF32) {
+        std::fprintf(stderr, "--dtype must be fp16 or bf16\n");
+        std::exit(2);
+      }
+    } else if (f == "--isas") {
       a.isas.clear();
       for (const char* p = v; *p;) {
         const char* e = p;
@@ -126,8 +139,9 @@ TorchTopK TorchScan(const Args& a, const void* vectors, const float* norms,
                     int q, int k) {
   torch::NoGradGuard no_grad;
   const int64_t cs = int64_t{a.checkpoints} * a.slots;
-  auto store = torch::from_blob(const_cast<void*>(vectors), {a.n, cs, a.dim},
-                                torch::kHalf);
+  auto store = torch::from_blob(
+      const_cast<void*>(vectors), {a.n, cs, a.dim},
+      a.dtype == rk::DType::kBF16 ? torch::kBFloat16 : torch::kHalf);
   auto norm_t =
       torch::from_blob(const_cast<float*>(norms), {a.n, cs}, torch::kFloat);
   auto qr = torch::from_blob(const_cast<float*>(raw.data()), {q, cs, a.dim},
@@ -176,10 +190,10 @@ int main(int argc, char** argv) {
   const int64_t row = cs * a.dim;
   const int64_t vec_bytes = a.n * row * 2;
   std::printf(
-      "scan_bench: N=%lld C=%d S=%d D=%d fp16, store %.2f GB, %d threads, "
+      "scan_bench: N=%lld C=%d S=%d D=%d %s, store %.2f GB, %d threads, "
       "k=%d\n",
       static_cast<long long>(a.n), a.checkpoints, a.slots, a.dim,
-      vec_bytes / 1e9, threads, a.k);
+      rk::DTypeName(a.dtype), vec_bytes / 1e9, threads, a.k);
   std::fflush(stdout);
 
   std::unique_ptr<uint16_t[]> vectors(new uint16_t[a.n * row]);
@@ -190,7 +204,9 @@ int main(int argc, char** argv) {
       const uint64_t h = SplitMix(i);
       const float u =
           (int64_t(h >> 40) - (1 << 23)) / float(1 << 23);  // [-1, 1)
-      vectors[i] = rk::FloatToHalf(u * 1.7f * inv_sqrt_d);
+      vectors[i] = a.dtype == rk::DType::kBF16
+                       ? rk::FloatToBf16(u * 1.7f * inv_sqrt_d)
+                       : rk::FloatToHalf(u * 1.7f * inv_sqrt_d);
     }
     for (int64_t i = b * cs; i < e * cs; ++i) {
       norms[i] = 0.1f + (SplitMix(i ^ 0xabcdef) >> 40) / float(1 << 22);
@@ -206,16 +222,21 @@ int main(int argc, char** argv) {
   const double peak16 = retrace::bench::FmaPeak(16, threads);
   std::printf("fp32 FMA peak: avx2 %.1f GFMA/s, avx512 %.1f GFMA/s\n",
               peak8 / 1e9, peak16 / 1e9);
+  const double amx_peak = retrace::bench::AmxPeak(threads);
+  if (amx_peak > 0) {
+    std::printf("AMX bf16 peak: %.1f GMAC/s\n", amx_peak / 1e9);
+  }
   std::fflush(stdout);
 
-  rk::StoreLayout layout{rk::DType::kF16, a.checkpoints, a.slots, a.dim};
+  rk::StoreLayout layout{a.dtype, a.checkpoints, a.slots, a.dim};
   std::vector<rk::StoreChunk> chunks = {{vectors.get(), norms.get(), a.n, 0}};
 
   std::printf("%8s %4s %10s %12s %10s %8s %9s %12s %12s %12s %10s\n", "isa",
               "Q", "scan_ms", "libtorch_ms", "scan_GB/s", "bw_GB/s", "GFMA/s",
-              "vs_libtorch", "vs_bandwidth", "vs_fma_peak", "top_agree");
+              "vs_libtorch", "vs_bandwidth", "vs_peak", "top_agree");
   double worst_vs_torch = 1e30, q1_vs_bandwidth = -1, q32_vs_bandwidth = -1,
-         q32_vs_peak = -1;
+         q32_vs_fma_peak = -1, q32_vs_amx_peak = -1;
+  std::vector<rk::CpuIsa> measured;
   for (size_t ii = 0; ii < a.isas.size(); ++ii) {
     rk::CpuIsa requested = rk::CpuIsa::kAuto;
     if (!rk::ParseCpuIsa(a.isas[ii], &requested)) {
@@ -223,20 +244,27 @@ int main(int argc, char** argv) {
       return 2;
     }
     rk::CpuIsa isa = rk::CpuIsa::kScalar;
-    const rk::KernelStatus resolved = rk::ResolveCpuIsa(requested, &isa);
+    const rk::KernelStatus resolved =
+        rk::ChooseCpuScanIsa(requested, a.dtype, &isa);
     if (!resolved.ok()) {
       std::printf("%8s: skipped (%s)\n", a.isas[ii].c_str(),
                   resolved.ToString().c_str());
       continue;
     }
+    if (std::find(measured.begin(), measured.end(), isa) != measured.end()) {
+      continue;  // auto already is this one
+    }
+    measured.push_back(isa);
     const bool headline = ii == 0;  // the first listed (auto by default)
     const std::string label = requested == rk::CpuIsa::kAuto
                                   ? std::string("auto=") + rk::CpuIsaName(isa)
                                   : rk::CpuIsaName(isa);
-    // The FMA width of this instruction set's chains (none for scalar).
+    // The FMA width of this instruction set's chains (none for scalar and
+    // the matrix unit).
     const int lanes = isa == rk::CpuIsa::kAvx512 ? 16
                       : isa == rk::CpuIsa::kAvx2 ? 8
                                                  : 0;
+    const bool amx = isa == rk::CpuIsa::kAmx;
     for (int q : a.queries) {
       std::vector<float> raw(q * row), unit(q * row), w(q * cs, 1.0f);
       for (int64_t i = 0; i < q * row; ++i) {
@@ -256,8 +284,10 @@ int main(int argc, char** argv) {
       // each row's ratios are against the limits of its own moment.
       const double row_bandwidth =
           retrace::bench::ReadBandwidth(vectors.get(), vec_bytes, threads);
-      const double row_peak =
-          lanes > 0 ? retrace::bench::FmaPeak(lanes, threads) : 0.0;
+      const double row_peak = lanes > 0
+                                  ? retrace::bench::FmaPeak(lanes, threads)
+                              : amx ? retrace::bench::AmxPeak(threads)
+                                    : 0.0;
       double t_scan = 1e30;
       for (int rep = 0; rep < a.reps; ++rep) {
         double t0 = Now();
@@ -271,14 +301,25 @@ int main(int argc, char** argv) {
       const double gbps = vec_bytes / t_scan / 1e9;
       const double fmas = 2.0 * q * double(a.n) * double(row);
       const double gfma = fmas / t_scan / 1e9;
+      // What the matrix unit issues: d padded to whole 32-value steps, 4
+      // columns per query padded to whole 16-column tiles, two bf16 parts
+      // per fp16 value.
+      const double amx_macs = double(a.n) * double(cs) *
+                              double((a.dim + 31) / 32 * 32) *
+                              double((4 * q + 15) / 16 * 16) *
+                              (a.dtype == rk::DType::kF16 ? 2.0 : 1.0);
       const double vs_bw = (vec_bytes / t_scan) / row_bandwidth;
-      const double vs_peak = row_peak > 0 ? fmas / t_scan / row_peak : 0.0;
+      const double vs_peak =
+          row_peak <= 0 ? 0.0 : (amx ? amx_macs : fmas) / t_scan / row_peak;
       if (headline) {
         if (q == 1) q1_vs_bandwidth = vs_bw;
-        if (q == 32) {
-          q32_vs_bandwidth = vs_bw;
-          q32_vs_peak = vs_peak;
-        }
+        if (q == 32) q32_vs_bandwidth = vs_bw;
+      }
+      if (q == 32 && amx && headline) q32_vs_amx_peak = vs_peak;
+      // The widest FMA path measured (the headline, or the first listed
+      // after a matrix-unit headline).
+      if (q == 32 && lanes > 0 && q32_vs_fma_peak < 0) {
+        q32_vs_fma_peak = vs_peak;
       }
       if (!headline || a.torch_reps < 1) {
         std::printf(
@@ -314,14 +355,17 @@ int main(int argc, char** argv) {
       worst_vs_torch = std::min(worst_vs_torch, vs_torch);
     }
   }
+  const char* name = a.dtype == rk::DType::kBF16 ? "cpu_scan_bf16" : "cpu_scan";
   if (worst_vs_torch < 1e30)
-    std::printf("RATIO cpu_scan_vs_libtorch %.2f\n", worst_vs_torch);
+    std::printf("RATIO %s_vs_libtorch %.2f\n", name, worst_vs_torch);
   if (q1_vs_bandwidth >= 0)
-    std::printf("RATIO cpu_scan_vs_bandwidth %.2f\n", q1_vs_bandwidth);
+    std::printf("RATIO %s_vs_bandwidth %.2f\n", name, q1_vs_bandwidth);
   if (q32_vs_bandwidth >= 0) {
-    std::printf("RATIO cpu_scan_q32_vs_bandwidth %.2f\n", q32_vs_bandwidth);
-    if (q32_vs_peak > 0)
-      std::printf("RATIO cpu_scan_q32_vs_fma_peak %.2f\n", q32_vs_peak);
+    std::printf("RATIO %s_q32_vs_bandwidth %.2f\n", name, q32_vs_bandwidth);
   }
+  if (q32_vs_fma_peak > 0)
+    std::printf("RATIO %s_q32_vs_fma_peak %.2f\n", name, q32_vs_fma_peak);
+  if (q32_vs_amx_peak > 0)
+    std::printf("RATIO %s_q32_vs_amx_peak %.2f\n", name, q32_vs_amx_peak);
   return 0;
 }

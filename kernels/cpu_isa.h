@@ -2,9 +2,13 @@
 // at run time from cpuid so that one binary runs everywhere:
 //  - kScalar: portable C++ (the generic path, on every CPU and architecture);
 //  - kAvx2: AVX2 + FMA + F16C;
-//  - kAvx512: AVX-512 F/BW/VL/DQ (with the OS's 512-bit register state).
+//  - kAvx512: AVX-512 F/BW/VL/DQ (with the OS's 512-bit register state);
+//  - kAmx: kAvx512 plus AVX512-BF16 and the AMX matrix unit (AMX-TILE,
+//    AMX-BF16), with the OS's tile state granted to this process (Linux:
+//    arch_prctl ARCH_REQ_XCOMP_PERM, asked once). Kernels without a matrix
+//    -unit path run their kAvx512 code under it.
 // kAuto takes the widest the CPU supports, capped by the environment
-// variable RETRACE_CPU_ISA (scalar, avx2 or avx512) when it is set, so an
+// variable RETRACE_CPU_ISA (scalar, avx2, avx512 or amx) when it is set, so an
 // operator or a test can force the generic path. Asking for an instruction
 // set the CPU lacks is kUnavailable, never a crash. What each kernel does
 // with each set, and how exact it is, is written in its own header.
@@ -18,10 +22,10 @@
 
 namespace retrace::kernels {
 
-enum class CpuIsa { kAuto, kScalar, kAvx2, kAvx512 };
+enum class CpuIsa { kAuto, kScalar, kAvx2, kAvx512, kAmx };
 inline constexpr char kCpuIsaEnv[] = "RETRACE_CPU_ISA";
 const char* CpuIsaName(CpuIsa isa);
-// The CpuIsa that CpuIsaName calls `name` (auto, scalar, avx2, avx512);
+// The CpuIsa that CpuIsaName calls `name` (auto, scalar, avx2, avx512, amx);
 // false for any other name.
 bool ParseCpuIsa(const std::string& name, CpuIsa* isa);
 // The instruction sets this CPU (and this build) can run, generic first.

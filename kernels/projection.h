@@ -108,11 +108,12 @@ KernelStatus ProjectResetCpu(const ProjectionSpec& spec, int64_t batch,
 // where piece is `batch` rows of `len` floats, row b starting at
 // values + b·row_stride (row_stride >= len). Runs on `num_threads` threads
 // (0 = CpuThreads()) with the instruction set `isa` (kernels/cpu_isa.h:
-// kAvx512 quantizes eight vectors at a time in registers and adds eight sums
-// per instruction; the others run the generic loops); the result does not
-// depend on either, bit for bit. Returns InvalidArgument for bad arguments
-// (nothing is added) and for non-finite or out-of-range data (the
-// accumulator is then marked bad: Finalize refuses it until the next Reset);
+// kAvx512, and kAmx with it, quantizes eight vectors at a time in registers
+// and adds eight sums per instruction; the others run the generic loops);
+// the result does not depend on either, bit for bit. Returns InvalidArgument
+// for bad arguments (nothing is added) and for non-finite or out-of-range
+// data (the accumulator is then marked bad: Finalize refuses it until the
+// next Reset);
 // Unavailable for an instruction set this CPU lacks.
 KernelStatus ProjectAccumulateCpu(const ProjectionSpec& spec,
                                   const float* values, int64_t batch,

@@ -433,12 +433,13 @@ struct TileOps {
   ScatterTileFn scatter = &ScatterTile;
 };
 
-// kAvx512 has its own quantize and scatter; kAvx2 has none (the generic
-// loops, which the compiler vectorizes for the build's baseline).
+// kAvx512 has its own quantize and scatter, which kAmx runs too (the
+// projection has no matrix-unit path); kAvx2 has none (the generic loops,
+// which the compiler vectorizes for the build's baseline).
 TileOps OpsFor(CpuIsa isa) {
   TileOps ops;
 #ifdef RETRACE_PROJECTION_X86
-  if (isa == CpuIsa::kAvx512) {
+  if (isa == CpuIsa::kAvx512 || isa == CpuIsa::kAmx) {
     ops.quantize = &QuantizeTileAvx512;
     ops.scatter = &ScatterTileAvx512;
   }

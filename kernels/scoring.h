@@ -126,16 +126,31 @@ inline constexpr int32_t kTensorCoreMinDim = 16;
 //  - kAvx2: the same 8-lane chains; rows converted to fp32 into a per-thread
 //    buffer first;
 //  - kAvx512: 16-lane fp32 chains reading the stored fp16/bf16/fp32 values
-//    directly and converting them in registers.
+//    directly and converting them in registers;
+//  - kAmx (bf16 stores, and fp16 stores when asked for by name; see
+//    ChooseCpuScanIsa for what kAuto takes): the dots
+//    of 16 rows with up to 16 query columns per matrix-unit instruction
+//    (TDPBF16PS: bf16 products, fp32 accumulation). bf16 rows enter as
+//    stored; each fp16 value is split exactly into two bf16 values (the top
+//    8 significant bits and the remaining 3). Each fp32 query vector is
+//    scaled by a power of two (from its own largest value) and split into
+//    hi + lo bf16 parts, so each query value is represented to a relative
+//    2^-16; the products are exact and each dot is one fixed sequence of
+//    matrix steps over d (32 values per step; hi then lo for fp16), then
+//    hi-column + lo-column in double.
 //
 // Accuracy: every path converts the stored values exactly and computes each
 // dot as one fp32 fmadd chain per lane (8 or 16 lanes over d, then a fixed
 // tree of adds), the slot terms in double. Against the exact (double) sum,
 // a score is within a relative 2e-5 of the sum of its absolute terms for
-// D up to 4096 (checked by the tests for every path this CPU has). Paths
-// differ from each other by the summation tree only, so the same store and
-// query give scores that agree within that tolerance, not bit for bit;
-// within one path a query's scores do not depend on its batch.
+// D up to 4096 (checked by the tests for every path this CPU has); kAmx
+// within 2e-5 + 2^-16 (the split query), plus an absolute 2^-126 of the
+// query's largest value per product (the matrix unit flushes subnormal
+// inputs and results to zero). Paths
+// differ from each other by the summation tree (and kAmx by its query
+// split), so the same store and query give scores that agree within that
+// tolerance, not bit for bit; within one path a query's scores do not depend
+// on its batch (kAmx too: a column's sums never see the other columns).
 
 struct ScanOptions {
   int32_t k = 10;               // 1..min(kMaxTopK, total rows)
@@ -176,6 +191,17 @@ KernelStatus ValidateScan(const StoreLayout& layout,
                           const std::vector<StoreChunk>& chunks,
                           const QueryBatch& queries,
                           const ScanOptions& options);
+
+// The instruction set ScanCpu runs for `requested` on a store of `dtype`:
+// what ResolveCpuIsa gives, except that the matrix unit (kAmx) runs only for
+// bf16 stores, and for fp16 stores when kAmx is asked for by name; otherwise
+// kAmx runs the kAvx512 code. An fp16 value has to be split into two bf16
+// values in memory before the matrix unit can read it, and measured that way
+// the split cost more than the unit saved at one query (3x slower than
+// AVX-512) and gave 1.2x at 32 (docs/benchmarks.md); bf16 values go to it as
+// stored. The answer depends on the arguments and the CPU only, never on
+// the batch. Errors as ResolveCpuIsa.
+KernelStatus ChooseCpuScanIsa(CpuIsa requested, DType dtype, CpuIsa* chosen);
 
 // The arithmetic path ScanCuda takes: `requested` unless it is kAuto; kAuto
 // picks kTensorCore for fp16 and bf16 stores with dim >= kTensorCoreMinDim

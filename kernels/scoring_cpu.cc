@@ -18,7 +18,14 @@
 //    loop so that its 2Q query vectors stay in cache while the rows sweep.
 //    The loop order changes which dots run first, never how one is computed.
 //
-// Every dot product is one W-lane accumulator chain over d (W = 8 for the
+// A third kind, the matrix unit (AMX, fp16 and bf16 stores): kernels/scan_amx
+// computes the dots of 64 rows with all the slot's queries per call. With at
+// most 16 queries the tile's rows are taken 64 at a time through all their
+// slots, like the direct path's single block; with more, the slot is the
+// outer loop over a tile of kAmxTileRows rows, so that each slot's packed
+// queries are reused by many rows before the next slot's replace them.
+//
+// Every other dot product is one W-lane accumulator chain over d (W = 8 for the
 // scalar and AVX2 paths, 16 for AVX-512; the query vectors are zero-padded to
 // a multiple of 16 and the row's tail is zero-filled) followed by a fixed
 // horizontal-sum tree; slot contributions are summed in double in cs order.
@@ -36,12 +43,14 @@
 #include <cstring>
 #include <functional>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "kernels/device.h"
+#include "kernels/scan_amx.h"
 #include "kernels/scoring.h"
 #include "kernels/topk.h"
 
@@ -60,6 +69,8 @@ constexpr int64_t kQueryPad = 16;
 // slot's query vectors.
 constexpr int64_t kTileBufferBytes = 64 * 1024;
 constexpr int64_t kMaxTileRows = 32;
+// Rows per tile of the matrix-unit path (a multiple of amx::kCallRows).
+constexpr int64_t kAmxTileRows = 256;
 // Largest micro-kernel blocks (the blockings each instruction set uses are
 // kRowBlock16Regs and kRowBlock32Regs below).
 constexpr int kMaxQueryBlock = 3;
@@ -283,6 +294,9 @@ struct Isa {
   // Buffered: rows are converted to fp32 with `convert` before the
   // micro-kernel; direct (convert == nullptr): it reads the stored values.
   ConvertFn convert;
+  // The matrix unit computes the dots (kernels/scan_amx.h); `micro` and
+  // `convert` are then unused.
+  bool amx = false;
   bool direct() const { return convert == nullptr; }
 };
 
@@ -338,9 +352,14 @@ constexpr std::array<int, kMaxQueryBlock> kRowBlock32Regs = {8, 4, 4};
 
 KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
   CpuIsa chosen = CpuIsa::kScalar;
-  RETRACE_KERNEL_RETURN_IF_ERROR(ResolveCpuIsa(requested, &chosen));
+  RETRACE_KERNEL_RETURN_IF_ERROR(ChooseCpuScanIsa(requested, dtype, &chosen));
   switch (chosen) {
 #ifdef RETRACE_SCAN_X86
+    case CpuIsa::kAmx:
+      *isa = Isa{};
+      isa->convert = nullptr;
+      isa->amx = true;
+      return KernelStatus::Ok();
     case CpuIsa::kAvx512:
       switch (dtype) {
         case DType::kF16:
@@ -377,6 +396,7 @@ struct PreparedQueries {
   std::vector<float> vectors;
   std::vector<float> weights;
   std::vector<int64_t> active_slots;  // cs with a non-zero weight somewhere
+  amx::PackedQueries amx;             // the matrix-unit path's copy
 
   const float* Slot(int64_t cs) const {
     return vectors.data() + cs * num_queries * 2 * dp;
@@ -524,6 +544,7 @@ struct Worker {
   std::vector<float> dots;     // [R, Q, 2] dots of one slot
   std::vector<double> scores;  // [R, Q, 2]
   std::vector<ThresholdBuffer> lists;
+  amx::Scratch amx;
 };
 
 const uint8_t* RowSlot(const StoreLayout& layout, const StoreChunk& chunk,
@@ -576,6 +597,20 @@ void SlotDots(const StoreLayout& layout, const Tile& tile,
   }
 }
 
+// The matrix-unit dots of slot cs for the tile's rows [r0, r0 + rows),
+// amx::kCallRows at a time.
+void AmxSlotDots(const StoreLayout& layout, const StoreChunk& chunk,
+                 const Tile& tile, const PreparedQueries& pq, int64_t cs,
+                 int64_t r0, int64_t rows, Worker* w) {
+  const int64_t row_stride = int64_t{pq.num_queries} * 2;
+  for (int64_t r = r0; r < r0 + rows; r += amx::kCallRows) {
+    const int n = int(std::min<int64_t>(amx::kCallRows, r0 + rows - r));
+    amx::SlotDots(layout.dtype, RowSlot(layout, chunk, tile.row0 + r, cs),
+                  layout.RowValues(), n, pq.amx, cs, &w->amx,
+                  w->dots.data() + r * row_stride, row_stride);
+  }
+}
+
 void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
               const Tile& tile, const PreparedQueries& pq, const Isa& isa,
               bool want_bottom, Worker* w) {
@@ -583,7 +618,23 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
   const int64_t dp = pq.dp;
   const int64_t row_stride = int64_t{nq} * 2;
   std::fill(w->scores.begin(), w->scores.begin() + tile.rows * row_stride, 0.0);
-  if (!isa.direct()) {
+  if (isa.amx) {
+    amx::TileSession session;
+    if (pq.amx.col_tiles() <= 4) {
+      for (int64_t r0 = 0; r0 < tile.rows; r0 += amx::kCallRows) {
+        const int64_t rb = std::min<int64_t>(amx::kCallRows, tile.rows - r0);
+        for (int64_t cs : pq.active_slots) {
+          AmxSlotDots(layout, chunk, tile, pq, cs, r0, rb, w);
+          AccumulateSlot(chunk, tile, pq, cs, r0, rb, w);
+        }
+      }
+    } else {
+      for (int64_t cs : pq.active_slots) {
+        AmxSlotDots(layout, chunk, tile, pq, cs, 0, tile.rows, w);
+        AccumulateSlot(chunk, tile, pq, cs, 0, tile.rows, w);
+      }
+    }
+  } else if (!isa.direct()) {
     for (int64_t cs : pq.active_slots) {
       for (int64_t r = 0; r < tile.rows; ++r) {
         isa.convert(RowSlot(layout, chunk, tile.row0 + r, cs), layout.dtype,
@@ -673,6 +724,15 @@ void FillBreakdown(const StoreLayout& layout,
       std::max(1, std::min<int>(threads, int(entries.size()))), [&](int) {
         std::vector<float> row(size_t(pq.dp));
         float dots[2];
+        // The matrix unit computes all of a slot's dots at once.
+        std::vector<float> amx_dots;
+        amx::Scratch amx_scratch;
+        std::optional<amx::TileSession> session;
+        if (isa.amx) {
+          amx_dots.resize(size_t(pq.num_queries) * 2);
+          amx_scratch.Resize(pq.amx);
+          session.emplace();
+        }
         for (size_t e = next++; e < entries.size(); e = next++) {
           const Entry& entry = entries[e];
           const int c = FindChunk(chunks, by_index, entry.sample->index);
@@ -682,13 +742,20 @@ void FillBreakdown(const StoreLayout& layout,
           out.assign(size_t(cs_count), 0.0f);
           for (int64_t cs : pq.active_slots) {
             const void* u = RowSlot(layout, chunk, r, cs);
-            if (!isa.direct()) {
-              isa.convert(u, layout.dtype, layout.dim, pq.dp, row.data());
-              u = row.data();
+            if (isa.amx) {
+              amx::SlotDots(layout.dtype, u, layout.RowValues(), 1, pq.amx, cs,
+                            &amx_scratch, amx_dots.data(), 0);
+              dots[0] = amx_dots[size_t(entry.query) * 2];
+              dots[1] = amx_dots[size_t(entry.query) * 2 + 1];
+            } else {
+              if (!isa.direct()) {
+                isa.convert(u, layout.dtype, layout.dim, pq.dp, row.data());
+                u = row.data();
+              }
+              isa.micro[0][0](u, pq.dp, layout.dim,
+                              pq.Slot(cs) + int64_t{entry.query} * 2 * pq.dp,
+                              pq.dp, dots, 2);
             }
-            isa.micro[0][0](u, pq.dp, layout.dim,
-                            pq.Slot(cs) + int64_t{entry.query} * 2 * pq.dp,
-                            pq.dp, dots, 2);
             const double f = entry.method == 0
                                  ? double(chunk.norms[r * cs_count + cs])
                                  : 1.0;
@@ -709,12 +776,17 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
   RETRACE_KERNEL_RETURN_IF_ERROR(SelectIsa(options.isa, layout.dtype, &isa));
   PreparedQueries pq;
   RETRACE_KERNEL_RETURN_IF_ERROR(PrepareQueries(layout, queries, &pq));
+  if (isa.amx) {
+    pq.amx.Pack(pq.slot_pairs, pq.num_queries, pq.dim, pq.vectors.data(),
+                pq.dp);
+  }
   const int32_t nq = queries.num_queries;
   const int32_t k = options.k;
   const int64_t tile_rows =
-      isa.direct() ? kMaxTileRows
-                   : std::clamp<int64_t>(kTileBufferBytes / (pq.dp * 4), 1,
-                                         kMaxTileRows);
+      isa.amx        ? kAmxTileRows
+      : isa.direct() ? kMaxTileRows
+                     : std::clamp<int64_t>(kTileBufferBytes / (pq.dp * 4), 1,
+                                           kMaxTileRows);
 
   std::vector<Tile> tiles;
   for (size_t c = 0; c < chunks.size(); ++c) {
@@ -730,6 +802,7 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
   std::vector<Worker> workers(static_cast<size_t>(threads));
   for (Worker& w : workers) {
     if (!isa.direct()) w.rows.resize(size_t(tile_rows * pq.dp));
+    if (isa.amx) w.amx.Resize(pq.amx);
     w.dots.resize(size_t(tile_rows * nq * 2));
     w.scores.resize(size_t(tile_rows * nq * 2));
     w.lists.resize(size_t(lists));
@@ -861,6 +934,17 @@ KernelStatus ValidateScan(const StoreLayout& layout,
   if (path < 0 || path > static_cast<int>(CudaScanPath::kTensorCore)) {
     return KernelStatus::InvalidArgument("unknown CUDA scan path " +
                                          std::to_string(path));
+  }
+  return KernelStatus::Ok();
+}
+
+KernelStatus ChooseCpuScanIsa(CpuIsa requested, DType dtype, CpuIsa* chosen) {
+  RETRACE_KERNEL_RETURN_IF_ERROR(ResolveCpuIsa(requested, chosen));
+  if (*chosen == CpuIsa::kAmx) {
+    const bool matrix_unit =
+        dtype == DType::kBF16 ||
+        (dtype == DType::kF16 && requested == CpuIsa::kAmx);
+    if (!matrix_unit) *chosen = CpuIsa::kAvx512;
   }
   return KernelStatus::Ok();
 }

@@ -10,8 +10,9 @@
 #                                             invalid traffic, RSS per minute
 #                                             (scripts/soak.sh; only when named,
 #                                             10 min, RETRACE_SOAK_MINUTES)
-# Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt), and
-# `scan` also runs scan_gpu_bench: the GPU scan against the device's copy
+# Each benchmark NAME is the executable NAME_bench (bench/CMakeLists.txt);
+# `scan` runs scan_bench twice (an fp16 store, then a bf16 one) and also
+# scan_gpu_bench: the GPU scan against the device's copy
 # bandwidth, PyTorch on the device and the CPU backend (on a machine without a
 # device it prints why and skips; in a kernels-only build, without LibTorch,
 # it is the only scan program). They print `RATIO <name> <value>` lines (the performance targets,
@@ -134,6 +135,15 @@ for n in "${names[@]}"; do
     if ! "$build_dir/bench/$prog" --benchmark_color=false "${extra_args[@]}" "${bench_args[@]}" 2>&1 |
         tee -a "$results/$n.txt"; then
       failed+=("$prog")
+    fi
+    # The scan again on a bf16 store, the type the AMX matrix unit reads as
+    # stored (RATIO cpu_scan_bf16_*; on a CPU without AMX, the AVX-512 path).
+    if [ "$prog" = scan_bench ]; then
+      echo "== $n: $prog --dtype bf16 ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+      if ! "$build_dir/bench/$prog" --benchmark_color=false "${bench_args[@]}" \
+          --dtype bf16 --torch-reps 0 --isas auto,avx512 2>&1 | tee -a "$results/$n.txt"; then
+        failed+=("$prog --dtype bf16")
+      fi
     fi
   done
   while IFS= read -r line; do ratios+=("$line"); done < <(grep -o 'RATIO .*' "$results/$n.txt" || true)

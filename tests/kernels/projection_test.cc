@@ -542,7 +542,8 @@ TEST(ProjectionIsaTest, InstructionSetsThisCpuLacksAreUnavailable) {
   const ProjectionSpec spec = Sjlt(16, 2);
   const std::vector<float> x(2 * 10, 1.0f);
   const std::vector<CpuIsa> supported = SupportedCpuIsas();
-  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+  for (CpuIsa isa :
+       {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAmx}) {
     std::vector<uint64_t> acc(ProjectionAccumulatorWords(spec, 2), 0);
     const KernelStatus s = ProjectAccumulateCpu(spec, x.data(), 2, 10, 10, 0,
                                                 1.0, acc.data(), 0, isa);

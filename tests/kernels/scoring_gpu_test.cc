@@ -42,6 +42,7 @@ TEST(ScanCudaTest, SelfTestPasses) {
 #ifdef RETRACE_HAVE_CUDA
 
 using testing::BruteForce;
+using testing::CpuScanRelErr;
 using testing::ExpectIdentical;
 using testing::ExpectMatchesReference;
 using testing::kF32MaxRelErr;
@@ -196,8 +197,8 @@ TEST_P(ScanCudaVsCpuTest, MatchesReferenceAndCpu) {
         const auto& cl = bottom ? c.bottom : c.top;
         ASSERT_EQ(gl.size(), cl.size());
         for (size_t i = 0; i < gl.size(); ++i) {
-          const double tol =
-              (kF32MaxRelErr + rel_err) * ref.Magnitude(gl[i].index, q, m);
+          const double tol = (CpuScanRelErr(CpuIsa::kAuto, p.dtype) + rel_err) *
+                             ref.Magnitude(gl[i].index, q, m);
           EXPECT_NEAR(gl[i].score, cl[i].score, tol) << "rank " << i;
           ASSERT_EQ(gl[i].breakdown.size(), size_t(cs_count));
           double sum = 0;

@@ -11,6 +11,7 @@
 #include <iostream>
 #include <limits>
 #include <ostream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -21,9 +22,9 @@ namespace retrace::kernels {
 namespace {
 
 using testing::BruteForce;
+using testing::CpuScanRelErr;
 using testing::ExpectIdentical;
 using testing::ExpectMatchesReference;
-using testing::kF32MaxRelErr;
 using testing::MakeQueries;
 using testing::MakeStore;
 using testing::Reference;
@@ -83,7 +84,8 @@ TEST_P(ScanCpuBruteForceTest, MatchesDoublePrecisionLoop) {
     KernelStatus status =
         ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result);
     ASSERT_TRUE(status.ok()) << status.ToString();
-    ExpectMatchesReference(result, ref, p.rows, k, p.want_bottom);
+    ExpectMatchesReference(result, ref, p.rows, k, p.want_bottom,
+                           CpuScanRelErr(isa, p.dtype));
   }
 }
 
@@ -193,8 +195,9 @@ TEST(ScanCpuTest, BreakdownSumsToScoreAndMatchesReference) {
               for (int64_t cs = 0; cs < cs_count; ++cs) {
                 const double want = ref.breakdown[size_t(
                     ((s.index * 4 + q) * 2 + m) * cs_count + cs)];
-                EXPECT_NEAR(s.breakdown[size_t(cs)], want,
-                            kF32MaxRelErr * ref.Magnitude(s.index, q, m));
+                EXPECT_NEAR(
+                    s.breakdown[size_t(cs)], want,
+                    CpuScanRelErr(isa, dtype) * ref.Magnitude(s.index, q, m));
                 sum += s.breakdown[size_t(cs)];
                 abs_sum += std::fabs(s.breakdown[size_t(cs)]);
               }
@@ -210,14 +213,32 @@ TEST(ScanCpuTest, BreakdownSumsToScoreAndMatchesReference) {
   }
 }
 
+void ExpectChunkSplitsAndMergesEqualOneChunk(DType dtype, int dim, CpuIsa isa);
+
+// Also what the matrix-unit path reads: whole 16-row tiles of a bf16 store
+// whose dim is a multiple of 32 straight from the store, the tails and single
+// rows through a zero-padded copy, which must give the same bits.
 TEST(ScanCpuTest, ChunkSplitsAndMergesEqualOneChunk) {
+  for (CpuIsa isa : IsasToTest()) {
+    for (DType dtype : {DType::kBF16, DType::kF16}) {
+      for (int dim : {21, 64}) {
+        SCOPED_TRACE(std::string("isa=") + IsaName(isa) + " dtype=" +
+                     DTypeName(dtype) + " D=" + std::to_string(dim));
+        ExpectChunkSplitsAndMergesEqualOneChunk(dtype, dim, isa);
+      }
+    }
+  }
+}
+
+void ExpectChunkSplitsAndMergesEqualOneChunk(DType dtype, int dim, CpuIsa isa) {
   const uint64_t seed = 31;
   SCOPED_TRACE("seed=31");
-  const TestStore st = MakeStore(DType::kBF16, 2, 3, 21, 211, seed);
+  const TestStore st = MakeStore(dtype, 2, 3, dim, 211, seed);
   const TestQueries qs = MakeQueries(st.layout, 5, seed + 1);
   ScanOptions opt;
   opt.k = 30;
   opt.want_breakdown = true;
+  opt.isa = isa;
   ScanResult whole;
   ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &whole).ok());
 
@@ -242,6 +263,87 @@ TEST(ScanCpuTest, ChunkSplitsAndMergesEqualOneChunk) {
   KernelStatus status = MergeScanResults(parts, opt.k, &merged);
   ASSERT_TRUE(status.ok()) << status.ToString();
   ExpectIdentical(whole, merged);
+}
+
+// Multiplying a query's vectors by a power of two multiplies its scores by
+// exactly that (no path's arithmetic depends on the scale: the fp32 chains
+// scale exactly, and the matrix unit's split query is taken from the vector
+// divided by a power of two of its own largest value).
+TEST(ScanCpuTest, ScoresScaleExactlyWithThePowersOfTwoOfTheQuery) {
+  for (CpuIsa isa : IsasToTest()) {
+    for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
+      SCOPED_TRACE(std::string("isa=") + IsaName(isa) +
+                   " dtype=" + DTypeName(dtype) + " seed=71");
+      const TestStore st = MakeStore(dtype, 1, 3, 96, 120, 71);
+      const TestQueries qs = MakeQueries(st.layout, 3, 72);
+      ScanOptions opt;
+      opt.k = 120;
+      opt.isa = isa;
+      ScanResult base;
+      ASSERT_TRUE(
+          ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &base).ok());
+      for (int e : {-30, 17}) {
+        SCOPED_TRACE("2^" + std::to_string(e));
+        TestQueries scaled = qs;
+        for (float& x : scaled.raw) x = std::ldexp(x, e);
+        for (float& x : scaled.unit) x = std::ldexp(x, e);
+        ScanResult result;
+        ASSERT_TRUE(
+            ScanCpu(st.layout, {st.Chunk()}, scaled.Batch(), opt, &result)
+                .ok());
+        for (int q = 0; q < 3; ++q) {
+          for (int m = 0; m < kNumMethods; ++m) {
+            const RankedList& a = base.Get(q, static_cast<Method>(m));
+            const RankedList& b = result.Get(q, static_cast<Method>(m));
+            ASSERT_EQ(a.top.size(), b.top.size());
+            for (size_t i = 0; i < a.top.size(); ++i) {
+              EXPECT_EQ(b.top[i].index, a.top[i].index) << "rank " << i;
+              EXPECT_EQ(b.top[i].score, std::ldexp(a.top[i].score, e))
+                  << "rank " << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// fp16 stores hold values from 2^-24 (subnormal) to 65504; the matrix-unit
+// path splits each into two bf16 values, which must be exact at both ends
+// and for every significand, and queries whose values span many binades.
+TEST(ScanCpuTest, ExtremeStoreAndQueryValuesStayWithinTolerance) {
+  for (CpuIsa isa : IsasToTest()) {
+    SCOPED_TRACE(std::string("isa=") + IsaName(isa) + " seed=75");
+    TestStore st = MakeStore(DType::kF16, 1, 2, 64, 40, 75);
+    std::mt19937_64 rng(75);
+    std::uniform_int_distribution<uint16_t> bits(0, 0x7BFF);  // finite
+    const float specials[] = {65504.0f,        -65504.0f, 0x1p-24f,
+                              -0x1p-24f,       0x1p-14f,  0x1.ffcp-15f,
+                              1.0f + 0x1p-10f, 0.0f,      -0.0f};
+    for (int64_t i = 0; i < st.rows * st.layout.RowValues(); ++i) {
+      float v;
+      if (i % 7 == 0) {
+        v = specials[size_t(i / 7) % (sizeof(specials) / sizeof(float))];
+      } else {
+        const uint16_t h = uint16_t(bits(rng) | ((i & 1) ? 0x8000u : 0u));
+        v = HalfToFloat(h);
+      }
+      testing::StoreValue(&st, i, v);
+    }
+    TestQueries qs = MakeQueries(st.layout, 2, 76);
+    for (size_t i = 0; i < qs.raw.size(); ++i) {
+      qs.raw[i] = std::ldexp(qs.raw[i], int(i % 41) - 20);
+      qs.unit[i] = std::ldexp(qs.unit[i], -int(i % 23));
+    }
+    ScanOptions opt;
+    opt.k = 40;
+    opt.isa = isa;
+    ScanResult result;
+    ASSERT_TRUE(
+        ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result).ok());
+    ExpectMatchesReference(result, BruteForce(st, qs), st.rows, opt.k, true,
+                           CpuScanRelErr(isa, DType::kF16));
+  }
 }
 
 TEST(ScanCpuTest, IndependentOfThreadCount) {
@@ -294,7 +396,8 @@ TEST(ScanCpuTest, EveryInstructionSetThisCpuHasOrUnavailable) {
   EXPECT_EQ(supported[0], CpuIsa::kScalar);
   const TestStore st = MakeStore(DType::kBF16, 1, 2, 40, 30, 81);
   const TestQueries qs = MakeQueries(st.layout, 2, 82);
-  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+  for (CpuIsa isa :
+       {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAmx}) {
     const bool has =
         std::find(supported.begin(), supported.end(), isa) != supported.end();
     ScanOptions opt;
@@ -311,6 +414,37 @@ TEST(ScanCpuTest, EveryInstructionSetThisCpuHasOrUnavailable) {
       EXPECT_EQ(status.code(), KernelCode::kUnavailable)
           << IsaName(isa) << ": " << status.ToString();
     }
+  }
+}
+
+// The matrix unit runs for bf16 stores, for fp16 stores only when asked for
+// by name, never for fp32 stores; without it kAmx is refused.
+TEST(ScanCpuTest, MatrixUnitRunsForTheStoresItIsChosenFor) {
+  const std::vector<CpuIsa> supported = SupportedCpuIsas();
+  const bool has_amx = std::find(supported.begin(), supported.end(),
+                                 CpuIsa::kAmx) != supported.end();
+  for (DType dtype : {DType::kF16, DType::kBF16, DType::kF32}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    CpuIsa chosen = CpuIsa::kAuto;
+    ASSERT_TRUE(ChooseCpuScanIsa(CpuIsa::kScalar, dtype, &chosen).ok());
+    EXPECT_EQ(chosen, CpuIsa::kScalar);
+    ASSERT_TRUE(ChooseCpuScanIsa(CpuIsa::kAuto, dtype, &chosen).ok());
+    CpuIsa resolved = CpuIsa::kAuto;
+    ASSERT_TRUE(ResolveCpuIsa(CpuIsa::kAuto, &resolved).ok());
+    if (!has_amx) {
+      std::cout << "[  SKIPPED ] amx scan choice: this CPU lacks AMX\n";
+      EXPECT_EQ(chosen, resolved);
+      EXPECT_EQ(ChooseCpuScanIsa(CpuIsa::kAmx, dtype, &chosen).code(),
+                KernelCode::kUnavailable);
+      continue;
+    }
+    EXPECT_EQ(chosen, dtype == DType::kBF16 ? CpuIsa::kAmx : CpuIsa::kAvx512);
+    ASSERT_TRUE(ChooseCpuScanIsa(CpuIsa::kAmx, dtype, &chosen).ok());
+    EXPECT_EQ(chosen, dtype == DType::kF32 ? CpuIsa::kAvx512 : CpuIsa::kAmx);
+    ASSERT_EQ(setenv(kCpuIsaEnv, "avx512", 1), 0);
+    ASSERT_TRUE(ChooseCpuScanIsa(CpuIsa::kAuto, dtype, &chosen).ok());
+    EXPECT_EQ(chosen, CpuIsa::kAvx512);
+    ASSERT_EQ(unsetenv(kCpuIsaEnv), 0);
   }
 }
 
@@ -355,7 +489,8 @@ TEST(ScanCpuTest, LargestK) {
   opt.num_threads = 3;
   ScanResult result;
   ASSERT_TRUE(ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result).ok());
-  ExpectMatchesReference(result, BruteForce(st, qs), st.rows, opt.k, true);
+  ExpectMatchesReference(result, BruteForce(st, qs), st.rows, opt.k, true,
+                         CpuScanRelErr(opt.isa, st.layout.dtype));
 }
 
 TEST(ScanCpuTest, NaNInStoreRanksLast) {

@@ -30,6 +30,16 @@ constexpr double kF32MaxRelErr = 2e-5;
 // query, at most 2^-16 of each value for bf16 (2^-22 for fp16) and so at most
 // 2^-16 of the sum of absolute terms.
 constexpr double kTensorCoreMaxRelErr = kF32MaxRelErr + 1.0 / 65536.0;
+// The CPU matrix-unit path (scoring.h, kAmx on fp16 and bf16 stores): the
+// fp32 allowance plus the split query's 2^-16.
+constexpr double kAmxMaxRelErr = kF32MaxRelErr + 1.0 / 65536.0;
+
+// The allowance for ScanCpu with `isa` on a store of `dtype`.
+inline double CpuScanRelErr(CpuIsa isa, DType dtype) {
+  CpuIsa chosen = isa;
+  if (!ChooseCpuScanIsa(isa, dtype, &chosen).ok()) return kF32MaxRelErr;
+  return chosen == CpuIsa::kAmx ? kAmxMaxRelErr : kF32MaxRelErr;
+}
 
 struct TestStore {
   StoreLayout layout;
