@@ -152,6 +152,7 @@ struct alignas(64) TileConfig {
 };
 
 constexpr int64_t kTileValues = int64_t{kTileK} * kTileCols;
+constexpr int64_t kPrefetchSteps = 4;
 
 // M row tiles x N column tiles of one slot over every step of d, M * N <= 4
 // sums in tmm0-3 (tile m * N + n). Row tile m's hi values at
@@ -162,15 +163,25 @@ constexpr int64_t kTileValues = int64_t{kTileK} * kTileCols;
 // (M = 1) the row tile stays and the query tiles take turns in tmm6 and tmm7.
 // Every sum adds, step by step, hi rows x queries and then lo rows x queries:
 // the blocking never changes a sum's order.
+// With `prefetch`, each step also asks for the rows' values kPrefetchSteps
+// steps ahead: rows read straight from the store are 16 separate streams per
+// tile, too short for the hardware prefetchers to run ahead of the tile
+// loads on their own.
 template <int M, int N, bool kLo>
 void Block(const uint8_t* a_hi, const uint8_t* a_lo, int64_t a_stride,
            const uint16_t* b, int64_t col_tiles, int64_t k_steps, float* sums,
-           int64_t sums_stride) {
+           int64_t sums_stride, bool prefetch) {
   static_assert(M * N <= 4 && (N <= 2 || M == 1), "four sum tiles");
   Unroll<M * N>([](auto c) { TileZero<c>(); });
   for (int64_t ks = 0; ks < k_steps; ++ks) {
     const uint16_t* bk = b + ks * col_tiles * kTileValues;
     const int64_t x = ks * kTileK * 2;
+    if (prefetch && ks + kPrefetchSteps < k_steps) {
+      const uint8_t* ahead = a_hi + x + kPrefetchSteps * kTileK * 2;
+      for (int r = 0; r < M * kTileRows; ++r) {
+        __builtin_prefetch(ahead + r * a_stride);
+      }
+    }
     if constexpr (N <= 2) {
       TileLoad<6>(bk, 64);
       if constexpr (N == 2) TileLoad<7>(bk + kTileValues, 64);
@@ -205,7 +216,8 @@ void Block(const uint8_t* a_hi, const uint8_t* a_lo, int64_t a_stride,
 }
 
 using BlockFn = void (*)(const uint8_t*, const uint8_t*, int64_t,
-                         const uint16_t*, int64_t, int64_t, float*, int64_t);
+                         const uint16_t*, int64_t, int64_t, float*, int64_t,
+                         bool);
 
 template <bool kLo>
 BlockFn BlockFor(int m, int n) {
@@ -237,7 +249,7 @@ BlockFn BlockFor(int m, int n) {
 template <bool kLo>
 void AllTiles(const void* a_hi, const void* a_lo, int64_t a_stride,
               int row_tiles, const PackedQueries& queries, int64_t cs,
-              float* sums, int64_t sums_stride) {
+              float* sums, int64_t sums_stride, bool prefetch) {
   const int64_t col_tiles = queries.col_tiles();
   const int nb = col_tiles == 1 ? 1 : 2;
   const int mb = 4 / nb;
@@ -254,7 +266,7 @@ void AllTiles(const void* a_hi, const void* a_lo, int64_t a_stride,
           reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sums) +
                                    r0 * kTileRows * sums_stride) +
               t0 * kTileCols,
-          sums_stride);
+          sums_stride, prefetch && t0 == 0);
     }
   }
 }
@@ -343,15 +355,15 @@ void SlotDots(DType dtype, const void* u, int64_t u_stride, int rows,
     SplitF16Rows(rows16, u_stride, rows, filled, d, padded, scratch->hi.data(),
                  scratch->lo.data());
     AllTiles<true>(scratch->hi.data(), scratch->lo.data(), padded * 2,
-                   row_tiles, queries, cs, sums, sums_row * 4);
+                   row_tiles, queries, cs, sums, sums_row * 4, false);
   } else if (rows == filled && d == padded) {
     // Whole bf16 tiles straight from the store.
     AllTiles<false>(u, nullptr, u_stride * 2, row_tiles, queries, cs, sums,
-                    sums_row * 4);
+                    sums_row * 4, true);
   } else {
     CopyBf16Rows(rows16, u_stride, rows, filled, d, padded, scratch->hi.data());
     AllTiles<false>(scratch->hi.data(), nullptr, padded * 2, row_tiles, queries,
-                    cs, sums, sums_row * 4);
+                    cs, sums, sums_row * 4, false);
   }
   const int32_t nq = queries.num_queries();
   for (int r = 0; r < rows; ++r) {
