@@ -19,10 +19,10 @@
 //    The loop order changes which dots run first, never how one is computed.
 //
 // A third kind, the matrix unit (AMX, fp16 and bf16 stores): kernels/scan_amx
-// computes the dots of 64 rows with all the slot's queries per call. With at
-// most 16 queries the tile's rows are taken 64 at a time through all their
-// slots, like the direct path's single block; with more, the slot is the
-// outer loop over a tile of kAmxTileRows rows, so that each slot's packed
+// computes the dots of up to 64 rows with all the slot's queries per call.
+// With at most 16 queries the tile's rows are taken 32 at a time through all
+// their slots, like the direct path's single block; with more, the slot is
+// the outer loop over a tile of kAmxTileRows rows, so that each slot's packed
 // queries are reused by many rows before the next slot's replace them.
 //
 // Every other dot product is one W-lane accumulator chain over d (W = 8 for the
@@ -71,6 +71,12 @@ constexpr int64_t kTileBufferBytes = 64 * 1024;
 constexpr int64_t kMaxTileRows = 32;
 // Rows per tile of the matrix-unit path (a multiple of amx::kCallRows).
 constexpr int64_t kAmxTileRows = 256;
+// Rows taken through all their slots at a time when the queries fit one
+// column group: measured on a bf16 store (200k rows, scan_bench, two runs
+// each), 32 rows read Q = 1 at 222-236 ms and Q = 8 at 252-258 ms, 16 rows
+// 200-234 / 267-297 ms, 64 rows 256-280 / 350-452 ms (64 concurrent row
+// streams are more than the memory system keeps up with).
+constexpr int64_t kAmxRowFirstRows = 32;
 // Largest micro-kernel blocks (the blockings each instruction set uses are
 // kRowBlock16Regs and kRowBlock32Regs below).
 constexpr int kMaxQueryBlock = 3;
@@ -621,8 +627,8 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
   if (isa.amx) {
     amx::TileSession session;
     if (pq.amx.col_tiles() <= 4) {
-      for (int64_t r0 = 0; r0 < tile.rows; r0 += amx::kCallRows) {
-        const int64_t rb = std::min<int64_t>(amx::kCallRows, tile.rows - r0);
+      for (int64_t r0 = 0; r0 < tile.rows; r0 += kAmxRowFirstRows) {
+        const int64_t rb = std::min<int64_t>(kAmxRowFirstRows, tile.rows - r0);
         for (int64_t cs : pq.active_slots) {
           AmxSlotDots(layout, chunk, tile, pq, cs, r0, rb, w);
           AccumulateSlot(chunk, tile, pq, cs, r0, rb, w);
