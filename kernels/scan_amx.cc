@@ -153,6 +153,15 @@ struct alignas(64) TileConfig {
 
 constexpr int64_t kTileValues = int64_t{kTileK} * kTileCols;
 constexpr int64_t kPrefetchSteps = 4;
+// Whole bf16 tiles are read straight from the store when the rows' tiles are
+// loaded by at most two column pairs; with more (over 16 queries) they are
+// first copied row by row into the scratch buffer, which the hardware
+// prefetchers stream and the later column pairs then read from L2. Measured
+// on a bf16 store (scan_bench, 200k rows, alternating: three pairs at
+// Q = 32, two at Q = 1 and 8): Q = 32 807-882 ms copied against 884-1121 ms
+// direct; Q = 1 and 8 copied 343-355 and 408-428 ms against 223-231 and
+// 288-319 ms direct.
+constexpr int64_t kDirectMaxColTiles = 4;
 
 // M row tiles x N column tiles of one slot over every step of d, M * N <= 4
 // sums in tmm0-3 (tile m * N + n). Row tile m's hi values at
@@ -356,7 +365,8 @@ void SlotDots(DType dtype, const void* u, int64_t u_stride, int rows,
                  scratch->lo.data());
     AllTiles<true>(scratch->hi.data(), scratch->lo.data(), padded * 2,
                    row_tiles, queries, cs, sums, sums_row * 4, false);
-  } else if (rows == filled && d == padded) {
+  } else if (rows == filled && d == padded &&
+             queries.col_tiles() <= kDirectMaxColTiles) {
     // Whole bf16 tiles straight from the store.
     AllTiles<false>(u, nullptr, u_stride * 2, row_tiles, queries, cs, sums,
                     sums_row * 4, true);
