@@ -197,7 +197,7 @@ KernelStatus ValidateScan(const StoreLayout& layout,
 // bf16 stores, and for fp16 stores when kAmx is asked for by name; otherwise
 // kAmx runs the kAvx512 code. An fp16 value has to be split into two bf16
 // values in memory before the matrix unit can read it, and measured that way
-// the split cost more than the unit saved at one query (about 3x slower than
+// the split cost more than the unit saved at one query (2.3-3x slower than
 // AVX-512) and gave 1.2-1.5x at 32 (docs/benchmarks.md); bf16 values go to it
 // as stored. The answer depends on the arguments and the CPU only, never on the
 // batch. Errors as ResolveCpuIsa.
