@@ -193,6 +193,16 @@ absl::StatusOr<std::unique_ptr<Scorer>> Scorer::Create(
       break;
   }
   std::unique_ptr<Scorer> scorer(new Scorer(store, backend, options));
+  if (backend == kernels::Backend::kCpu) {
+    // The instruction set every CPU scan of this store will run: said once
+    // here, and an unusable RETRACE_CPU_ISA refused now rather than by every
+    // request.
+    kernels::CpuIsa isa = kernels::CpuIsa::kScalar;
+    RETURN_IF_KERNEL_ERROR(kernels::ChooseCpuScanIsa(
+        kernels::CpuIsa::kAuto, scorer->layout_.dtype, &isa));
+    RETRACE_LOG(INFO) << "CPU scan: " << kernels::CpuIsaName(isa) << " for a "
+                      << kernels::DTypeName(scorer->layout_.dtype) << " store";
+  }
   if (backend == kernels::Backend::kCuda) {
     kernels::CudaScanPath path = kernels::CudaScanPath::kFp32;
     RETURN_IF_KERNEL_ERROR(

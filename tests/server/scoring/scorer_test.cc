@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -251,6 +252,26 @@ TEST(ScorerOptionsTest, MaxBatchIsCheckedAndEnforced) {
   const absl::Status s = (*scorer)->Score({q, q, q}).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("1..2 queries"), absl::string_view::npos) << s;
+}
+
+// A RETRACE_CPU_ISA that no CPU scan could run with is refused when the
+// scorer starts, naming the variable, instead of by every request.
+TEST(ScorerOptionsTest, UnusableCpuIsaEnvironmentFailsAtStart) {
+  const std::string dir = WriteTestStore({}, "scorer_cpu_isa");
+  auto r = store::StoreReader::Open(dir);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ScorerOptions o;
+  o.device = DeviceChoice::kCpu;
+  ASSERT_EQ(setenv(kernels::kCpuIsaEnv, "sse9", 1), 0);
+  const absl::Status s = Scorer::Create(r->get(), o).status();
+  ASSERT_EQ(unsetenv(kernels::kCpuIsaEnv), 0);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("RETRACE_CPU_ISA='sse9'"), absl::string_view::npos)
+      << s;
+  ASSERT_EQ(setenv(kernels::kCpuIsaEnv, "scalar", 1), 0);
+  auto scorer = Scorer::Create(r->get(), o);
+  ASSERT_EQ(unsetenv(kernels::kCpuIsaEnv), 0);
+  ASSERT_TRUE(scorer.ok()) << scorer.status();
 }
 
 TEST(DeviceFootprintTest, CheckDeviceFitsNamesEveryPart) {
