@@ -1,11 +1,12 @@
 // The matrix-unit dot products of the CPU scan; see scan_amx.h.
 //
-// Tile registers: tmm0-3 hold the sums of up to four column tiles, tmm4 the
-// rows' hi tile, tmm5 their lo tile (fp16 stores), tmm6 and tmm7 query tiles
-// (alternating, so one loads while the other multiplies). The tile
-// instructions are written as inline assembly with a memory clobber: the
-// compiler must neither move the buffer stores of the split rows past a tile
-// load nor keep a value of the sums in a register across a tile store.
+// Tile registers: tmm0-3 hold four sum tiles (2 row tiles x 2 column tiles,
+// or 4 x 1 with one column tile), tmm4 a row tile's hi values, tmm5 its lo
+// values (fp16 stores), tmm6 and tmm7 the step's query tiles (Block below).
+// The tile instructions are written as inline assembly with a memory
+// clobber: the compiler must neither move the buffer stores of the split rows
+// past a tile load nor keep a value of the sums in a register across a tile
+// store.
 #include "kernels/scan_amx.h"
 
 #include <algorithm>
@@ -163,15 +164,14 @@ constexpr int64_t kPrefetchSteps = 4;
 // 288-319 ms direct.
 constexpr int64_t kDirectMaxColTiles = 4;
 
-// M row tiles x N column tiles of one slot over every step of d, M * N <= 4
-// sums in tmm0-3 (tile m * N + n). Row tile m's hi values at
+// M row tiles x N column tiles (N = 1 or 2) of one slot over every step of
+// d, M * N <= 4 sums in tmm0-3 (tile m * N + n). Row tile m's hi values at
 // a_hi + m * 16 * a_stride bytes (lo at a_lo likewise), the column tiles'
 // query values at b (the first of them in step 0; steps col_tiles tiles
-// apart). With N <= 2 the query tiles of a step stay in tmm6-7 while each
-// row tile is loaded into tmm4 (and its lo part into tmm5); with N > 2
-// (M = 1) the row tile stays and the query tiles take turns in tmm6 and tmm7.
-// Every sum adds, step by step, hi rows x queries and then lo rows x queries:
-// the blocking never changes a sum's order.
+// apart). The query tiles of a step stay in tmm6-7 while each row tile is
+// loaded into tmm4 (and its lo part into tmm5). Every sum adds, step by
+// step, hi rows x queries and then lo rows x queries: the blocking never
+// changes a sum's order.
 // With `prefetch`, each step also asks for the rows' values kPrefetchSteps
 // steps ahead: rows read straight from the store are 16 separate streams per
 // tile, too short for the hardware prefetchers to run ahead of the tile
@@ -180,7 +180,7 @@ template <int M, int N, bool kLo>
 void Block(const uint8_t* a_hi, const uint8_t* a_lo, int64_t a_stride,
            const uint16_t* b, int64_t col_tiles, int64_t k_steps, float* sums,
            int64_t sums_stride, bool prefetch) {
-  static_assert(M * N <= 4 && (N <= 2 || M == 1), "four sum tiles");
+  static_assert(M * N <= 4 && N <= 2, "four sum tiles, two query tiles");
   Unroll<M * N>([](auto c) { TileZero<c>(); });
   for (int64_t ks = 0; ks < k_steps; ++ks) {
     const uint16_t* bk = b + ks * col_tiles * kTileValues;
@@ -191,30 +191,19 @@ void Block(const uint8_t* a_hi, const uint8_t* a_lo, int64_t a_stride,
         __builtin_prefetch(ahead + r * a_stride);
       }
     }
-    if constexpr (N <= 2) {
-      TileLoad<6>(bk, 64);
-      if constexpr (N == 2) TileLoad<7>(bk + kTileValues, 64);
-      Unroll<M>([&](auto m) {
-        const int64_t row = m * kTileRows * a_stride + x;
-        TileLoad<4>(a_hi + row, a_stride);
-        TileDp<m * N, 4, 6>();
-        if constexpr (N == 2) TileDp<m * N + 1, 4, 7>();
-        if constexpr (kLo) {
-          TileLoad<5>(a_lo + row, a_stride);
-          TileDp<m * N, 5, 6>();
-          if constexpr (N == 2) TileDp<m * N + 1, 5, 7>();
-        }
-      });
-    } else {
-      TileLoad<4>(a_hi + x, a_stride);
-      if constexpr (kLo) TileLoad<5>(a_lo + x, a_stride);
-      Unroll<N>([&](auto n) {
-        constexpr int kB = 6 + n % 2;
-        TileLoad<kB>(bk + n * kTileValues, 64);
-        TileDp<n, 4, kB>();
-        if constexpr (kLo) TileDp<n, 5, kB>();
-      });
-    }
+    TileLoad<6>(bk, 64);
+    if constexpr (N == 2) TileLoad<7>(bk + kTileValues, 64);
+    Unroll<M>([&](auto m) {
+      const int64_t row = m * kTileRows * a_stride + x;
+      TileLoad<4>(a_hi + row, a_stride);
+      TileDp<m * N, 4, 6>();
+      if constexpr (N == 2) TileDp<m * N + 1, 4, 7>();
+      if constexpr (kLo) {
+        TileLoad<5>(a_lo + row, a_stride);
+        TileDp<m * N, 5, 6>();
+        if constexpr (N == 2) TileDp<m * N + 1, 5, 7>();
+      }
+    });
   }
   Unroll<M * N>([&](auto c) {
     constexpr int m = c / N, n = c % N;
@@ -235,10 +224,6 @@ BlockFn BlockFor(int m, int n) {
       return &Block<1, 1, kLo>;
     case 8 + 2:
       return &Block<1, 2, kLo>;
-    case 8 + 3:
-      return &Block<1, 3, kLo>;
-    case 8 + 4:
-      return &Block<1, 4, kLo>;
     case 16 + 1:
       return &Block<2, 1, kLo>;
     case 16 + 2:
@@ -252,9 +237,9 @@ BlockFn BlockFor(int m, int n) {
 
 // Every row tile and column tile, four sum tiles at a time: four row tiles
 // of one column tile, or two of two. A tile load costs about three tile
-// products on the machines measured (docs/benchmarks.md), so the blocking
+// products on the machine measured (docs/benchmarks.md), so the blocking
 // that loads the fewest tiles per product wins: 2 x 2 loads 4 tiles for 4
-// products (bf16) where 1 x 4 loads 5.
+// products (bf16), where 1 x 4 (one row tile, query tiles in turn) loads 5.
 template <bool kLo>
 void AllTiles(const void* a_hi, const void* a_lo, int64_t a_stride,
               int row_tiles, const PackedQueries& queries, int64_t cs,

@@ -1,8 +1,8 @@
 // The CPU scan's matrix-unit (AMX) dot products, internal to retrace_kernels:
-// kernels/scoring_cpu.cc calls them for CpuIsa::kAmx on fp16 and bf16 stores.
+// kernels/scoring_cpu.cc calls them when ChooseCpuScanIsa gives kAmx.
 // The arithmetic and its error are stated in kernels/scoring.h.
 //
-// One call computes the dots of up to 16 store rows (one slot piece each)
+// One call computes the dots of up to 64 store rows (one slot piece each)
 // with every query vector of that slot. The matrix unit multiplies a tile of
 // 16 rows x 32 bf16 values (the store rows) by a tile of 32 x 16 bf16 values
 // (16 query columns) into 16 x 16 fp32 sums. Each fp32 query vector becomes
