@@ -94,8 +94,18 @@ void PackedQueries::Pack(int64_t slot_pairs, int32_t num_queries, int64_t d,
   }
 }
 
+// Values from one scratch row to the next: a row's padded length and one
+// cache line more, so that the 16 rows of a tile (or 32 of two) fall into
+// different L1 sets; at exactly 2 KiB apart (d = 1024) they share two sets,
+// and loading them evicts the tile read just before.
+namespace {
+int64_t RowStride(const PackedQueries& queries) {
+  return queries.k_steps() * kTileK + kTileK;
+}
+}  // namespace
+
 void Scratch::Resize(const PackedQueries& queries) {
-  const size_t row_values = size_t(queries.k_steps() * kTileK);
+  const size_t row_values = size_t(RowStride(queries));
   hi.resize(kCallRows * row_values);
   lo.resize(kCallRows * row_values);
   sums.resize(size_t(kCallRows * queries.col_tiles() * kTileCols));
@@ -153,6 +163,35 @@ struct alignas(64) TileConfig {
 };
 
 constexpr int64_t kTileValues = int64_t{kTileK} * kTileCols;
+
+// Asks for the lines of NextRows into L2, spread evenly over `steps` tile
+// steps (all of them by the last), row after row.
+class NextCursor {
+ public:
+  NextCursor(const NextRows& rows, int64_t steps)
+      : rows_(rows), lines_per_row_((rows.bytes + 63) / 64) {
+    const int64_t lines = lines_per_row_ * rows.count;
+    total_ = lines;
+    per_step_ = steps > 0 ? (lines + steps - 1) / steps : lines;
+  }
+  void Step() {
+    const int64_t end = std::min(total_, issued_ + per_step_);
+    for (; issued_ < end; ++issued_) {
+      const int64_t row = issued_ / lines_per_row_;
+      const int64_t line = issued_ % lines_per_row_;
+      __builtin_prefetch(static_cast<const uint8_t*>(rows_.rows) +
+                             row * rows_.stride + line * 64,
+                         0, 2);
+    }
+  }
+
+ private:
+  NextRows rows_;
+  int64_t lines_per_row_;
+  int64_t total_ = 0;
+  int64_t per_step_ = 0;
+  int64_t issued_ = 0;
+};
 constexpr int64_t kPrefetchSteps = 4;
 // Whole bf16 tiles are read straight from the store when the rows' tiles are
 // loaded by at most two column pairs; with more (over 16 queries) they are
@@ -175,11 +214,11 @@ constexpr int64_t kDirectMaxColTiles = 4;
 // With `prefetch`, each step also asks for the rows' values kPrefetchSteps
 // steps ahead: rows read straight from the store are 16 separate streams per
 // tile, too short for the hardware prefetchers to run ahead of the tile
-// loads on their own.
+// loads on their own. Each step also advances `next` (the next call's rows).
 template <int M, int N, bool kLo>
 void Block(const uint8_t* a_hi, const uint8_t* a_lo, int64_t a_stride,
            const uint16_t* b, int64_t col_tiles, int64_t k_steps, float* sums,
-           int64_t sums_stride, bool prefetch) {
+           int64_t sums_stride, bool prefetch, NextCursor* next) {
   static_assert(M * N <= 4 && N <= 2, "four sum tiles, two query tiles");
   Unroll<M * N>([](auto c) { TileZero<c>(); });
   for (int64_t ks = 0; ks < k_steps; ++ks) {
@@ -191,6 +230,7 @@ void Block(const uint8_t* a_hi, const uint8_t* a_lo, int64_t a_stride,
         __builtin_prefetch(ahead + r * a_stride);
       }
     }
+    next->Step();
     TileLoad<6>(bk, 64);
     if constexpr (N == 2) TileLoad<7>(bk + kTileValues, 64);
     Unroll<M>([&](auto m) {
@@ -215,7 +255,7 @@ void Block(const uint8_t* a_hi, const uint8_t* a_lo, int64_t a_stride,
 
 using BlockFn = void (*)(const uint8_t*, const uint8_t*, int64_t,
                          const uint16_t*, int64_t, int64_t, float*, int64_t,
-                         bool);
+                         bool, NextCursor*);
 
 template <bool kLo>
 BlockFn BlockFor(int m, int n) {
@@ -243,10 +283,14 @@ BlockFn BlockFor(int m, int n) {
 template <bool kLo>
 void AllTiles(const void* a_hi, const void* a_lo, int64_t a_stride,
               int row_tiles, const PackedQueries& queries, int64_t cs,
-              float* sums, int64_t sums_stride, bool prefetch) {
+              float* sums, int64_t sums_stride, bool prefetch,
+              const NextRows& next_rows) {
   const int64_t col_tiles = queries.col_tiles();
   const int nb = col_tiles == 1 ? 1 : 2;
   const int mb = 4 / nb;
+  const int64_t steps = int64_t{(row_tiles + mb - 1) / mb} *
+                        ((col_tiles + nb - 1) / nb) * queries.k_steps();
+  NextCursor next(next_rows, steps);
   const uint8_t* hi = static_cast<const uint8_t*>(a_hi);
   const uint8_t* lo = static_cast<const uint8_t*>(a_lo);
   for (int r0 = 0; r0 < row_tiles; r0 += mb) {
@@ -260,7 +304,7 @@ void AllTiles(const void* a_hi, const void* a_lo, int64_t a_stride,
           reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(sums) +
                                    r0 * kTileRows * sums_stride) +
               t0 * kTileCols,
-          sums_stride, prefetch && t0 == 0);
+          sums_stride, prefetch && t0 == 0, &next);
     }
   }
 }
@@ -281,13 +325,13 @@ RETRACE_AMX_TARGET inline __m512 LoadF16(const uint16_t* p, int64_t count) {
 // (round to nearest even) changes neither.
 RETRACE_AMX_TARGET void SplitF16Rows(const uint16_t* u, int64_t u_stride,
                                      int rows, int filled, int64_t d,
-                                     int64_t padded, uint16_t* hi,
-                                     uint16_t* lo) {
+                                     int64_t padded, int64_t stride,
+                                     uint16_t* hi, uint16_t* lo) {
   const __m512i top = _mm512_set1_epi32(int32_t(0xFFFF0000u));
   for (int r = 0; r < rows; ++r) {
     const uint16_t* src = u + r * u_stride;
-    uint16_t* h = hi + r * padded;
-    uint16_t* l = lo + r * padded;
+    uint16_t* h = hi + r * stride;
+    uint16_t* l = lo + r * stride;
     for (int64_t x = 0; x < padded; x += 32) {
       const __m512 v0 = LoadF16(src + x, d - x);
       const __m512 v1 = LoadF16(src + x + 16, d - x - 16);
@@ -302,23 +346,50 @@ RETRACE_AMX_TARGET void SplitF16Rows(const uint16_t* u, int64_t u_stride,
     }
   }
   if (rows < filled) {
-    std::memset(hi + rows * padded, 0,
-                size_t((filled - rows) * padded) * sizeof(uint16_t));
-    std::memset(lo + rows * padded, 0,
-                size_t((filled - rows) * padded) * sizeof(uint16_t));
+    std::memset(hi + rows * stride, 0,
+                size_t((filled - rows) * stride) * sizeof(uint16_t));
+    std::memset(lo + rows * stride, 0,
+                size_t((filled - rows) * stride) * sizeof(uint16_t));
   }
 }
 
 // bf16 rows copied as stored, zero-padded like SplitF16Rows.
 void CopyBf16Rows(const uint16_t* u, int64_t u_stride, int rows, int filled,
-                  int64_t d, int64_t padded, uint16_t* hi) {
+                  int64_t d, int64_t padded, int64_t stride, uint16_t* hi) {
   for (int r = 0; r < rows; ++r) {
-    std::memcpy(hi + r * padded, u + r * u_stride, size_t(d) * 2);
-    std::memset(hi + r * padded + d, 0, size_t(padded - d) * 2);
+    std::memcpy(hi + r * stride, u + r * u_stride, size_t(d) * 2);
+    std::memset(hi + r * stride + d, 0, size_t(padded - d) * 2);
   }
   if (rows < filled) {
-    std::memset(hi + rows * padded, 0,
-                size_t((filled - rows) * padded) * sizeof(uint16_t));
+    std::memset(hi + rows * stride, 0,
+                size_t((filled - rows) * stride) * sizeof(uint16_t));
+  }
+}
+
+// Vector j = 2q + m's hi and lo sums are columns 2j and 2j + 1 of a row
+// (kColsPerQuery = 4): out[j] = float((double(s[2j]) + double(s[2j + 1])) *
+// unscale[j]) for j < n, eight at a time and then one by one, with the same
+// IEEE operations either way.
+static_assert(kColsPerQuery == 4, "two columns per vector");
+RETRACE_AMX_TARGET void UnscaleSums(const float* s, const double* unscale,
+                                    int64_t n, float* out) {
+  const __m512i hi =
+      _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i lo =
+      _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 15, 13, 11, 9, 7, 5, 3, 1);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m512 v = _mm512_loadu_ps(s + 2 * j);
+    const __m512d h =
+        _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_permutexvar_ps(hi, v)));
+    const __m512d l =
+        _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_permutexvar_ps(lo, v)));
+    const __m512d sum = _mm512_add_pd(h, l);
+    _mm256_storeu_ps(out + j, _mm512_cvtpd_ps(_mm512_mul_pd(
+                                  sum, _mm512_loadu_pd(unscale + j))));
+  }
+  for (; j < n; ++j) {
+    out[j] = float((double(s[2 * j]) + double(s[2 * j + 1])) * unscale[j]);
   }
 }
 
@@ -337,40 +408,35 @@ TileSession::~TileSession() { __asm__ volatile("tilerelease" ::: "memory"); }
 
 void SlotDots(DType dtype, const void* u, int64_t u_stride, int rows,
               const PackedQueries& queries, int64_t cs, Scratch* scratch,
-              float* out, int64_t out_stride) {
+              float* out, int64_t out_stride, const NextRows& next) {
   const int64_t d = queries.d();
   const int64_t padded = queries.k_steps() * kTileK;
+  const int64_t stride = RowStride(queries);
   const int64_t sums_row = queries.col_tiles() * kTileCols;
   float* sums = scratch->sums.data();
   const uint16_t* rows16 = static_cast<const uint16_t*>(u);
   const int row_tiles = (rows + kTileRows - 1) / kTileRows;
   const int filled = row_tiles * kTileRows;
   if (dtype == DType::kF16) {
-    SplitF16Rows(rows16, u_stride, rows, filled, d, padded, scratch->hi.data(),
-                 scratch->lo.data());
-    AllTiles<true>(scratch->hi.data(), scratch->lo.data(), padded * 2,
-                   row_tiles, queries, cs, sums, sums_row * 4, false);
+    SplitF16Rows(rows16, u_stride, rows, filled, d, padded, stride,
+                 scratch->hi.data(), scratch->lo.data());
+    AllTiles<true>(scratch->hi.data(), scratch->lo.data(), stride * 2,
+                   row_tiles, queries, cs, sums, sums_row * 4, false, next);
   } else if (rows == filled && d == padded &&
              queries.col_tiles() <= kDirectMaxColTiles) {
     // Whole bf16 tiles straight from the store.
     AllTiles<false>(u, nullptr, u_stride * 2, row_tiles, queries, cs, sums,
-                    sums_row * 4, true);
+                    sums_row * 4, true, NextRows{});
   } else {
-    CopyBf16Rows(rows16, u_stride, rows, filled, d, padded, scratch->hi.data());
-    AllTiles<false>(scratch->hi.data(), nullptr, padded * 2, row_tiles, queries,
-                    cs, sums, sums_row * 4, false);
+    CopyBf16Rows(rows16, u_stride, rows, filled, d, padded, stride,
+                 scratch->hi.data());
+    AllTiles<false>(scratch->hi.data(), nullptr, stride * 2, row_tiles, queries,
+                    cs, sums, sums_row * 4, false, next);
   }
-  const int32_t nq = queries.num_queries();
+  const int64_t vectors = int64_t{queries.num_queries()} * 2;
+  const double* unscale = queries.Unscales(cs);
   for (int r = 0; r < rows; ++r) {
-    const float* s = sums + r * sums_row;
-    float* o = out + r * out_stride;
-    for (int32_t q = 0; q < nq; ++q) {
-      for (int m = 0; m < 2; ++m) {
-        const int64_t col = int64_t{q} * kColsPerQuery + 2 * m;
-        o[2 * q + m] = float((double(s[col]) + double(s[col + 1])) *
-                             queries.Unscale(cs, q, m));
-      }
-    }
+    UnscaleSums(sums + r * sums_row, unscale, vectors, out + r * out_stride);
   }
 }
 
@@ -415,7 +481,7 @@ double PeakMacsPerSecond(double seconds) {
 TileSession::TileSession() {}
 TileSession::~TileSession() {}
 void SlotDots(DType, const void*, int64_t, int, const PackedQueries&, int64_t,
-              Scratch*, float*, int64_t) {}
+              Scratch*, float*, int64_t, const NextRows&) {}
 double PeakMacsPerSecond(double) { return 0.0; }
 
 #endif  // RETRACE_AMX_X86

@@ -16,7 +16,9 @@
 #ifndef RETRACE_KERNELS_SCAN_AMX_H_
 #define RETRACE_KERNELS_SCAN_AMX_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "kernels/dtype.h"
@@ -30,6 +32,31 @@ inline constexpr int kColsPerQuery = 4;
 // Store rows per SlotDots call: four row tiles, so that one column tile
 // (up to 4 queries) still keeps four independent sums in flight.
 inline constexpr int kCallRows = 64;
+
+// std::allocator on 64-byte boundaries. Every buffer that tiles are loaded
+// from or stored to uses it: a tile row that straddles two cache lines costs
+// two line reads, and the tile products ran at half speed or less with the
+// 16-byte alignment of plain operator new (scan_bench, bf16 store, Q = 32).
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), kAlign));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
+  friend bool operator==(const LineAllocator&, const LineAllocator&) {
+    return true;
+  }
+  friend bool operator!=(const LineAllocator&, const LineAllocator&) {
+    return false;
+  }
+};
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
 
 // A finite fp32 value v of a vector whose largest magnitude is `largest`
 // as hi + lo bf16 bit patterns of v * 2^-e, where 2^e is Scale(largest).
@@ -58,21 +85,25 @@ class PackedQueries {
   double Unscale(int64_t cs, int32_t q, int m) const {
     return unscale_[size_t((cs * num_queries_ + q) * 2 + m)];
   }
+  // Slot cs's powers of two, [num_queries][2]: Unscale(cs, q, m) at 2q + m.
+  const double* Unscales(int64_t cs) const {
+    return unscale_.data() + cs * num_queries_ * 2;
+  }
 
  private:
   int32_t num_queries_ = 0;
   int64_t d_ = 0;
   int64_t k_steps_ = 0;
   int64_t col_tiles_ = 0;
-  std::vector<uint16_t> tiles_;
+  LineVector<uint16_t> tiles_;
   std::vector<double> unscale_;
 };
 
 // Per-thread buffers for SlotDots.
 struct Scratch {
-  std::vector<uint16_t> hi;  // [64][k_steps * 32] the rows' hi parts
-  std::vector<uint16_t> lo;  // [64][k_steps * 32] lo parts (fp16 stores)
-  std::vector<float> sums;   // [64][col_tiles * 16]
+  LineVector<uint16_t> hi;  // [64][k_steps * 32] the rows' hi parts
+  LineVector<uint16_t> lo;  // [64][k_steps * 32] lo parts (fp16 stores)
+  LineVector<float> sums;   // [64][col_tiles * 16]
   void Resize(const PackedQueries& queries);
 };
 
@@ -87,12 +118,25 @@ class TileSession {
   TileSession& operator=(const TileSession&) = delete;
 };
 
+// Store rows that the next SlotDots call will read: `count` rows of `bytes`
+// each, `stride` bytes apart.
+struct NextRows {
+  const void* rows = nullptr;
+  int64_t stride = 0;
+  int count = 0;
+  int64_t bytes = 0;
+};
+
 // For rows r < `rows` (1..kCallRows) of `dtype` (kF16 or kBF16) at
 // u + r * u_stride elements, d = queries.d() values each, and every query
 // (q, m) of slot cs: out[r * out_stride + 2 * q + m] = <u_r, query_qm>.
+// When the rows go through the scratch buffer (fp16, or bf16 that is not
+// read as whole tiles from the store), `next` is asked into L2 a few lines
+// per tile step while this call computes, so that the next call's copy
+// reads cache instead of memory.
 void SlotDots(DType dtype, const void* u, int64_t u_stride, int rows,
               const PackedQueries& queries, int64_t cs, Scratch* scratch,
-              float* out, int64_t out_stride);
+              float* out, int64_t out_stride, const NextRows& next = {});
 
 // The matrix unit's bf16 peak: multiply-adds per second that one thread
 // sustains over `seconds` of back-to-back independent tile products (for the

@@ -604,16 +604,29 @@ void SlotDots(const StoreLayout& layout, const Tile& tile,
 }
 
 // The matrix-unit dots of slot cs for the tile's rows [r0, r0 + rows),
-// amx::kCallRows at a time.
+// amx::kCallRows at a time. Each call is told the rows the following one
+// reads: the next rows of this slot, or after the last of them the first
+// rows of `next_cs` (-1: none).
 void AmxSlotDots(const StoreLayout& layout, const StoreChunk& chunk,
                  const Tile& tile, const PreparedQueries& pq, int64_t cs,
-                 int64_t r0, int64_t rows, Worker* w) {
+                 int64_t next_cs, int64_t r0, int64_t rows, Worker* w) {
   const int64_t row_stride = int64_t{pq.num_queries} * 2;
+  const int64_t elem = DTypeSize(layout.dtype);
   for (int64_t r = r0; r < r0 + rows; r += amx::kCallRows) {
     const int n = int(std::min<int64_t>(amx::kCallRows, r0 + rows - r));
+    amx::NextRows next;
+    next.stride = layout.RowValues() * elem;
+    next.bytes = layout.dim * elem;
+    if (r + n < r0 + rows) {
+      next.rows = RowSlot(layout, chunk, tile.row0 + r + n, cs);
+      next.count = int(std::min<int64_t>(amx::kCallRows, r0 + rows - r - n));
+    } else if (next_cs >= 0) {
+      next.rows = RowSlot(layout, chunk, tile.row0 + r0, next_cs);
+      next.count = int(std::min<int64_t>(amx::kCallRows, rows));
+    }
     amx::SlotDots(layout.dtype, RowSlot(layout, chunk, tile.row0 + r, cs),
                   layout.RowValues(), n, pq.amx, cs, &w->amx,
-                  w->dots.data() + r * row_stride, row_stride);
+                  w->dots.data() + r * row_stride, row_stride, next);
   }
 }
 
@@ -630,14 +643,17 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
       for (int64_t r0 = 0; r0 < tile.rows; r0 += kAmxRowFirstRows) {
         const int64_t rb = std::min<int64_t>(kAmxRowFirstRows, tile.rows - r0);
         for (int64_t cs : pq.active_slots) {
-          AmxSlotDots(layout, chunk, tile, pq, cs, r0, rb, w);
+          AmxSlotDots(layout, chunk, tile, pq, cs, -1, r0, rb, w);
           AccumulateSlot(chunk, tile, pq, cs, r0, rb, w);
         }
       }
     } else {
-      for (int64_t cs : pq.active_slots) {
-        AmxSlotDots(layout, chunk, tile, pq, cs, 0, tile.rows, w);
-        AccumulateSlot(chunk, tile, pq, cs, 0, tile.rows, w);
+      const std::vector<int64_t>& slots = pq.active_slots;
+      for (size_t i = 0; i < slots.size(); ++i) {
+        const int64_t next_cs = i + 1 < slots.size() ? slots[i + 1] : -1;
+        AmxSlotDots(layout, chunk, tile, pq, slots[i], next_cs, 0, tile.rows,
+                    w);
+        AccumulateSlot(chunk, tile, pq, slots[i], 0, tile.rows, w);
       }
     }
   } else if (!isa.direct()) {
