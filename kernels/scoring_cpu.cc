@@ -291,7 +291,6 @@ RETRACE_AVX512 void MicroAvx512(const void* u, int64_t u_stride, int64_t d,
     }
   }
 }
-#undef RETRACE_AVX512
 #endif  // RETRACE_SCAN_X86
 
 struct Isa {
@@ -303,6 +302,9 @@ struct Isa {
   // The matrix unit computes the dots (kernels/scan_amx.h); `micro` and
   // `convert` are then unused.
   bool amx = false;
+  // The per-row bookkeeping (scores, list offers) runs eight lanes at a time
+  // with AVX-512 (same results as the scalar loops).
+  bool wide = false;
   bool direct() const { return convert == nullptr; }
 };
 
@@ -365,6 +367,7 @@ KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
       *isa = Isa{};
       isa->convert = nullptr;
       isa->amx = true;
+      isa->wide = true;
       return KernelStatus::Ok();
     case CpuIsa::kAvx512:
       switch (dtype) {
@@ -379,6 +382,7 @@ KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
           *isa = MakeIsa<Avx512<DType::kF32>::Kernel>(nullptr, kRowBlock32Regs);
           break;
       }
+      isa->wide = true;
       return KernelStatus::Ok();
     case CpuIsa::kAvx2:
       *isa = MakeIsa<Avx2Kernel>(&ConvertAvx2, kRowBlock16Regs);
@@ -486,6 +490,9 @@ class ThresholdBuffer {
     if (buffer_.size() >= capacity_) Compact();
   }
   const std::vector<uint64_t>& candidates() const { return buffer_; }
+  // Every candidate at or below this is rejected (0 until the first
+  // compaction).
+  uint64_t threshold() const { return threshold_; }
 
  private:
   void Compact() {
@@ -550,6 +557,11 @@ struct Worker {
   std::vector<float> dots;     // [R, Q, 2] dots of one slot
   std::vector<double> scores;  // [R, Q, 2]
   std::vector<ThresholdBuffer> lists;
+  // For the wide path: the key half of each list's threshold, top lists
+  // [Q * 2] and bottom lists [Q * 2] by column (a key below it is rejected).
+  std::vector<uint32_t> top_floor;
+  std::vector<uint32_t> bottom_floor;
+  bool wide = false;
   amx::Scratch amx;
 };
 
@@ -560,21 +572,135 @@ const uint8_t* RowSlot(const StoreLayout& layout, const StoreChunk& chunk,
              DTypeSize(layout.dtype);
 }
 
+#ifdef RETRACE_SCAN_X86
+// AccumulateSlot's arithmetic for one row, eight columns at a time: the same
+// IEEE operations in the same order as its scalar loop (a TracIn column's
+// weight times the norm, a ReTrac column's times 1, which is exact; then
+// times the dot, then added), so the scores have the same bits.
+RETRACE_AVX512 void AccumulateRowAvx512(const float* weights, double norm,
+                                        const float* dot, int64_t cols,
+                                        double* score) {
+  const __m512d scale =
+      _mm512_mask_blend_pd(0x55, _mm512_set1_pd(1.0), _mm512_set1_pd(norm));
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8) {
+    const __m512d wn =
+        _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(weights + j)), scale);
+    const __m512d t =
+        _mm512_mul_pd(wn, _mm512_cvtps_pd(_mm256_loadu_ps(dot + j)));
+    _mm512_storeu_pd(score + j, _mm512_add_pd(_mm512_loadu_pd(score + j), t));
+  }
+  for (; j < cols; ++j) {
+    score[j] += double(weights[j]) * ((j & 1) ? 1.0 : norm) * double(dot[j]);
+  }
+}
+
+// Pushes key/index to `list` and refreshes its floor.
+inline void PushWithFloor(ThresholdBuffer* list, uint32_t key, int64_t index,
+                          uint32_t* floor) {
+  list->Push(PackCandidate(key, index));
+  *floor = uint32_t(list->threshold() >> 32);
+}
+
+// OfferRow eight columns at a time: RankKey of each score in lanes (NaN to
+// 0, -0 as +0, the sign-flip ordering), and only the keys at or above their
+// list's floor go to Push, which rejects the rest anyway: the lists end up
+// exactly as with the scalar loop.
+RETRACE_AVX512 void OfferRowAvx512(const double* score, int64_t cols,
+                                   int64_t index, bool want_bottom, Worker* w) {
+  const __m256i sign = _mm256_set1_epi32(int32_t(0x80000000u));
+  const __m256i ones = _mm256_set1_epi32(-1);
+  alignas(32) uint32_t top[8];
+  alignas(32) uint32_t bottom[8];
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    const __m256 f = _mm512_cvtpd_ps(_mm512_loadu_pd(score + c));
+    const __mmask8 nan = _mm256_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+    const __mmask8 zero =
+        _mm256_cmp_ps_mask(f, _mm256_setzero_ps(), _CMP_EQ_OQ);
+    const __m256i bits =
+        _mm256_maskz_mov_epi32(__mmask8(~zero), _mm256_castps_si256(f));
+    const __mmask8 negative = _mm256_movepi32_mask(bits);
+    const __m256i ordered = _mm256_mask_xor_epi32(_mm256_or_si256(bits, sign),
+                                                  negative, bits, ones);
+    const __m256i top_keys = _mm256_maskz_mov_epi32(__mmask8(~nan), ordered);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(top), top_keys);
+    unsigned pass = _mm256_cmpge_epu32_mask(
+        top_keys,
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&w->top_floor[c])));
+    for (; pass != 0; pass &= pass - 1) {
+      const int j = __builtin_ctz(pass);
+      PushWithFloor(&w->lists[size_t((c + j) * 2)], top[j], index,
+                    &w->top_floor[size_t(c + j)]);
+    }
+    if (!want_bottom) continue;
+    const __m256i bottom_keys =
+        _mm256_maskz_mov_epi32(__mmask8(~nan), _mm256_xor_si256(ordered, ones));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bottom), bottom_keys);
+    pass = _mm256_cmpge_epu32_mask(
+        bottom_keys, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                         &w->bottom_floor[c])));
+    for (; pass != 0; pass &= pass - 1) {
+      const int j = __builtin_ctz(pass);
+      PushWithFloor(&w->lists[size_t((c + j) * 2 + 1)], bottom[j], index,
+                    &w->bottom_floor[size_t(c + j)]);
+    }
+  }
+  for (; c < cols; ++c) {
+    const float s = float(score[c]);
+    PushWithFloor(&w->lists[size_t(c * 2)], RankKey(s, true), index,
+                  &w->top_floor[size_t(c)]);
+    if (want_bottom) {
+      PushWithFloor(&w->lists[size_t(c * 2 + 1)], RankKey(s, false), index,
+                    &w->bottom_floor[size_t(c)]);
+    }
+  }
+}
+#undef RETRACE_AVX512
+#endif  // RETRACE_SCAN_X86
+
 // Adds slot cs's contributions of the tile's rows [r0, r0 + rows), from their
 // dots in w->dots, to their scores (in double; each row's slots arrive in cs
-// order whatever the loop order).
+// order whatever the loop order): score += weight * norm * dot (TracIn
+// columns) or weight * dot (ReTrac columns), in that order of operations.
 void AccumulateSlot(const StoreChunk& chunk, const Tile& tile,
                     const PreparedQueries& pq, int64_t cs, int64_t r0,
                     int64_t rows, Worker* w) {
-  const int32_t nq = pq.num_queries;
-  const int64_t row_stride = int64_t{nq} * 2;
+  const int64_t row_stride = int64_t{pq.num_queries} * 2;
+  const float* weights = pq.weights.data() + cs * row_stride;
   for (int64_t r = r0; r < r0 + rows; ++r) {
     const double norm = chunk.norms[(tile.row0 + r) * pq.slot_pairs + cs];
     const float* dot = w->dots.data() + r * row_stride;
     double* score = w->scores.data() + r * row_stride;
-    for (int32_t q = 0; q < nq; ++q) {
-      score[2 * q] += double(pq.Weight(cs, q, 0)) * norm * double(dot[2 * q]);
-      score[2 * q + 1] += double(pq.Weight(cs, q, 1)) * double(dot[2 * q + 1]);
+#ifdef RETRACE_SCAN_X86
+    if (w->wide && row_stride >= 8) {
+      AccumulateRowAvx512(weights, norm, dot, row_stride, score);
+      continue;
+    }
+#endif
+    for (int64_t j = 0; j < row_stride; j += 2) {
+      score[j] += double(weights[j]) * norm * double(dot[j]);
+      score[j + 1] += double(weights[j + 1]) * double(dot[j + 1]);
+    }
+  }
+}
+
+// Offers sample `index`'s scores (one per column, [Q][2]) to the worker's
+// top lists, and to its bottom lists when `want_bottom`.
+void OfferRow(const double* score, int64_t cols, int64_t index,
+              bool want_bottom, Worker* w) {
+#ifdef RETRACE_SCAN_X86
+  if (w->wide && cols >= 8) {
+    OfferRowAvx512(score, cols, index, want_bottom, w);
+    return;
+  }
+#endif
+  for (int64_t col = 0; col < cols; ++col) {
+    const float s = float(score[col]);
+    w->lists[size_t(col * 2)].Push(PackCandidate(RankKey(s, true), index));
+    if (want_bottom) {
+      w->lists[size_t(col * 2 + 1)].Push(
+          PackCandidate(RankKey(s, false), index));
     }
   }
 }
@@ -687,16 +813,8 @@ void ScanTile(const StoreLayout& layout, const StoreChunk& chunk,
     }
   }
   for (int64_t r = 0; r < tile.rows; ++r) {
-    const int64_t index = chunk.first_index + tile.row0 + r;
-    const double* score = w->scores.data() + r * row_stride;
-    for (int64_t col = 0; col < row_stride; ++col) {
-      const float s = float(score[col]);
-      w->lists[size_t(col * 2)].Push(PackCandidate(RankKey(s, true), index));
-      if (want_bottom) {
-        w->lists[size_t(col * 2 + 1)].Push(
-            PackCandidate(RankKey(s, false), index));
-      }
-    }
+    OfferRow(w->scores.data() + r * row_stride, row_stride,
+             chunk.first_index + tile.row0 + r, want_bottom, w);
   }
 }
 
@@ -829,6 +947,9 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
     w.scores.resize(size_t(tile_rows * nq * 2));
     w.lists.resize(size_t(lists));
     for (ThresholdBuffer& b : w.lists) b.Reset(k);
+    w.wide = isa.wide;
+    w.top_floor.assign(size_t(nq * 2), 0u);
+    w.bottom_floor.assign(size_t(nq * 2), 0u);
   }
   std::atomic<size_t> next_tile{0};
   if (!RunThreads(threads, [&](int t) {
