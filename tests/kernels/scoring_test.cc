@@ -161,6 +161,23 @@ TEST(ScanCpuTest, TiesGoToTheLowestIndices) {
   }
 }
 
+// Scans `st` with `nq` random queries (from `seed`) whose TracIn and ReTrac
+// weights are all `weight`.
+ScanResult ScanWithEqualWeights(const TestStore& st, int nq, uint64_t seed,
+                                float weight, CpuIsa isa, int32_t k) {
+  TestQueries qs = MakeQueries(st.layout, nq, seed);
+  std::fill(qs.tracin_weights.begin(), qs.tracin_weights.end(), weight);
+  std::fill(qs.retrac_weights.begin(), qs.retrac_weights.end(), weight);
+  ScanOptions opt;
+  opt.k = k;
+  opt.isa = isa;
+  ScanResult result;
+  const KernelStatus status =
+      ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result);
+  EXPECT_TRUE(status.ok()) << status.ToString();
+  return result;
+}
+
 TEST(ScanCpuTest, ZeroScoresTieRegardlessOfSign) {
   // All weights 0: every score is +-0, so the lowest indices win both lists.
   const TestStore st = MakeStore(DType::kF32, 1, 2, 9, 60, 11);
@@ -168,17 +185,9 @@ TEST(ScanCpuTest, ZeroScoresTieRegardlessOfSign) {
     for (int nq : {2, 5}) {
       SCOPED_TRACE("isa=" + std::string(IsaName(isa)) +
                    " queries=" + std::to_string(nq) + " seed=12");
-      TestQueries qs = MakeQueries(st.layout, nq, 12);
-      std::fill(qs.tracin_weights.begin(), qs.tracin_weights.end(), 0.0f);
-      std::fill(qs.retrac_weights.begin(), qs.retrac_weights.end(), 0.0f);
-      ScanOptions opt;
-      opt.k = 5;
-      opt.isa = isa;
-      ScanResult result;
-      ASSERT_TRUE(
-          ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result).ok());
+      const ScanResult result = ScanWithEqualWeights(st, nq, 12, 0.0f, isa, 5);
       for (int q = 0; q < nq; ++q) {
-        for (int i = 0; i < opt.k; ++i) {
+        for (int i = 0; i < 5; ++i) {
           EXPECT_EQ(result.Get(q, Method::kReTrac).top[size_t(i)].index, i);
           EXPECT_EQ(result.Get(q, Method::kReTrac).bottom[size_t(i)].index, i);
           EXPECT_EQ(result.Get(q, Method::kTracIn).top[size_t(i)].score, 0.0f);
@@ -543,18 +552,11 @@ TEST(ScanCpuTest, NaNInStoreRanksLast) {
     for (int nq : {1, 5}) {
       SCOPED_TRACE("isa=" + std::string(IsaName(isa)) +
                    " queries=" + std::to_string(nq) + " seed=72");
-      TestQueries qs = MakeQueries(st.layout, nq, 72);
-      std::fill(qs.tracin_weights.begin(), qs.tracin_weights.end(), 1.0f);
-      std::fill(qs.retrac_weights.begin(), qs.retrac_weights.end(), 1.0f);
-      ScanOptions opt;
-      opt.k = 10;
-      opt.isa = isa;
-      ScanResult result;
-      ASSERT_TRUE(
-          ScanCpu(st.layout, {st.Chunk()}, qs.Batch(), opt, &result).ok());
+      const ScanResult result = ScanWithEqualWeights(st, nq, 72, 1.0f, isa, 10);
       for (int q = 0; q < nq; ++q) {
         for (int m = 0; m < kNumMethods; ++m) {
           const RankedList& list = result.Get(q, static_cast<Method>(m));
+          ASSERT_EQ(list.top.size(), 10u);
           EXPECT_EQ(list.top.back().index, 3);
           EXPECT_TRUE(std::isnan(list.top.back().score));
           EXPECT_EQ(list.bottom.back().index, 3);
