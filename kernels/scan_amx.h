@@ -101,8 +101,9 @@ class PackedQueries {
 
 // Per-thread buffers for SlotDots.
 struct Scratch {
-  LineVector<uint16_t> hi;  // [64][k_steps * 32] the rows' hi parts
-  LineVector<uint16_t> lo;  // [64][k_steps * 32] lo parts (fp16 stores)
+  // Rows k_steps * 32 + 32 values apart (one line of padding, see RowStride).
+  LineVector<uint16_t> hi;  // [64][row stride] the rows' hi parts
+  LineVector<uint16_t> lo;  // [64][row stride] lo parts (fp16 stores)
   LineVector<float> sums;   // [64][col_tiles * 16]
   void Resize(const PackedQueries& queries);
 };
