@@ -220,6 +220,80 @@ __attribute__((target("avx2,fma,f16c"))) void ConvertAvx2(const void* src,
   for (; i < dp; ++i) dst[i] = 0.0f;
 }
 
+// How far ahead of its loads the direct micro-kernels ask for each row's
+// next cache line. A row's values continue in its next slot, so the stream
+// runs on across calls; 4 KiB pages end the hardware prefetchers' streams,
+// not this one. Measured on the 2-core Xeon (fp16 store, Q = 1, alternating
+// binaries): 1024 bytes 149-172 ms, 512 169-174, 2048 153-179, none 174-206.
+constexpr int64_t kRowPrefetchBytes = 1024;
+
+// 8 stored values at p (the first `count` of them when count < 8, the rest
+// zero) as fp32: the values ConvertAvx2 writes to its buffer.
+template <DType DT>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 LoadRow8(const void* p,
+                                                                int64_t count) {
+  if (count >= kLanes) {
+    if constexpr (DT == DType::kF32) {
+      return _mm256_loadu_ps(static_cast<const float*>(p));
+    } else {
+      const __m128i h = _mm_loadu_si128(static_cast<const __m128i*>(p));
+      if constexpr (DT == DType::kF16) return _mm256_cvtph_ps(h);
+      return _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+  alignas(32) float v[kLanes] = {};
+  for (int64_t i = 0; i < count; ++i) v[i] = ToFloat(p, DT, i);
+  return _mm256_load_ps(v);
+}
+
+// MicroAvx2 reading the stored rows (DT, u_stride elements apart, d valid
+// values each) instead of a converted buffer: the same values in the same
+// 8-lane chains over the same dp, so the same bits. Each row is prefetched
+// kRowPrefetchBytes ahead, like the AVX-512 kernel.
+template <DType DT, int RB, int QB>
+__attribute__((target("avx2,fma,f16c"))) void MicroAvx2Direct(
+    const void* u, int64_t u_stride, int64_t d, const float* q, int64_t dp,
+    float* out, int64_t out_row_stride) {
+  const int64_t elem = DTypeSize(DT);
+  const uint8_t* rows = static_cast<const uint8_t*>(u);
+  __m256 acc[RB][2 * QB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) acc[r][i] = _mm256_setzero_ps();
+  }
+  for (int64_t x = 0; x < dp; x += kLanes) {
+    __m256 uv[RB];
+    if ((x * elem) % 64 == 0) {
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) {
+        __builtin_prefetch(rows + (r * u_stride + x) * elem +
+                           kRowPrefetchBytes);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      uv[r] = LoadRow8<DT>(rows + (r * u_stride + x) * elem, d - x);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) {
+      const __m256 qv = _mm256_loadu_ps(q + i * dp + x);
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) {
+        acc[r][i] = _mm256_fmadd_ps(uv[r], qv, acc[r][i]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * QB; ++i) {
+      out[r * out_row_stride + i] = HsumAvx2(acc[r][i]);
+    }
+  }
+}
+
 #define RETRACE_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
@@ -252,13 +326,6 @@ RETRACE_AVX512 inline __m512 LoadRow16(const void* p, int64_t count) {
     }
   }
 }
-
-// How far ahead of its loads the direct micro-kernel asks for each row's
-// next cache line. A row's values continue in its next slot, so the stream
-// runs on across calls; 4 KiB pages end the hardware prefetchers' streams,
-// not this one. Measured on the 2-core Xeon (fp16 store, Q = 1, alternating
-// binaries): 1024 bytes 149-172 ms, 512 169-174, 2048 153-179, none 174-206.
-constexpr int64_t kRowPrefetchBytes = 1024;
 
 // The direct micro-kernel: rows of DT at u + r * u_stride elements, d valid
 // values each; one 16-lane fmadd chain per (row, query vector) over d, each
@@ -333,6 +400,13 @@ struct Avx2Kernel {
   static constexpr MicroFn kFn = &MicroAvx2<RB, QB>;
 };
 template <DType DT>
+struct Avx2Direct {
+  template <int RB, int QB>
+  struct Kernel {
+    static constexpr MicroFn kFn = &MicroAvx2Direct<DT, RB, QB>;
+  };
+};
+template <DType DT>
 struct Avx512 {
   template <int RB, int QB>
   struct Kernel {
@@ -373,7 +447,12 @@ Isa MakeIsa(ConvertFn convert, std::array<int, kMaxQueryBlock> row_block) {
 constexpr std::array<int, kMaxQueryBlock> kRowBlock16Regs = {4, 2, 2};
 constexpr std::array<int, kMaxQueryBlock> kRowBlock32Regs = {8, 4, 4};
 
-KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
+// `num_queries` picks between AVX2's two forms: up to kMaxQueryBlock
+// queries read the stored rows directly (one pass of row blocks through all
+// slots, memory-bound), more convert each row to an fp32 buffer once for all
+// query blocks. Both run the same arithmetic.
+KernelStatus SelectIsa(CpuIsa requested, DType dtype, int32_t num_queries,
+                       Isa* isa) {
   CpuIsa chosen = CpuIsa::kScalar;
   RETRACE_KERNEL_RETURN_IF_ERROR(ChooseCpuScanIsa(requested, dtype, &chosen));
   switch (chosen) {
@@ -400,7 +479,24 @@ KernelStatus SelectIsa(CpuIsa requested, DType dtype, Isa* isa) {
       isa->wide = true;
       return KernelStatus::Ok();
     case CpuIsa::kAvx2:
-      *isa = MakeIsa<Avx2Kernel>(&ConvertAvx2, kRowBlock16Regs);
+      if (num_queries > kMaxQueryBlock) {
+        *isa = MakeIsa<Avx2Kernel>(&ConvertAvx2, kRowBlock16Regs);
+        return KernelStatus::Ok();
+      }
+      switch (dtype) {
+        case DType::kF16:
+          *isa = MakeIsa<Avx2Direct<DType::kF16>::Kernel>(nullptr,
+                                                          kRowBlock16Regs);
+          break;
+        case DType::kBF16:
+          *isa = MakeIsa<Avx2Direct<DType::kBF16>::Kernel>(nullptr,
+                                                           kRowBlock16Regs);
+          break;
+        case DType::kF32:
+          *isa = MakeIsa<Avx2Direct<DType::kF32>::Kernel>(nullptr,
+                                                          kRowBlock16Regs);
+          break;
+      }
       return KernelStatus::Ok();
 #endif
     default:
@@ -928,7 +1024,8 @@ KernelStatus ScanCpuImpl(const StoreLayout& layout,
                          const QueryBatch& queries, const ScanOptions& options,
                          ScanResult* result) {
   Isa isa;
-  RETRACE_KERNEL_RETURN_IF_ERROR(SelectIsa(options.isa, layout.dtype, &isa));
+  RETRACE_KERNEL_RETURN_IF_ERROR(
+      SelectIsa(options.isa, layout.dtype, queries.num_queries, &isa));
   PreparedQueries pq;
   RETRACE_KERNEL_RETURN_IF_ERROR(PrepareQueries(layout, queries, &pq));
   if (isa.amx) {
