@@ -159,39 +159,6 @@ __attribute__((target("avx2,fma"))) inline float HsumAvx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int RB, int QB>
-__attribute__((target("avx2,fma"))) void MicroAvx2(
-    const void* u_void, int64_t u_stride, int64_t /*d*/, const float* q,
-    int64_t dp, float* out, int64_t out_row_stride) {
-  const float* u = static_cast<const float*>(u_void);
-  __m256 acc[RB][2 * QB];
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) {
-#pragma GCC unroll 8
-    for (int i = 0; i < 2 * QB; ++i) acc[r][i] = _mm256_setzero_ps();
-  }
-  for (int64_t d = 0; d < dp; d += kLanes) {
-    __m256 uv[RB];
-#pragma GCC unroll 8
-    for (int r = 0; r < RB; ++r) uv[r] = _mm256_loadu_ps(u + r * u_stride + d);
-#pragma GCC unroll 8
-    for (int i = 0; i < 2 * QB; ++i) {
-      __m256 qv = _mm256_loadu_ps(q + i * dp + d);
-#pragma GCC unroll 8
-      for (int r = 0; r < RB; ++r) {
-        acc[r][i] = _mm256_fmadd_ps(uv[r], qv, acc[r][i]);
-      }
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < RB; ++r) {
-#pragma GCC unroll 8
-    for (int i = 0; i < 2 * QB; ++i) {
-      out[r * out_row_stride + i] = HsumAvx2(acc[r][i]);
-    }
-  }
-}
-
 __attribute__((target("avx2,fma,f16c"))) void ConvertAvx2(const void* src,
                                                           DType dtype,
                                                           int64_t d, int64_t dp,
@@ -247,11 +214,13 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 LoadRow8(const void* p,
   return _mm256_load_ps(v);
 }
 
-// MicroAvx2 reading the stored rows (DT, u_stride elements apart, d valid
-// values each) instead of a converted buffer: the same values in the same
-// 8-lane chains over the same dp, so the same bits. Each row is prefetched
-// kRowPrefetchBytes ahead, like the AVX-512 kernel.
-template <DType DT, int RB, int QB>
+// The AVX2 micro-kernel: rows of DT at u + r * u_stride elements, d valid
+// values each (zero past d up to dp), one 8-lane fmadd chain per (row, query
+// vector) over dp. Read from the store directly or from ConvertAvx2's fp32
+// buffer (MicroAvx2), the values and chains are the same, so the bits are.
+// With kPrefetch each row is prefetched kRowPrefetchBytes ahead, like the
+// AVX-512 kernel.
+template <DType DT, int RB, int QB, bool kPrefetch = true>
 __attribute__((target("avx2,fma,f16c"))) void MicroAvx2Direct(
     const void* u, int64_t u_stride, int64_t d, const float* q, int64_t dp,
     float* out, int64_t out_row_stride) {
@@ -265,7 +234,7 @@ __attribute__((target("avx2,fma,f16c"))) void MicroAvx2Direct(
   }
   for (int64_t x = 0; x < dp; x += kLanes) {
     __m256 uv[RB];
-    if ((x * elem) % 64 == 0) {
+    if (kPrefetch && (x * elem) % 64 == 0) {
 #pragma GCC unroll 8
       for (int r = 0; r < RB; ++r) {
         __builtin_prefetch(rows + (r * u_stride + x) * elem +
@@ -395,6 +364,16 @@ struct ScalarKernel {
   static constexpr MicroFn kFn = &MicroScalar<RB, QB>;
 };
 #ifdef RETRACE_SCAN_X86
+// The buffered AVX2 micro-kernel: MicroAvx2Direct over the fp32 rows that
+// ConvertAvx2 wrote, zero-padded to dp (so every step is a whole load),
+// without the row prefetch (the buffer is in cache; asking cost 9% at Q = 8).
+template <int RB, int QB>
+__attribute__((target("avx2,fma,f16c"))) void MicroAvx2(
+    const void* u, int64_t u_stride, int64_t /*d*/, const float* q, int64_t dp,
+    float* out, int64_t out_row_stride) {
+  MicroAvx2Direct<DType::kF32, RB, QB, false>(u, u_stride, dp, q, dp, out,
+                                              out_row_stride);
+}
 template <int RB, int QB>
 struct Avx2Kernel {
   static constexpr MicroFn kFn = &MicroAvx2<RB, QB>;
