@@ -81,11 +81,8 @@ class PackedQueries {
   const uint16_t* Slot(int64_t cs) const {
     return tiles_.data() + cs * k_steps_ * col_tiles_ * kTileK * kTileCols;
   }
-  // The power of two that undoes the scaling of slot cs's vector (q, m).
-  double Unscale(int64_t cs, int32_t q, int m) const {
-    return unscale_[size_t((cs * num_queries_ + q) * 2 + m)];
-  }
-  // Slot cs's powers of two, [num_queries][2]: Unscale(cs, q, m) at 2q + m.
+  // The powers of two that undo the scaling of slot cs's vectors,
+  // [num_queries][2]: vector (q, m) at 2q + m.
   const double* Unscales(int64_t cs) const {
     return unscale_.data() + cs * num_queries_ * 2;
   }
