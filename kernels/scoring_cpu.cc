@@ -426,6 +426,23 @@ Isa MakeIsa(ConvertFn convert, std::array<int, kMaxQueryBlock> row_block) {
 constexpr std::array<int, kMaxQueryBlock> kRowBlock16Regs = {4, 2, 2};
 constexpr std::array<int, kMaxQueryBlock> kRowBlock32Regs = {8, 4, 4};
 
+#ifdef RETRACE_SCAN_X86
+// The direct kernels K<DT>::Kernel (which read the stored values) for the
+// store's type.
+template <template <DType> class K>
+Isa MakeDirectIsa(DType dtype, std::array<int, kMaxQueryBlock> row_block) {
+  switch (dtype) {
+    case DType::kF16:
+      return MakeIsa<K<DType::kF16>::template Kernel>(nullptr, row_block);
+    case DType::kBF16:
+      return MakeIsa<K<DType::kBF16>::template Kernel>(nullptr, row_block);
+    case DType::kF32:
+      break;
+  }
+  return MakeIsa<K<DType::kF32>::template Kernel>(nullptr, row_block);
+}
+#endif
+
 // `num_queries` picks between AVX2's two forms: up to kMaxQueryBlock
 // queries read the stored rows directly (one pass of row blocks through all
 // slots, memory-bound), more convert each row to an fp32 buffer once for all
@@ -443,39 +460,13 @@ KernelStatus SelectIsa(CpuIsa requested, DType dtype, int32_t num_queries,
       isa->wide = true;
       return KernelStatus::Ok();
     case CpuIsa::kAvx512:
-      switch (dtype) {
-        case DType::kF16:
-          *isa = MakeIsa<Avx512<DType::kF16>::Kernel>(nullptr, kRowBlock32Regs);
-          break;
-        case DType::kBF16:
-          *isa =
-              MakeIsa<Avx512<DType::kBF16>::Kernel>(nullptr, kRowBlock32Regs);
-          break;
-        case DType::kF32:
-          *isa = MakeIsa<Avx512<DType::kF32>::Kernel>(nullptr, kRowBlock32Regs);
-          break;
-      }
+      *isa = MakeDirectIsa<Avx512>(dtype, kRowBlock32Regs);
       isa->wide = true;
       return KernelStatus::Ok();
     case CpuIsa::kAvx2:
-      if (num_queries > kMaxQueryBlock) {
-        *isa = MakeIsa<Avx2Kernel>(&ConvertAvx2, kRowBlock16Regs);
-        return KernelStatus::Ok();
-      }
-      switch (dtype) {
-        case DType::kF16:
-          *isa = MakeIsa<Avx2Direct<DType::kF16>::Kernel>(nullptr,
-                                                          kRowBlock16Regs);
-          break;
-        case DType::kBF16:
-          *isa = MakeIsa<Avx2Direct<DType::kBF16>::Kernel>(nullptr,
-                                                           kRowBlock16Regs);
-          break;
-        case DType::kF32:
-          *isa = MakeIsa<Avx2Direct<DType::kF32>::Kernel>(nullptr,
-                                                          kRowBlock16Regs);
-          break;
-      }
+      *isa = num_queries > kMaxQueryBlock
+                 ? MakeIsa<Avx2Kernel>(&ConvertAvx2, kRowBlock16Regs)
+                 : MakeDirectIsa<Avx2Direct>(dtype, kRowBlock16Regs);
       return KernelStatus::Ok();
 #endif
     default:
@@ -692,6 +683,23 @@ inline void PushWithFloor(ThresholdBuffer* list, uint32_t key, int64_t index,
   *floor = uint32_t(list->threshold() >> 32);
 }
 
+// Pushes the keys of columns c..c+7 (list of column j: lists[j * 2 +
+// bottom]) that are at or above their list's floor; Push would reject the
+// others anyway.
+RETRACE_AVX512 void PushKeysAtFloor(__m256i keys, int64_t c, int bottom,
+                                    int64_t index, uint32_t* floor,
+                                    ThresholdBuffer* lists) {
+  alignas(32) uint32_t key[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(key), keys);
+  unsigned pass = _mm256_cmpge_epu32_mask(
+      keys, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(floor + c)));
+  for (; pass != 0; pass &= pass - 1) {
+    const int j = __builtin_ctz(pass);
+    PushWithFloor(&lists[size_t((c + j) * 2 + bottom)], key[j], index,
+                  &floor[c + j]);
+  }
+}
+
 // OfferRow eight columns at a time: RankKey of each score in lanes (NaN to
 // 0, -0 as +0, the sign-flip ordering), and only the keys at or above their
 // list's floor go to Push, which rejects the rest anyway: the lists end up
@@ -700,8 +708,6 @@ RETRACE_AVX512 void OfferRowAvx512(const double* score, int64_t cols,
                                    int64_t index, bool want_bottom, Worker* w) {
   const __m256i sign = _mm256_set1_epi32(int32_t(0x80000000u));
   const __m256i ones = _mm256_set1_epi32(-1);
-  alignas(32) uint32_t top[8];
-  alignas(32) uint32_t bottom[8];
   int64_t c = 0;
   for (; c + 8 <= cols; c += 8) {
     const __m256 f = _mm512_cvtpd_ps(_mm512_loadu_pd(score + c));
@@ -713,27 +719,12 @@ RETRACE_AVX512 void OfferRowAvx512(const double* score, int64_t cols,
     const __mmask8 negative = _mm256_movepi32_mask(bits);
     const __m256i ordered = _mm256_mask_xor_epi32(_mm256_or_si256(bits, sign),
                                                   negative, bits, ones);
-    const __m256i top_keys = _mm256_maskz_mov_epi32(__mmask8(~nan), ordered);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(top), top_keys);
-    unsigned pass = _mm256_cmpge_epu32_mask(
-        top_keys,
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&w->top_floor[c])));
-    for (; pass != 0; pass &= pass - 1) {
-      const int j = __builtin_ctz(pass);
-      PushWithFloor(&w->lists[size_t((c + j) * 2)], top[j], index,
-                    &w->top_floor[size_t(c + j)]);
-    }
-    if (!want_bottom) continue;
-    const __m256i bottom_keys =
-        _mm256_maskz_mov_epi32(__mmask8(~nan), _mm256_xor_si256(ordered, ones));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(bottom), bottom_keys);
-    pass = _mm256_cmpge_epu32_mask(
-        bottom_keys, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                         &w->bottom_floor[c])));
-    for (; pass != 0; pass &= pass - 1) {
-      const int j = __builtin_ctz(pass);
-      PushWithFloor(&w->lists[size_t((c + j) * 2 + 1)], bottom[j], index,
-                    &w->bottom_floor[size_t(c + j)]);
+    PushKeysAtFloor(_mm256_maskz_mov_epi32(__mmask8(~nan), ordered), c, 0,
+                    index, w->top_floor.data(), w->lists.data());
+    if (want_bottom) {
+      PushKeysAtFloor(_mm256_maskz_mov_epi32(__mmask8(~nan),
+                                             _mm256_xor_si256(ordered, ones)),
+                      c, 1, index, w->bottom_floor.data(), w->lists.data());
     }
   }
   for (; c < cols; ++c) {
